@@ -1,0 +1,31 @@
+"""User-facing errors: one line naming the file and the problem, turned into exit codes by the CLI."""
+
+from __future__ import annotations
+
+
+class SemiSegError(Exception):
+    """Base of every error the CLI reports as one line (no traceback)."""
+
+    kind = "error"
+    exit_code = 1
+
+
+class InputError(SemiSegError):
+    """A bad input image, label, list or dataset folder."""
+
+    kind = "input"
+    exit_code = 2
+
+
+class CheckpointError(SemiSegError):
+    """An unreadable, unsafe, tampered or incompatible checkpoint or model card."""
+
+    kind = "checkpoint"
+    exit_code = 3
+
+
+class ConfigError(SemiSegError):
+    """An invalid configuration value or command-line override."""
+
+    kind = "config"
+    exit_code = 4
