@@ -1,0 +1,42 @@
+"""Shared fixtures: the real LA data beside the checkout, and small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "training"))  # importable without installation, too
+
+LA_ROOT = Path(os.environ.get("SEMISEG_LA_DATA", REPO.parent / "shared" / "data" / "LA"))
+
+
+@pytest.fixture(scope="session")
+def la_root() -> Path:
+    """The 80-case LA h5 release (../shared/data/LA); tests that need it skip only where it is absent."""
+    if not (LA_ROOT / "train.list").is_file():
+        pytest.skip(f"LA data not found at {LA_ROOT}")
+    return LA_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Local models and caches go to a temporary folder, never the user's home."""
+    home = tmp_path_factory.mktemp("semiseg_home")
+    monkeypatch.setenv("SEMISEG_LA_HOME", str(home))
+    yield
+
+
+def sphere_volume(shape=(48, 40, 32), center=None, radius=9.0, noise=0.1, seed=0):
+    """A bright ellipsoid in noise: (image float32, label uint8), array axes (X, Y, Z)."""
+    rng = np.random.default_rng(seed)
+    center = center or tuple(s / 2 for s in shape)
+    grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, center)))
+    label = (dist < radius).astype(np.uint8)
+    image = label.astype(np.float32) * 2.0 + rng.normal(0, noise, shape).astype(np.float32)
+    return image, label
