@@ -1,0 +1,46 @@
+"""Helpers shared by the subcommands: progress flags, devices, model loading."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Tuple
+
+from ..progress import ProgressReporter, make_reporter
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=("tqdm", "json", "none"), default="tqdm",
+                        help="tqdm bars for people, JSON lines for the Slicer module, or nothing")
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = the GPU when one is visible, else the CPU")
+
+
+def reporter_for(args: argparse.Namespace) -> ProgressReporter:
+    return make_reporter(getattr(args, "progress", "tqdm"))
+
+
+def load_catalog_model(model: str | None, device: str = "cpu") -> Tuple[object, object, str]:
+    """(network, card, model_id) for a catalog id, a model folder, or the default model."""
+    from ..checkpoints import load_network, resolve_model
+
+    folder = resolve_model(model)
+    network, card = load_network(folder, device="cpu")
+    return network, card, card_get(card, "id")
+
+
+def card_get(card, key: str, default=None):
+    """Cards are dataclasses or mappings; read a top-level field either way."""
+    if isinstance(card, dict):
+        return card.get(key, default)
+    return getattr(card, key, default)
+
+
+def inference_spec(card):
+    from ..inference.predictor import InferenceSpec
+
+    info = card_get(card, "inference") or {}
+    return InferenceSpec(tuple(int(p) for p in info["patch_size"]), tuple(float(s) for s in info["spacing"]),
+                         normalization=info.get("normalization", "zscore-volume"))

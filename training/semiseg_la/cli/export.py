@@ -1,0 +1,120 @@
+"""Turn a finished run into a catalog model: weights of the selected checkpoint + an honest card."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..checkpoints import ModelCard, new_local_model_dir, save_model, unique_model_id
+from ..checkpoints.card import default_classes, default_inference, utc_now_iso
+from ..engine.config import TrainConfig
+from ..engine.data import Split
+from ..engine.loop import TrainResult, build_for_export
+from ..engine.state import load_state
+from ..inference.predictor import InferenceSpec, Predictor
+from ..io.datasets import CaseRecord
+from ..metrics import evaluate_case, summarize
+from ..progress import ProgressReporter
+from .common import card_get
+
+
+def export_run(config: TrainConfig, result: TrainResult, split: Split, validation_records: Sequence[CaseRecord],
+               parent_card=None, name: Optional[str] = None, reporter: Optional[ProgressReporter] = None
+               ) -> Tuple[str, Path, Dict[str, Any]]:
+    """Export the best-by-validation checkpoint (the last one when there is no validation split)."""
+    reporter = reporter or ProgressReporter()
+    ckpt_dir = Path(config.output) / "checkpoints"
+    use_best = bool(validation_records) and (ckpt_dir / "best.pt").is_file()
+    state = load_state(ckpt_dir / ("best.pt" if use_best else "last.pt"))
+    params = {"in_channels": config.in_channels, **config.method_params}
+    network = build_for_export(config.method, params, state["networks"]).eval()
+    validation = evaluate_records(network, config, validation_records, reporter)
+    validation["checkpoint"] = f"{'best' if use_best else 'last'} (iteration {int(state['iteration'])})"
+    model_id = unique_model_id(name or _default_name(config, parent_card))
+    card = make_card(model_id, config, result, split, validation, parent_card, int(state["iteration"]))
+    folder = new_local_model_dir(model_id)
+    state_dict = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    save_model(folder, state_dict, card)
+    return model_id, folder, validation
+
+
+def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord],
+                     reporter: ProgressReporter) -> Dict[str, Any]:
+    """Full metrics on the input grid (mm and legacy conventions) of the validation records."""
+    if not records:
+        return {"split": "none (no validation cases): figures unavailable"}
+    spec = InferenceSpec(tuple(config.patch_size), tuple(config.spacing))
+    device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+    predictor = Predictor(network, spec, device=device)
+    cases = {}
+    reporter.start("evaluate", len(records), "validation metrics of the exported model")
+    for i, record in enumerate(records, 1):
+        image, label = record.load()
+        prediction = predictor.predict(image)
+        metrics = evaluate_case(prediction.label.array, label.array, image.spacing)
+        cases[record.case_id] = {k: (float(v) if not isinstance(v, bool) else v) for k, v in metrics.items()}
+        reporter.update(i)
+    reporter.end()
+    summary = summarize(cases)
+    mean = summary["mean"]
+    return {"split": f"{len(records)} validation cases (labels never trained on): "
+                     + ", ".join(r.case_id for r in records),
+            "dice": mean.get("dice"), "jaccard": mean.get("jaccard"), "hd95_mm": mean.get("hd95_mm"),
+            "asd_mm": mean.get("asd_mm"), "hd95_vox_legacy": mean.get("hd95_vox_legacy"),
+            "asd_vox_legacy": mean.get("asd_vox_legacy"), "std": summary.get("std"), "cases": cases}
+
+
+def _default_name(config: TrainConfig, parent_card) -> str:
+    if parent_card is not None:
+        return f"{card_get(parent_card, 'name')}-ft"
+    return config.preset or f"{config.method.replace('_', '-')}-l{config.labeled_num}"
+
+
+def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Split, validation: Dict[str, Any],
+              parent_card, iteration: int) -> ModelCard:
+    network = result.method.inference_network()
+    arch = dict(getattr(network, "config", {}))
+    arch["has_dropout"] = False
+    training = {
+        "preset": config.preset, "method": config.method, "data": str(config.data),
+        "labeled_cases": len(split.labeled), "unlabeled_cases": len(split.unlabeled),
+        "validation_cases": len(split.validation),
+        "labeled_ids": [r.case_id for r in split.labeled],
+        "iterations": result.iterations, "exported_iteration": iteration, "seed": config.seed,
+        "patch_size": list(config.patch_size), "spacing": list(config.spacing), "batch_size": config.batch_size,
+        "labeled_bs": config.labeled_bs, "base_lr": config.base_lr, "lr_policy": config.lr_policy,
+        "time_s": round(result.elapsed_s, 1), "stopped_early": result.stopped_early,
+        "hardware": f"{_device_name(config)} ({platform.machine()})",
+        "config": config.to_dict(),
+    }
+    lineage = {"parent": None, "parent_sha256": None, "created": utc_now_iso(),
+               "cases_used": {"labeled": training["labeled_ids"], "unlabeled": len(split.unlabeled)}}
+    if parent_card is not None:
+        lineage["parent"] = card_get(parent_card, "id")
+        lineage["parent_sha256"] = _weights_digest(parent_card)
+    name = model_id.rsplit("-v", 1)[0]
+    return ModelCard(id=model_id, name=name, version=model_id.rsplit("-v", 1)[-1] if "-v" in model_id else "0.1.0",
+                     method=config.method, description=_description(config, split, parent_card),
+                     architecture={"name": "vnet", "config": arch},
+                     inference=default_inference(config.patch_size, config.spacing), classes=default_classes(),
+                     training=training, validation=validation, lineage=lineage, created=utc_now_iso())
+
+
+def _weights_digest(card) -> Optional[str]:
+    files = (card_get(card, "weights") or {}).get("files", {})
+    return ";".join(f"{k}:{v}" for k, v in sorted(files.items())) or None
+
+
+def _description(config: TrainConfig, split: Split, parent_card) -> str:
+    origin = f"fine-tuned from {card_get(parent_card, 'id')}" if parent_card is not None else "trained"
+    return (f"{config.method} V-Net {origin} on {len(split.labeled)} labelled + {len(split.unlabeled)} "
+            f"unlabelled cases at {config.spacing[0]:g} mm, patch {'x'.join(map(str, config.patch_size))}")
+
+
+def _device_name(config: TrainConfig) -> str:
+    if torch.cuda.is_available() and config.device != "cpu":
+        return torch.cuda.get_device_name(0)
+    return f"CPU x{torch.get_num_threads()} threads"

@@ -1,0 +1,57 @@
+"""`semiseg-la`: segment | train | finetune | evaluate | models | bench.
+
+Every user-facing failure (bad input, unsafe checkpoint, bad config) ends as one line on stderr
+(and an `error` record with `--progress json`) and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..errors import SemiSegError
+from ..progress import JsonLinesProgress
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, evaluate, models, segment, train
+
+    parser = argparse.ArgumentParser(prog="semiseg-la", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (segment, train, evaluate, models, bench):
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"semiseg-la {__version__}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    json_progress = getattr(args, "progress", None) == "json"
+    try:
+        return int(args.handler(args) or 0)
+    except SemiSegError as exc:
+        return _fail(str(exc), exc.kind, exc.exit_code, json_progress)
+    except KeyboardInterrupt:
+        return _fail("interrupted", "cancelled", 130, json_progress)
+    except MemoryError:
+        return _fail("out of memory", "oom", 5, json_progress)
+
+
+def _fail(message: str, kind: str, code: int, json_progress: bool) -> int:
+    message = " ".join(message.split())
+    if json_progress:
+        JsonLinesProgress().error(message, kind)
+    print(f"semiseg-la: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""`semiseg-la train` and `semiseg-la finetune`: run the shared loop, then export a catalog model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..engine.config import TrainConfig, build_config, load_config_file, load_preset, parse_overrides
+from ..engine.data import Split, TrainCase, prepare_case, split_cases
+from ..engine.loop import TrainResult, train
+from ..errors import ConfigError, InputError
+from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
+from ..progress import ProgressReporter
+from .common import add_device_flag, add_progress_flag, card_get, reporter_for
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a method on a dataset and export it to the local catalog")
+    _add_common(t)
+    t.set_defaults(handler=run_train)
+    f = sub.add_parser("finetune", help="fine-tune a catalog model on your own cases (records the parent)")
+    f.add_argument("--from", dest="from_model", default=None, help="parent catalog model (default: default)")
+    _add_common(f)
+    f.set_defaults(handler=run_finetune)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="a named preset (see `semiseg-la models presets`)")
+    p.add_argument("--config", default=None, help="a YAML config file")
+    p.add_argument("--method", default=None, help="supervised | mean_teacher | ...")
+    p.add_argument("--data", default=None, help="LA h5 root, nnU-Net-style folder, or images/ + labels/ folder")
+    p.add_argument("--list", dest="train_list", default=None, help="case list (LA: train.list)")
+    p.add_argument("--labeled", dest="labeled_num", type=int, default=None, help="labelled cases: the first N")
+    p.add_argument("--val", dest="val_num", type=int, default=None,
+                   help="validation cases: the last N labelled cases (selection only, never trained on)")
+    p.add_argument("--unlabeled", dest="unlabeled_dir", default=None, help="extra folder of unlabelled scans")
+    p.add_argument("--iterations", dest="max_iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--labeled-bs", type=int, default=None)
+    p.add_argument("--lr", dest="base_lr", type=float, default=None)
+    p.add_argument("--patch", dest="patch_size", type=int, nargs=3, default=None)
+    p.add_argument("--spacing", type=float, nargs=3, default=None, help="model spacing in mm")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--validate-every", type=int, default=None)
+    p.add_argument("--time-budget", dest="time_budget_s", type=float, default=None, help="stop after S seconds")
+    p.add_argument("--output", default=None, help="run folder (default runs/<name>)")
+    p.add_argument("--name", default=None, help="name of the exported model (an id is derived from it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--no-export", action="store_true", help="do not add the result to the local catalog")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable), e.g. --set method_params.consistency=0.2")
+    add_device_flag(p)
+    add_progress_flag(p)
+
+
+FLAG_KEYS = ("method", "data", "train_list", "labeled_num", "val_num", "unlabeled_dir", "max_iterations",
+             "batch_size", "labeled_bs", "base_lr", "patch_size", "spacing", "seed", "validate_every",
+             "time_budget_s", "output")
+
+
+def resolve_config(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    layers: List[Dict[str, Any]] = [base or {}]
+    if args.preset:
+        layers.append(load_preset(args.preset))
+    if args.config:
+        layers.append(load_config_file(args.config))
+    flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k, None) is not None}
+    flags["device"] = args.device
+    layers.append(flags)
+    layers.append(parse_overrides(args.overrides))
+    merged: Dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "method_params":
+                merged.setdefault(key, {}).update(value or {})
+            else:
+                merged[key] = value
+    merged["preset"] = args.preset or merged.get("preset")
+    if not merged.get("data"):
+        raise ConfigError("--data is required (LA h5 root, nnU-Net-style folder, or images/ + labels/ folder)")
+    if not merged.get("output"):
+        merged["output"] = str(Path("runs") / _default_run_name(merged))
+    return build_config(merged)
+
+
+def _default_run_name(cfg: Dict[str, Any]) -> str:
+    name = cfg.get("preset") or f"{cfg.get('method', 'supervised')}-l{cfg.get('labeled_num', 8)}"
+    return f"{name}-s{cfg.get('seed', 1337)}"
+
+
+def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
+    """Records -> (split, labelled cases, unlabelled cases, validation cases, validation records)."""
+    records = open_dataset(config.data, config.train_list if _is_la(config.data) else None)
+    extra = open_unlabeled_folder(config.unlabeled_dir) if config.unlabeled_dir else []
+    split = split_cases(records, config.labeled_num, config.val_num, extra, config.use_unlabeled)
+    total = len(split.labeled) + len(split.unlabeled) + len(split.validation)
+    reporter.start("load", total, "reading and resampling cases")
+    done = 0
+
+    def prep(group: Sequence[CaseRecord], labels: bool) -> List[TrainCase]:
+        nonlocal done
+        out = []
+        for record in group:
+            out.append(prepare_case(record, config.spacing, with_label=labels))
+            done += 1
+            reporter.update(done)
+        return out
+
+    labeled = prep(split.labeled, True)
+    unlabeled = prep(split.unlabeled, False)
+    validation = prep(split.validation, True)
+    reporter.end()
+    return split, labeled, unlabeled, validation
+
+
+def _is_la(root: str) -> bool:
+    from ..io.la_h5 import is_la_root
+
+    return is_la_root(root)
+
+
+def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Optional[Dict[str, Any]] = None
+              ) -> int:
+    from ..inference.validation import make_validator
+
+    config = resolve_config(args, base)
+    reporter = reporter_for(args)
+    if args.resume and not (Path(config.output) / "checkpoints" / "last.pt").is_file():
+        raise InputError(f"{config.output}: nothing to resume (no checkpoints/last.pt); drop --resume")
+    if not args.resume and (Path(config.output) / "checkpoints" / "last.pt").is_file():
+        raise InputError(f"{config.output} already holds a run; add --resume to continue it or choose --output")
+    split, labeled, unlabeled, validation = load_split(config, reporter)
+    reporter.log(f"{len(labeled)} labelled, {len(unlabeled)} unlabelled, {len(validation)} validation cases")
+    device = _validation_device(config.device)
+    validator = make_validator(validation, config.patch_size, config.spacing, device) if validation else None
+    result = train(config, labeled, unlabeled, validator, reporter, initial_weights=initial, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    exported = None
+    if not args.no_export:
+        from .export import export_run
+
+        exported = export_run(config, result, split, validation_records=split.validation,
+                              parent_card=parent_card, name=args.name, reporter=reporter)
+    reporter.done(run_dir=str(Path(config.output).resolve()), iterations=result.iterations,
+                  stopped_early=result.stopped_early, best_iteration=result.best_iteration,
+                  model_id=exported[0] if exported else None, model_dir=str(exported[1]) if exported else None,
+                  validation=exported[2] if exported else result.best_metrics)
+    if exported:
+        reporter.log(f"exported model {exported[0]} to {exported[1]}")
+    return 0
+
+
+def _validation_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Training that starts from a catalog model: its weights, patch size and spacing; parent recorded."""
+    from ..checkpoints import load_model_weights, resolve_model
+
+    folder = resolve_model(args.from_model)
+    weights, card = load_model_weights(folder)
+    info = card_get(card, "inference") or {}
+    arch = (card_get(card, "architecture") or {}).get("config", {})
+    base = load_preset("finetune")
+    base.update({"patch_size": info["patch_size"], "spacing": info["spacing"],
+                 "in_channels": int(arch.get("in_channels", 1))})
+    if args.labeled_num is None and args.data:
+        base["labeled_num"] = _count_labeled(args)
+    return run_train(args, initial=weights, parent_card=card, base=base)
+
+
+def _count_labeled(args: argparse.Namespace) -> int:
+    """Fine-tuning uses every labelled case outside the validation split unless --labeled says otherwise."""
+    records = open_dataset(args.data, args.train_list)
+    n = sum(1 for r in records if r.label_path is not None)
+    val = args.val_num if args.val_num is not None else 0
+    if n - val < 1:
+        raise InputError(f"{args.data}: fine-tuning needs at least one labelled case outside validation")
+    return n - val
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+__all__ = ["register", "resolve_config", "run_train", "run_finetune", "Split", "TrainResult"]

@@ -1,0 +1,145 @@
+"""Training data: case preparation, the two-stream sampler and the LA augmentation.
+
+Cases are prepared once (z-score over the case, canonical orientation, resampling to the model
+spacing) and held in memory; batches are drawn by a resumable sampler whose whole state is plain
+Python data, so a kill -9 + `--resume` continues with the same stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.datasets import CaseRecord
+from ..preprocess.normalize import zscore
+from ..preprocess.resample import to_model_grid
+
+
+@dataclasses.dataclass
+class TrainCase:
+    """A case on the model grid: image (C, X, Y, Z) float32, label (X, Y, Z) uint8 or None."""
+
+    case_id: str
+    image: np.ndarray
+    label: Optional[np.ndarray]
+
+
+def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True) -> TrainCase:
+    """Read, validate, z-score over the case and resample to the model spacing."""
+    image, label = record.load()
+    resampled, _grid = to_model_grid(image.with_array(zscore(image.array)), spacing, interpolation="linear")
+    label_array = None
+    if with_label:
+        if label is None:
+            raise InputError(f"{record.case_id}: case has no label but is used as a labelled case")
+        label_on_grid, _ = to_model_grid(label, spacing, interpolation="nearest")
+        label_array = np.ascontiguousarray(label_on_grid.array.astype(np.uint8))
+    return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array)
+
+
+@dataclasses.dataclass
+class Split:
+    labeled: List[CaseRecord]
+    unlabeled: List[CaseRecord]
+    validation: List[CaseRecord]
+
+
+def split_cases(records: Sequence[CaseRecord], labeled_num: int, val_num: int,
+                extra_unlabeled: Sequence[CaseRecord] = (), use_unlabeled: bool = True) -> Split:
+    """Labelled = the first N labelled records (list order); validation = the last `val_num` labelled
+    records, used for selection only; their images (and every other record) join the unlabelled pool."""
+    with_label = [r for r in records if r.label_path is not None]
+    validation = with_label[len(with_label) - val_num:] if val_num > 0 else []
+    trainable = [r for r in with_label if r not in validation]
+    if not trainable:
+        raise InputError("no labelled case left for training after the validation split")
+    if labeled_num > len(trainable):
+        raise InputError(f"asked for {labeled_num} labelled cases but only {len(trainable)} labelled cases "
+                         f"are available outside the {len(validation)} validation cases")
+    labeled = trainable[:labeled_num]
+    unlabeled = [r for r in records if r not in labeled] + list(extra_unlabeled) if use_unlabeled else []
+    return Split(labeled, unlabeled, validation)
+
+
+class TwoStreamSampler:
+    """Each batch: `labeled_bs` labelled indices (reshuffled every pass) + the rest from the unlabelled
+    pool (cycled forever). With no unlabelled pool the whole batch comes from the labelled stream."""
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, batch_size: int, labeled_bs: int, seed: int) -> None:
+        self.n_labeled, self.n_unlabeled = n_labeled, n_unlabeled
+        self.labeled_bs = labeled_bs if n_unlabeled > 0 else batch_size
+        self.unlabeled_bs = batch_size - self.labeled_bs
+        self.rng = np.random.default_rng(seed)
+        self.queues: Dict[str, List[int]] = {"labeled": [], "unlabeled": []}
+
+    def _take(self, stream: str, size: int, count: int) -> List[int]:
+        out = []
+        while len(out) < count:
+            if not self.queues[stream]:
+                self.queues[stream] = [int(i) for i in self.rng.permutation(size)]
+            out.append(self.queues[stream].pop(0))
+        return out
+
+    def next(self) -> Tuple[List[int], List[int]]:
+        labeled = self._take("labeled", self.n_labeled, self.labeled_bs)
+        unlabeled = self._take("unlabeled", self.n_unlabeled, self.unlabeled_bs) if self.unlabeled_bs else []
+        return labeled, unlabeled
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "queues": {k: list(v) for k, v in self.queues.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.queues = {k: [int(i) for i in v] for k, v in state["queues"].items()}
+
+
+@dataclasses.dataclass
+class Augmentation:
+    """The LA pipeline (RandomRotFlip, RandomCrop) plus a random intensity affine.
+
+    The intensity affine makes models robust to the field of view: the LA crops were z-scored with
+    whole-scan statistics (crop means 0.05-1.88, stds 0.31-1.65), so a scan z-scored over another
+    field of view differs from training data by such a scale and shift.
+    """
+
+    patch_size: Sequence[int]
+    rot_flip: bool = True
+    intensity_scale: Sequence[float] = (0.6, 1.6)
+    intensity_shift: Sequence[float] = (-0.3, 1.0)
+    intensity_prob: float = 0.8
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
+        if label is None:
+            label = np.zeros(image.shape[1:], np.uint8)
+        if self.rot_flip:
+            image, label = _rot_flip(image, label, rng)
+        image, label = random_crop(image, label, self.patch_size, rng)
+        if self.intensity_prob > 0 and rng.random() < self.intensity_prob:
+            low, high = np.log(self.intensity_scale[0]), np.log(self.intensity_scale[1])
+            scale = float(np.exp(rng.uniform(low, high)))
+            shift = float(rng.uniform(*self.intensity_shift))
+            image = image * scale + shift
+        return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int64)
+
+
+def _rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+    k = int(rng.integers(0, 4))
+    axis = int(rng.integers(0, 2))
+    image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
+    label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
+    return image, label
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, patch: Sequence[int], rng: np.random.Generator):
+    """Zero-pad axes not larger than the patch by (patch - size)//2 + 3 per side, then a uniform crop."""
+    pads = [max((int(p) - s) // 2 + 3, 0) if s <= int(p) else 0 for s, p in zip(label.shape, patch)]
+    if any(pads):
+        width = [(w, w) for w in pads]
+        image = np.pad(image, [(0, 0)] + width)
+        label = np.pad(label, width)
+    starts = [int(rng.integers(0, s - int(p) + 1)) for s, p in zip(label.shape, patch)]
+    box = tuple(slice(a, a + int(p)) for a, p in zip(starts, patch))
+    return image[(slice(None),) + box], label[box]

@@ -1,0 +1,54 @@
+"""DistributedDataParallel under torchrun: one process per GPU (nccl) or per CPU slot (gloo)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_kind: str) -> DistContext:
+    """Join the process group torchrun describes in the environment; a no-op without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistContext(rank, world, local_rank)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
+    """Rank 0 decides (e.g. the time budget ran out); every rank follows."""
+    if not ctx.enabled:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def cleanup(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,338 @@
+"""The one training loop every method shares.
+
+Iteration-based: each step draws a two-stream batch, lets the method compute its loss, steps the
+optimiser (and the method's EMA/memory hooks), follows the LR schedule, logs, validates every K
+iterations and writes atomic, resumable checkpoints (`last.pt` with everything, `best.pt` with the
+networks of the best validation Dice).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..io.atomic import atomic_write_text
+from ..methods import Batch, Method, build_method
+from ..progress import ProgressReporter
+from .config import TrainConfig, dump_config
+from .data import Augmentation, TrainCase, TwoStreamSampler
+from .distributed import DistContext, barrier, broadcast_flag, cleanup, init_distributed
+from .state import load_state, rng_state, save_state, set_rng_state
+
+#: validate(network) -> {"dice": mean, ...}; injected by the caller (inference sits above the engine)
+Validator = Callable[[nn.Module], Dict[str, float]]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    best_iteration: Optional[int]
+    best_metrics: Dict[str, float]
+    last_metrics: Dict[str, float]
+    elapsed_s: float
+    stopped_early: bool
+    method: Method
+
+
+def resolve_device(name: str, ctx: Optional[DistContext] = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            from ..errors import ConfigError
+
+            raise ConfigError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        return torch.device("cuda", ctx.local_rank if ctx else 0)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+class Trainer:
+    """Runs one training (or fine-tuning) into `config.output`."""
+
+    def __init__(self, config: TrainConfig, labeled: List[TrainCase], unlabeled: List[TrainCase],
+                 validator: Optional[Validator] = None, reporter: Optional[ProgressReporter] = None,
+                 initial_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> None:
+        self.config = config
+        self.ctx = init_distributed("cuda" if config.device in ("cuda", "auto") and torch.cuda.is_available()
+                                    else "cpu")
+        self.device = resolve_device(config.device, self.ctx)
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.validator = validator
+        self.reporter = reporter or ProgressReporter()
+        self.should_stop = should_stop or (lambda: False)
+        self.run_dir = Path(config.output)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        seed_everything(config.seed + self.ctx.rank, config.deterministic)
+        params = {"in_channels": config.in_channels, **config.method_params}
+        self.method = build_method(config.method, params, config.max_iterations)
+        if initial_weights is not None:
+            self.method.load_initial_weights(initial_weights)
+        self.method.to(self.device)
+        if self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.method.wrap_trainable(lambda m: DDP(m, device_ids=ids, find_unused_parameters=False))
+        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=config.base_lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay, nesterov=config.nesterov)
+        self.sampler = TwoStreamSampler(len(labeled), len(unlabeled) if config.use_unlabeled else 0,
+                                        config.batch_size, config.labeled_bs, config.seed + 7919 * self.ctx.rank)
+        self.augment = Augmentation(config.patch_size, config.rot_flip, config.intensity_scale,
+                                    config.intensity_shift, config.intensity_prob)
+        self.aug_rng = np.random.default_rng(config.seed + 104729 * (self.ctx.rank + 1))
+        self.iteration = 0
+        self.history: List[Dict[str, float]] = []
+        self.best = {"dice": -1.0, "iteration": None}
+        self.elapsed_before = 0.0
+
+    # -- state ----------------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        return {
+            "format": "semiseg-la-train-state-1",
+            "iteration": self.iteration,
+            "config": json.loads(json.dumps(self.config.to_dict())),
+            "networks": self.method.state_dict(),
+            "method_extra": self.method_extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "aug_rng": self.aug_rng.bit_generator.state,
+            "rng": rng_state(),
+            "history": self.history,
+            "best": dict(self.best),
+            "elapsed_s": self.elapsed_before + (time.monotonic() - self.t_start),
+        }
+
+    def method_extra_state(self) -> Dict[str, Any]:
+        extra = getattr(self.method, "extra_state", None)
+        return extra() if callable(extra) else {}
+
+    def resume(self) -> None:
+        state = load_state(self.ckpt_dir / "last.pt")
+        self.method.load_state_dict(state["networks"])
+        load_extra = getattr(self.method, "load_extra_state", None)
+        if callable(load_extra):
+            load_extra(state.get("method_extra", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.aug_rng.bit_generator.state = state["aug_rng"]
+        set_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if self.ctx.is_main:
+            for name in ("train_log.csv", "validation.csv"):
+                _drop_rows_after(self.run_dir / name, self.iteration)
+        self.reporter.log(f"resumed from {self.ckpt_dir / 'last.pt'} at iteration {self.iteration}")
+
+    def _save_checkpoint(self, name: str, state: Optional[Dict[str, Any]] = None) -> None:
+        if self.ctx.is_main:
+            save_state(self.ckpt_dir / name, state if state is not None else self.state())
+
+    # -- schedule and batches ----------------------------------------------------------------------
+    def learning_rate(self, iteration: int) -> float:
+        c = self.config
+        if c.lr_policy == "step":
+            return c.base_lr * c.lr_gamma ** (iteration // c.lr_step)
+        if c.lr_policy == "poly":
+            return c.base_lr * (1 - iteration / c.max_iterations) ** c.poly_power
+        return c.base_lr
+
+    def next_batch(self) -> Batch:
+        labeled_ids, unlabeled_ids = self.sampler.next()
+        images, labels = [], []
+        for case in [self.labeled[i] for i in labeled_ids] + [self.unlabeled[i] for i in unlabeled_ids]:
+            image, label = self.augment(case.image, case.label, self.aug_rng)
+            images.append(image)
+            labels.append(label)
+        image = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
+        label = torch.from_numpy(np.stack(labels)).to(self.device, non_blocking=True)
+        return Batch(image, label, self.sampler.labeled_bs)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        self.t_start = time.monotonic()
+        if resume:
+            self.resume()
+        elif self.ctx.is_main:
+            self._write_run_files()
+        c = self.config
+        use_amp = c.amp and self.device.type == "cuda"
+        self.reporter.start("train", c.max_iterations, f"{c.method} on {self.device}")
+        self.reporter.update(self.iteration)
+        last_metrics: Dict[str, float] = {}
+        stopped_early = False
+        while self.iteration < c.max_iterations:
+            self.method.train(True)
+            lr = self.learning_rate(self.iteration)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = self.next_batch()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                result = self.method.training_step(batch, self.iteration)
+            if not torch.isfinite(result.loss):
+                from ..errors import SemiSegError
+
+                raise SemiSegError(f"loss became {float(result.loss)} at iteration {self.iteration}; "
+                                   "lower base_lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            self.optimizer.step()
+            self.method.after_optimizer_step(self.iteration)
+            self.iteration += 1
+            record = {"iteration": self.iteration, "lr": lr, "loss": float(result.loss.detach()), **result.logs}
+            self._log_iteration(record)
+            if self.validator is not None and self._due(c.validate_every) and self.iteration >= c.validate_from:
+                last_metrics = self._validate()
+            out_of_time = c.time_budget_s is not None and self._elapsed() >= c.time_budget_s
+            stop = broadcast_flag(self.ctx, out_of_time or self.should_stop())
+            if self._due(c.checkpoint_every) or stop or self.iteration == c.max_iterations:
+                self._save_checkpoint("last.pt")
+            if stop and self.iteration < c.max_iterations:
+                stopped_early = True
+                self.reporter.log(f"stopping at iteration {self.iteration}: "
+                                  + ("time budget reached" if out_of_time else "stop requested"))
+                break
+        if self.validator is not None and (not last_metrics or last_metrics.get("iteration") != self.iteration):
+            last_metrics = self._validate()
+            self._save_checkpoint("last.pt")
+        self.reporter.end()
+        barrier(self.ctx)
+        result = TrainResult(self.run_dir, self.iteration, self.best["iteration"],
+                             {k: v for k, v in self.best.items() if k != "iteration"}, last_metrics,
+                             self._elapsed(), stopped_early, self.method)
+        cleanup(self.ctx)
+        return result
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.iteration % every == 0
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.t_start)
+
+    def _validate(self) -> Dict[str, float]:
+        metrics: Dict[str, float] = {}
+        if self.ctx.is_main:
+            network = self.method.inference_network()
+            was_training = network.training
+            network.eval()
+            metrics = {"iteration": self.iteration, **self.validator(network)}
+            network.train(was_training)
+            self.history.append(metrics)
+            self._append_csv("validation.csv", metrics)
+            self.reporter.log(f"validation at {self.iteration}: dice {metrics.get('dice', float('nan')):.4f}")
+            if isinstance(self.reporter, ProgressReporter):
+                self.reporter.update(self.iteration, val_dice=round(metrics.get("dice", math.nan), 4))
+            if metrics.get("dice", -1.0) > self.best["dice"]:
+                self.best = {"iteration": self.iteration, **{k: v for k, v in metrics.items() if k != "iteration"}}
+                self._save_checkpoint("best.pt", {"format": "semiseg-la-best-1", "iteration": self.iteration,
+                                                  "networks": self.method.state_dict(), "metrics": self.best})
+        barrier(self.ctx)
+        return metrics
+
+    def _log_iteration(self, record: Dict[str, float]) -> None:
+        if not self.ctx.is_main:
+            return
+        if self.iteration % self.config.log_every == 0 or self.iteration == 1:
+            self._append_csv("train_log.csv", record)
+            self._tensorboard(record)
+        self.reporter.update(self.iteration, loss=round(record["loss"], 5), lr=record["lr"])
+
+    def _append_csv(self, name: str, record: Dict[str, Any]) -> None:
+        path = self.run_dir / name
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(record), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+
+    def _tensorboard(self, record: Dict[str, float]) -> None:
+        if not hasattr(self, "_tb"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self._tb = None
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, self.iteration)
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
+        env = {"semiseg_la": __version__, "torch": torch.__version__, "numpy": np.__version__,
+               "python": platform.python_version(), "platform": platform.platform(), "device": str(self.device),
+               "world_size": self.ctx.world_size, "git": _git_hash(),
+               "labeled_cases": [c.case_id for c in self.labeled],
+               "unlabeled_cases": [c.case_id for c in self.unlabeled]}
+        atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+        for name in ("train_log.csv", "validation.csv"):
+            (self.run_dir / name).unlink(missing_ok=True)
+
+
+def _drop_rows_after(path: Path, iteration: int) -> None:
+    """Rows logged after the checkpoint a run resumes from are replayed, so drop them first."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(r for r in rows if int(float(r["iteration"])) <= iteration)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _git_hash() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def train(config: TrainConfig, labeled: List[TrainCase], unlabeled: List[TrainCase],
+          validator: Optional[Validator] = None, reporter: Optional[ProgressReporter] = None,
+          initial_weights: Optional[Mapping[str, torch.Tensor]] = None, resume: bool = False) -> TrainResult:
+    """Train `config.method` into `config.output`; `resume` continues from `checkpoints/last.pt`."""
+    return Trainer(config, labeled, unlabeled, validator, reporter, initial_weights).run(resume=resume)
+
+
+def build_for_export(method_name: str, params: Mapping[str, Any], networks: Mapping[str, Any]) -> nn.Module:
+    """The exported network of a method, restored from checkpoint network states."""
+    method = build_method(method_name, params, 1)
+    method.load_state_dict(networks)
+    return method.inference_network()

@@ -1,0 +1,168 @@
+"""The Predictor: a volume (file or array with geometry) in, a label map on the input's exact grid out.
+
+Pipeline (DESIGN.md "Segment"): validate -> z-score over the whole (possibly user-cropped) volume ->
+optional ROI -> canonical orientation + resampling to the model spacing -> network windows ->
+foreground probability back on the input grid (linear) -> threshold 0.5 -> largest connected
+component -> uint8 label map with the input's size, spacing, origin and direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from ..io.validate import validate_image
+from ..io.volume import Volume
+from ..preprocess.normalize import zscore
+from ..preprocess.resample import crop_to_roi, from_model_grid, to_model_grid
+from ..progress import ProgressReporter
+from .sliding_window import legacy_la_inference, plan_whole_volume_window, sliding_window_inference
+
+#: whole-volume windows up to this many voxels (a 288 x 288 x 48 volume at 1.25 mm is ~4 M)
+DEFAULT_MAX_WHOLE_VOXELS = 12_000_000
+
+
+@dataclasses.dataclass
+class InferenceSpec:
+    """What the network expects, read from its model card."""
+
+    patch_size: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    n_classes: int = 2
+    normalization: str = "zscore-volume"
+
+
+@dataclasses.dataclass
+class Prediction:
+    label: Volume
+    probability: Optional[Volume]
+    timings: Dict[str, float]
+    device: str
+    windows: int
+    network_voxels: int
+
+
+class Predictor:
+    """Segments volumes with one network. `mode`: "fast" (one whole-volume window when it fits, else a
+    Gaussian sliding window), "sliding" (Gaussian sliding window at the training patch size), or
+    "legacy" (the LA papers' stride 18/18/4 uniform averaging)."""
+
+    def __init__(self, network: nn.Module, spec: InferenceSpec, device: str | torch.device = "auto",
+                 overlap: float = 0.5, mode: str = "fast", sw_batch_size: int = 2,
+                 largest_component: bool = True, max_whole_voxels: int = DEFAULT_MAX_WHOLE_VOXELS,
+                 accumulate_on_cpu: bool = False) -> None:
+        if mode not in ("fast", "sliding", "legacy"):
+            raise ValueError(f"unknown inference mode {mode!r}")
+        self.device = _device(device)
+        self.network = network.to(self.device).eval()
+        self.spec = spec
+        self.overlap, self.mode, self.sw_batch_size = overlap, mode, sw_batch_size
+        self.largest_component = largest_component
+        self.max_whole_voxels = max_whole_voxels
+        self.accumulate_on_cpu = accumulate_on_cpu
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(torch.get_num_threads(), _cpu_count()))
+
+    def predict(self, image: Volume, roi: Optional[Sequence[int]] = None, want_probability: bool = False,
+                reporter: Optional[ProgressReporter] = None) -> Prediction:
+        reporter = reporter or ProgressReporter()
+        timings: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        reporter.start("preprocess", 1)
+        validate_image(image)
+        normalized = image.with_array(zscore(image.array))
+        region = crop_to_roi(normalized, roi[:3], roi[3:]) if roi is not None else normalized
+        on_grid, grid = to_model_grid(region, self.spec.spacing, interpolation="linear")
+        reporter.update(1)
+        timings["preprocess_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        probability_grid, windows, voxels = self.probabilities(on_grid.array, reporter)
+        timings["predict_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        reporter.start("postprocess", 1)
+        foreground = from_model_grid(probability_grid, grid, region, interpolation="linear")
+        label = (foreground >= 0.5).astype(np.uint8)
+        if self.largest_component:
+            label = keep_largest_component(label)
+        if roi is not None:
+            label = _paste(label, image.shape, roi)
+            foreground = _paste(foreground.astype(np.float32), image.shape, roi)
+        reporter.update(1)
+        timings["postprocess_s"] = time.perf_counter() - t2
+        probability = image.with_array(foreground.astype(np.float32)) if want_probability else None
+        return Prediction(image.with_array(label), probability, timings, str(self.device), windows, voxels)
+
+    @torch.inference_mode()
+    def probabilities(self, array: np.ndarray, reporter: Optional[ProgressReporter] = None
+                      ) -> Tuple[np.ndarray, int, int]:
+        """Foreground probability for a normalised array on the model grid; also windows and voxels run."""
+        reporter = reporter or ProgressReporter()
+        tensor = torch.from_numpy(np.ascontiguousarray(array, np.float32))[None, None].to(self.device)
+        patch = tuple(int(p) for p in self.spec.patch_size)
+        counter = _WindowCounter(reporter)
+        accumulate = torch.device("cpu") if self.accumulate_on_cpu else None
+        if self.mode == "legacy":
+            probs = legacy_la_inference(tensor, self.network, patch=patch, on_window=counter,
+                                        accumulate_device=accumulate)
+            window = patch
+        else:
+            window = None
+            if self.mode == "fast":
+                window = plan_whole_volume_window(array.shape, patch, self.max_whole_voxels)
+            window = window or patch
+            probs = sliding_window_inference(tensor, self.network, window, overlap=self.overlap, mode="gaussian",
+                                             sw_batch_size=self.sw_batch_size, on_window=counter,
+                                             accumulate_device=accumulate)
+        foreground = probs[0, 1].float().cpu().numpy()
+        return foreground, counter.total, counter.total * int(np.prod(window))
+
+
+class _WindowCounter:
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter, self.total, self.started = reporter, 0, False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.started:
+            self.reporter.start("predict", total)
+            self.started = True
+        self.total = total
+        self.reporter.update(done)
+
+
+def keep_largest_component(label: np.ndarray) -> np.ndarray:
+    """Largest 26-connected foreground component (the LA is one connected structure)."""
+    components, count = ndimage.label(label, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return label
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return (components == int(np.argmax(sizes))).astype(np.uint8)
+
+
+def _paste(array: np.ndarray, shape: Sequence[int], roi: Sequence[int]) -> np.ndarray:
+    full = np.zeros(tuple(shape), array.dtype)
+    box = tuple(slice(int(lo), int(lo) + s) for lo, s in zip(roi[:3], array.shape))
+    full[box] = array
+    return full
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

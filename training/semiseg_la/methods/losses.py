@@ -1,0 +1,42 @@
+"""Losses and schedule helpers shared by the methods (docs/methods.md 1.4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def dice_loss_squared(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """UA-MT / CRLN form: 1 - (2 sum pg + s) / (sum p^2 + sum g^2 + s), one scalar over the batch."""
+    target = target.float()
+    intersect = (prob * target).sum()
+    return 1 - (2 * intersect + smooth) / ((prob * prob).sum() + (target * target).sum() + smooth)
+
+
+def dice_loss_linear(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1e-8) -> torch.Tensor:
+    """MC-Net / CAML form ("Binary_dice_loss"): no squares in the denominator."""
+    target = target.float()
+    intersect = (prob * target).sum()
+    return 1 - (2 * intersect + smooth) / (prob.sum() + target.sum() + smooth)
+
+
+def supervised_ce_dice(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and squared-form Dice on the foreground channel (UA-MT's 0.5 (CE + Dice))."""
+    ce = F.cross_entropy(logits.float(), label)
+    prob = torch.softmax(logits.float(), dim=1)[:, 1]
+    return ce, dice_loss_squared(prob, label == 1)
+
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """Laine & Aila: exp(-5 (1 - t/T)^2), 1 when T = 0; the LA family evaluates it at iteration // 150."""
+    if length == 0:
+        return 1.0
+    t = min(max(current, 0.0), length)
+    phase = 1.0 - t / length
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def consistency_weight(weight: float, iteration: int, rampup: float, unit: int = 150) -> float:
+    return weight * sigmoid_rampup(iteration // unit, rampup)

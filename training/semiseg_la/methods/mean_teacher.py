@@ -1,0 +1,61 @@
+"""Mean teacher (Tarvainen & Valpola; the LA configuration of UA-MT without the uncertainty mask).
+
+Student: 0.5 (CE + Dice) on labelled samples plus an MSE between its softmax and the EMA teacher's
+softmax on a noisy copy of every sample, weighted by `consistency` x sigmoid ramp-up
+(iteration // 150 over `consistency_rampup`). Teacher: EMA of the student (decay 0.99).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..models import VNet
+from .base import Batch, Method, StepResult, ema_update
+from .losses import consistency_weight, supervised_ce_dice
+
+DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "ema_decay": 0.99, "noise_std": 0.1,
+            "noise_clip": 0.2}
+
+
+class MeanTeacher(Method):
+    name = "mean_teacher"
+    trainable = ("student",)
+    networks = ("student", "teacher")
+
+    def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
+        super().__init__({**DEFAULTS, **params}, max_iterations)
+        self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
+                            has_dropout=bool(self.params.get("dropout", True)))
+        self.teacher = copy.deepcopy(self.student)
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+
+    def training_step(self, batch: Batch, iteration: int) -> StepResult:
+        logits = self.student(batch.image)
+        ce, dice = supervised_ce_dice(logits[batch.labeled], batch.label[batch.labeled])
+        supervised = 0.5 * (ce + dice)
+        noise = torch.clamp(torch.randn_like(batch.image) * self.params["noise_std"],
+                            -self.params["noise_clip"], self.params["noise_clip"])
+        with torch.no_grad():
+            teacher_prob = torch.softmax(self.teacher(batch.image + noise).float(), dim=1)
+        student_prob = torch.softmax(logits.float(), dim=1)
+        consistency = torch.mean((student_prob - teacher_prob) ** 2)
+        weight = consistency_weight(self.params["consistency"], iteration, self.params["consistency_rampup"])
+        loss = supervised + weight * consistency
+        return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),
+                                 "loss_consistency": float(consistency.detach()), "consistency_weight": weight})
+
+    def after_optimizer_step(self, iteration: int) -> None:
+        ema_update(self.teacher, self.student, self.params["ema_decay"], iteration)
+
+    def train(self, mode: bool = True) -> None:
+        self.student.train(mode)
+        self.teacher.train(mode)
+
+    def inference_network(self) -> nn.Module:
+        """The EMA teacher: the smoother of the two, as the mean-teacher literature reports."""
+        return self.teacher
