@@ -42,22 +42,28 @@ class Volume:
     def shape(self) -> Tuple[int, ...]:
         return tuple(self.array.shape)
 
-    def with_array(self, array: np.ndarray, source: Optional[str] = None) -> "Volume":
+    def with_array(self, array: np.ndarray, source: Optional[str] = None) -> Volume:
         """Same geometry, other voxels (e.g. a label map for this image)."""
         return Volume(array, self.spacing, self.origin, self.direction, source or self.source)
 
-    def same_grid(self, other: "Volume", rel_tol: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, rel_tol: float = 1e-4) -> bool:
         return not geometry_mismatches(self, other, rel_tol)
 
     def to_sitk(self) -> sitk.Image:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(self.array, (2, 1, 0))))
+        """SimpleITK image; bool masks become uint8 and float16 becomes float32 (SimpleITK has neither)."""
+        array = np.asarray(self.array)
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        elif array.dtype == np.float16:
+            array = array.astype(np.float32)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, source: str = "<sitk>") -> "Volume":
+    def from_sitk(cls, image: sitk.Image, source: str = "<sitk>") -> Volume:
         array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
         return cls(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), source)
 
