@@ -109,13 +109,23 @@ class TqdmProgress(ProgressReporter):
             print(message, file=sys.stderr)
 
 
+_ACTIVE: list = []
+
+
 def make_reporter(mode: str) -> ProgressReporter:
-    """`json`, `tqdm` (default for people) or `none`."""
+    """`json`, `tqdm` (default for people) or `none`; remembered so an error can close its bar first."""
     if mode == "json":
-        return JsonLinesProgress()
-    if mode == "none":
-        return TqdmProgress(disable=True)
-    return TqdmProgress()
+        reporter: ProgressReporter = JsonLinesProgress()
+    else:
+        reporter = TqdmProgress(disable=(mode == "none"))
+    _ACTIVE.append(reporter)
+    return reporter
+
+
+def close_active_reporters() -> None:
+    """End open progress bars so an error message starts on a line of its own."""
+    while _ACTIVE:
+        _ACTIVE.pop().end()
 
 
 def _short(value: Any) -> Any:

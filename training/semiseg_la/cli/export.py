@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..checkpoints import ModelCard, new_local_model_dir, save_model, unique_model_id
-from ..checkpoints.card import default_classes, default_inference, utc_now_iso
+from ..checkpoints.card import default_classes, default_inference, utc_now_iso, weights_fingerprint
 from ..engine.config import TrainConfig
 from ..engine.data import Split
 from ..engine.loop import TrainResult, build_for_export
@@ -94,18 +94,13 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
                "cases_used": {"labeled": training["labeled_ids"], "unlabeled": len(split.unlabeled)}}
     if parent_card is not None:
         lineage["parent"] = card_get(parent_card, "id")
-        lineage["parent_sha256"] = _weights_digest(parent_card)
+        lineage["parent_sha256"] = weights_fingerprint(ModelCard.coerce(parent_card))
     name = model_id.rsplit("-v", 1)[0]
     return ModelCard(id=model_id, name=name, version=model_id.rsplit("-v", 1)[-1] if "-v" in model_id else "0.1.0",
                      method=config.method, description=_description(config, split, parent_card),
                      architecture={"name": "vnet", "config": arch},
                      inference=default_inference(config.patch_size, config.spacing), classes=default_classes(),
                      training=training, validation=validation, lineage=lineage, created=utc_now_iso())
-
-
-def _weights_digest(card) -> Optional[str]:
-    files = (card_get(card, "weights") or {}).get("files", {})
-    return ";".join(f"{k}:{v}" for k, v in sorted(files.items())) or None
 
 
 def _description(config: TrainConfig, split: Split, parent_card) -> str:

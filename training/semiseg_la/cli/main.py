@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import SemiSegError
-from ..progress import JsonLinesProgress
+from ..progress import JsonLinesProgress, close_active_reporters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _fail(message: str, kind: str, code: int, json_progress: bool) -> int:
     message = " ".join(message.split())
+    close_active_reporters()
     if json_progress:
         JsonLinesProgress().error(message, kind)
     print(f"semiseg-la: error: {message}", file=sys.stderr)

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import InputError
 from ..inference.predictor import Predictor
+from ..io.validate import validate_image
 from ..io.volume import read_volume, write_volume
 from ..progress import ProgressReporter
 from .common import add_device_flag, add_progress_flag, inference_spec, load_catalog_model, reporter_for
@@ -40,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
     reporter = reporter_for(args)
     t0 = time.perf_counter()
     check_output_path(args.output)
+    if not 0.0 <= args.overlap < 1.0:
+        raise InputError(f"--overlap {args.overlap} must be in [0, 1)")
     reporter.start("load", 1)
     image = read_volume(args.input)
+    validate_image(image)
     reporter.update(1)
     load_s = time.perf_counter() - t0
     network, card, model_id = load_catalog_model(args.model)
@@ -57,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     reporter.end()
     timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in prediction.timings.items()},
                "write_s": round(time.perf_counter() - t_write, 3), "total_s": round(time.perf_counter() - t0, 3)}
+    reporter.log(f"wrote {args.output} ({int(prediction.label.array.sum())} LA voxels, {timings['total_s']} s)")
     reporter.done(output=str(Path(args.output).resolve()), model=model_id, device=device,
                   fell_back_to_cpu=fell_back, voxels=int(prediction.label.array.sum()), timings=timings)
-    reporter.log(f"wrote {args.output} ({int(prediction.label.array.sum())} LA voxels, {timings['total_s']} s)")
     return 0
 
 

@@ -145,12 +145,12 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
 
         exported = export_run(config, result, split, validation_records=split.validation,
                               parent_card=parent_card, name=args.name, reporter=reporter)
+    if exported:
+        reporter.log(f"exported model {exported[0]} to {exported[1]}")
     reporter.done(run_dir=str(Path(config.output).resolve()), iterations=result.iterations,
                   stopped_early=result.stopped_early, best_iteration=result.best_iteration,
                   model_id=exported[0] if exported else None, model_dir=str(exported[1]) if exported else None,
                   validation=exported[2] if exported else result.best_metrics)
-    if exported:
-        reporter.log(f"exported model {exported[0]} to {exported[1]}")
     return 0
 
 
