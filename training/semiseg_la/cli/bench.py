@@ -86,7 +86,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     print(f"training-step benchmark on {device}, patch {tuple(args.patch)}, batch 2 labelled + 2 unlabelled")
-    print(f"{'method':14s} {'it/s':>8s} {'s/it':>8s} {'peak MiB':>10s}" + ("  projected run" if args.iterations else ""))
+    header = f"{'method':14s} {'it/s':>8s} {'s/it':>8s} {'peak MiB':>10s}"
+    print(header + ("  projected run" if args.iterations else ""))
     for name in args.methods:
         method = build_method(name, {}, 1000).to(device)
         method.train(True)
