@@ -66,8 +66,6 @@ class Predictor:
         self.largest_component = largest_component
         self.max_whole_voxels = max_whole_voxels
         self.accumulate_on_cpu = accumulate_on_cpu
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(torch.get_num_threads(), _cpu_count()))
 
     def predict(self, image: Volume, roi: Optional[Sequence[int]] = None, want_probability: bool = False,
                 reporter: Optional[ProgressReporter] = None) -> Prediction:
@@ -160,9 +158,3 @@ def _device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
