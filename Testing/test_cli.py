@@ -94,3 +94,33 @@ def test_models_list_json_shows_local_model(tiny_model):
     assert proc.returncode == 0, proc.stderr
     ids = {row["id"]: row for row in json.loads(proc.stdout)}
     assert ids["tiny-test-v0.1.0"]["source"] == "local"
+
+
+def test_models_import_accepts_official_state_dicts_and_refuses_pickles(tmp_path):
+    import json
+
+    import torch
+
+    from semiseg_la.models import VNet
+
+    net = VNet()
+    official = {}
+    for key, value in net.state_dict().items():  # UA-MT naming: block_one.conv.0.weight, out_conv.weight
+        part, rest = key.split(".", 1)[1].split(".", 1)
+        official[f"{part}.{rest}" if part == "out_conv" else f"{part}.conv.{rest}"] = value
+    pth = tmp_path / "iter_6000.pth"
+    torch.save(official, pth)
+    proc = run_cli(["models", "import", str(pth), "--id", "uamt-import-v0.1.0"])
+    assert proc.returncode == 0, proc.stderr
+    listing = {r["id"] for r in json.loads(run_cli(["models", "list", "--json"]).stdout)}
+    assert "uamt-import-v0.1.0" in listing
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": Payload()}, evil)
+    proc = run_cli(["models", "import", str(evil)])
+    _expect_one_line_error(proc, "pickle")
+    assert not (tmp_path / "pwned").exists()

@@ -9,7 +9,7 @@ import torch
 from cli_helpers import oblique_direction
 from conftest import sphere_volume
 from semiseg_la.errors import InputError
-from semiseg_la.inference.predictor import InferenceSpec, Predictor, keep_largest_component
+from semiseg_la.inference.predictor import InferenceSpec, Predictor, keep_largest_component, legacy_strides
 from semiseg_la.io.volume import Volume
 from semiseg_la.models import VNet
 
@@ -62,12 +62,15 @@ def test_largest_component_drops_islands():
 
 def test_fast_mode_runs_one_window_and_legacy_runs_many():
     image, _ = sphere_volume((120, 120, 84))
-    vol = Volume(image, (1.0, 1.0, 1.0))
-    spec = InferenceSpec((112, 112, 80), (1.0, 1.0, 1.0))
+    vol = Volume(image, (0.625, 0.625, 0.625))
+    spec = InferenceSpec((112, 112, 80), (0.625, 0.625, 0.625))
     fast = Predictor(Threshold(), spec, device="cpu", mode="fast").predict(vol)
     legacy = Predictor(Threshold(), spec, device="cpu", mode="legacy").predict(vol)
     assert fast.windows == 1 and legacy.windows == 2 * 2 * 2  # ceil((120-112)/18)+1 = 2, ceil((84-80)/4)+1 = 2
     assert fast.network_voxels < legacy.network_voxels / 5
+    # at another model spacing the legacy strides stay the papers' millimetres (11.25, 11.25, 2.5 mm)
+    coarse = InferenceSpec((112, 112, 80), (1.25, 1.25, 1.25))
+    assert legacy_strides(coarse.spacing) == (9, 2)
 
 
 def test_rejects_bad_images_before_running():

@@ -26,6 +26,8 @@ from .sliding_window import legacy_la_inference, plan_whole_volume_window, slidi
 
 #: whole-volume windows up to this many voxels (a 288 x 288 x 48 volume at 1.25 mm is ~4 M)
 DEFAULT_MAX_WHOLE_VOXELS = 12_000_000
+#: the legacy LA procedure's window strides in mm (18, 18, 4 voxels at 0.625 mm)
+LEGACY_STRIDE_MM = (18 * 0.625, 18 * 0.625, 4 * 0.625)
 
 
 @dataclasses.dataclass
@@ -108,8 +110,9 @@ class Predictor:
         counter = _WindowCounter(reporter)
         accumulate = torch.device("cpu") if self.accumulate_on_cpu else None
         if self.mode == "legacy":
-            probs = legacy_la_inference(tensor, self.network, patch=patch, on_window=counter,
-                                        accumulate_device=accumulate)
+            stride_xy, stride_z = legacy_strides(self.spec.spacing)
+            probs = legacy_la_inference(tensor, self.network, patch=patch, stride_xy=stride_xy, stride_z=stride_z,
+                                        on_window=counter, accumulate_device=accumulate)
             window = patch
         else:
             window = None
@@ -133,6 +136,13 @@ class _WindowCounter:
             self.started = True
         self.total = total
         self.reporter.update(done)
+
+
+def legacy_strides(spacing: Sequence[float]) -> Tuple[int, int]:
+    """The LA papers' strides (18, 18, 4 voxels at 0.625 mm) kept in millimetres for other model spacings."""
+    stride_xy = max(1, round(LEGACY_STRIDE_MM[0] / float(spacing[0])))
+    stride_z = max(1, round(LEGACY_STRIDE_MM[2] / float(spacing[2])))
+    return stride_xy, stride_z
 
 
 def keep_largest_component(label: np.ndarray) -> np.ndarray:
