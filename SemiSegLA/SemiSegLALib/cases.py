@@ -1,0 +1,236 @@
+"""Case-table rules for "Fine-tune semi-supervised", and the dataset folder the core reads.
+
+Rules:
+
+* every scalar volume of the scene is a row (label-map volumes are not cases);
+* a volume is **labelled** when a segmentation is paired with it: by default a segmentation whose reference
+  geometry is that volume, or the one the user picks in the Segmentation column;
+* a labelled case's segmentation must contain a "Left atrium" segment (by name); otherwise the row is
+  invalid and says how to fix it;
+* volumes without a segmentation are **unlabelled** (the semi-supervised pool);
+* the user can leave any row out;
+* fine-tuning needs at least one labelled case; without unlabelled volumes a semi-supervised method
+  learns from the labelled cases only (a warning, not an error);
+* labels are always exported on the volume's own grid (see ``nodes.exportLabelOnVolumeGrid``).
+
+Plain Python on small records: ``nodes.scanScene`` builds the records from MRML nodes.
+"""
+
+import json
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+LEFT_ATRIUM_NAME = "Left atrium"
+LEFT_ATRIUM_ALIASES = ("left atrium", "left_atrium", "leftatrium", "left-atrium")
+
+LABELLED = "labelled"
+UNLABELLED = "unlabelled"
+INVALID = "invalid"
+EXCLUDED = "excluded"
+
+NO_SEGMENTATION = ""  # explicit pairing value: "this volume has no segmentation"
+
+
+class SegmentInfo:
+    def __init__(self, segmentId: str, name: str) -> None:
+        self.id = segmentId
+        self.name = name
+
+
+class SegmentationInfo:
+    def __init__(self, nodeId: str, name: str, referenceVolumeId: Optional[str],
+                 segments: Sequence[SegmentInfo]) -> None:
+        self.id = nodeId
+        self.name = name
+        self.referenceVolumeId = referenceVolumeId
+        self.segments = list(segments)
+
+    def leftAtriumSegment(self) -> Optional[SegmentInfo]:
+        return findLeftAtriumSegment(self.segments)
+
+
+class VolumeInfo:
+    def __init__(self, nodeId: str, name: str) -> None:
+        self.id = nodeId
+        self.name = name
+
+
+class CaseRow:
+    def __init__(self, volume: VolumeInfo) -> None:
+        self.volumeId = volume.id
+        self.volumeName = volume.name
+        self.role = UNLABELLED
+        self.segmentationId: Optional[str] = None
+        self.segmentationName = ""
+        self.segmentId: Optional[str] = None
+        self.status = ""
+        self.caseId = ""
+        self.paired = "auto"  # "auto" or "user"
+
+    @property
+    def included(self) -> bool:
+        return self.role in (LABELLED, UNLABELLED)
+
+    def __repr__(self) -> str:
+        return f"CaseRow({self.volumeName!r}, {self.role}, seg={self.segmentationName!r})"
+
+
+def findLeftAtriumSegment(segments: Sequence[SegmentInfo]) -> Optional[SegmentInfo]:
+    for segment in segments:
+        if segment.name.strip().lower() in LEFT_ATRIUM_ALIASES:
+            return segment
+    return None
+
+
+def buildCaseTable(volumes: Sequence[VolumeInfo], segmentations: Sequence[SegmentationInfo],
+                   pairing: Optional[Dict[str, str]] = None,
+                   excluded: Optional[Set[str]] = None) -> List[CaseRow]:
+    """One row per volume. ``pairing`` maps a volume id to the segmentation id the user chose
+    (``NO_SEGMENTATION`` = none); ``excluded`` holds the volume ids the user left out."""
+    pairing = pairing or {}
+    excluded = excluded or set()
+    segById = {s.id: s for s in segmentations}
+    rows = []
+    for volume in volumes:
+        row = CaseRow(volume)
+        candidates = [s for s in segmentations if s.referenceVolumeId == volume.id]
+        chosen: Optional[SegmentationInfo] = None
+        if volume.id in pairing:
+            row.paired = "user"
+            choice = pairing[volume.id]
+            if choice != NO_SEGMENTATION:
+                chosen = segById.get(choice)
+                if chosen is None:
+                    row.role = INVALID
+                    row.status = "The segmentation chosen for this volume no longer exists; choose again."
+        elif candidates:
+            with_la = [s for s in candidates if s.leftAtriumSegment() is not None]
+            chosen = (with_la or candidates)[-1]
+            if len(candidates) > 1:
+                row.status = (f"{len(candidates)} segmentations use this volume as reference; using "
+                              f"'{chosen.name}' (pick another in the Segmentation column).")
+        if chosen is not None:
+            row.segmentationId = chosen.id
+            row.segmentationName = chosen.name
+            segment = chosen.leftAtriumSegment()
+            if segment is None:
+                row.role = INVALID
+                names = ", ".join(f"'{s.name}'" for s in chosen.segments) or "none"
+                row.status = (f"Segmentation '{chosen.name}' has no '{LEFT_ATRIUM_NAME}' segment (it has "
+                              f"{names}); rename the atrium segment in Segment Editor.")
+            else:
+                row.role = LABELLED
+                row.segmentId = segment.id
+        elif row.role != INVALID:
+            row.role = UNLABELLED
+        if volume.id in excluded and row.role != INVALID:
+            row.role = EXCLUDED
+            row.status = "Left out by the user."
+        rows.append(row)
+    assignCaseIds(rows)
+    return rows
+
+
+def isSemiSupervised(method: str) -> bool:
+    return bool(method) and method.lower() != "supervised"
+
+
+def counts(rows: Sequence[CaseRow]) -> Tuple[int, int]:
+    labelled = sum(1 for r in rows if r.role == LABELLED)
+    unlabelled = sum(1 for r in rows if r.role == UNLABELLED)
+    return labelled, unlabelled
+
+
+def validateCases(rows: Sequence[CaseRow], method: str) -> Tuple[List[str], List[str]]:
+    """(errors, warnings) for starting a fine-tune with these rows and this method."""
+    errors: List[str] = []
+    warnings: List[str] = []
+    labelled, unlabelled = counts(rows)
+    if labelled == 0:
+        errors.append("Fine-tuning needs at least one labelled case: segment a volume, correct the result in "
+                      f"Segment Editor (segment '{LEFT_ATRIUM_NAME}'), then fine-tune.")
+    if isSemiSupervised(method) and unlabelled == 0 and labelled:
+        warnings.append(f"No unlabelled volume: the semi-supervised '{method}' method will learn from the "
+                        "labelled cases only. Load scans without segmentation to use them.")
+    invalid = [r for r in rows if r.role == INVALID]
+    for row in invalid:
+        warnings.append(f"{row.volumeName}: {row.status} This volume is not used.")
+    if labelled == 1:
+        warnings.append("Only one labelled case: the validation figure will be rough; two or more labelled "
+                        "cases give a more reliable figure.")
+    return errors, warnings
+
+
+def summaryText(rows: Sequence[CaseRow]) -> str:
+    labelled, unlabelled = counts(rows)
+    invalid = sum(1 for r in rows if r.role == INVALID)
+    excluded = sum(1 for r in rows if r.role == EXCLUDED)
+    text = f"{labelled} labelled, {unlabelled} unlabelled"
+    if invalid:
+        text += f", {invalid} need attention"
+    if excluded:
+        text += f", {excluded} left out"
+    return text
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitizeCaseId(name: str) -> str:
+    """ASCII-only, file-name-safe case identifier (non-ASCII letters become '_')."""
+    text = _UNSAFE.sub("_", name.strip()).strip("_-")
+    text = re.sub(r"_+", "_", text)
+    return text[:48] or "case"
+
+
+def assignCaseIds(rows: Sequence[CaseRow]) -> None:
+    used: Set[str] = set()
+    for row in rows:
+        base = sanitizeCaseId(row.volumeName)
+        candidate, n = base, 2
+        while candidate.lower() in used:
+            candidate = f"{base}_{n}"
+            n += 1
+        used.add(candidate.lower())
+        row.caseId = candidate
+
+
+class DatasetPlan:
+    """Where each file goes: ``datasetDir`` (nnU-Net style) and ``unlabeledDir``."""
+
+    FILE_ENDING = ".nrrd"
+
+    def __init__(self, root: str, rows: Sequence[CaseRow]) -> None:
+        self.root = root
+        self.datasetDir = os.path.join(root, "dataset")
+        self.unlabeledDir = os.path.join(root, "unlabeled")
+        self.labelled: List[Tuple[CaseRow, str, str]] = []
+        self.unlabelled: List[Tuple[CaseRow, str]] = []
+        for row in rows:
+            if row.role == LABELLED:
+                image = os.path.join(self.datasetDir, "imagesTr", f"{row.caseId}_0000{self.FILE_ENDING}")
+                label = os.path.join(self.datasetDir, "labelsTr", f"{row.caseId}{self.FILE_ENDING}")
+                self.labelled.append((row, image, label))
+            elif row.role == UNLABELLED:
+                self.unlabelled.append((row, os.path.join(self.unlabeledDir, f"{row.caseId}{self.FILE_ENDING}")))
+
+    def datasetJson(self) -> Dict[str, object]:
+        return {
+            "channel_names": {"0": "LGE-MRI"},
+            "labels": {"background": 0, "left_atrium": 1},
+            "numTraining": len(self.labelled),
+            "file_ending": self.FILE_ENDING,
+        }
+
+    def makeFolders(self) -> None:
+        for sub in ("imagesTr", "labelsTr"):
+            os.makedirs(os.path.join(self.datasetDir, sub), exist_ok=True)
+        if self.unlabelled:
+            os.makedirs(self.unlabeledDir, exist_ok=True)
+
+    def writeDatasetJson(self) -> str:
+        path = os.path.join(self.datasetDir, "dataset.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.datasetJson(), f, indent=2)
+        return path

@@ -1,0 +1,239 @@
+"""One run of the core in a child process, as a state machine the GUI (or a script) drives by polling.
+
+A ``Job`` gets everything from outside: the process runner, a command builder (device -> CommandSpec),
+and three callables for the Slicer-facing parts: ``prepare`` (write the inputs to files), ``finalize``
+(turn the result files into nodes) and ``cleanup`` (remove the temp folder). So the same class runs in
+Slicer, under the test stand-in, and in scripts (``wait()``).
+
+Nothing is added to the scene before ``finalize``; a cancelled or failed run leaves the scene as it was.
+"""
+
+import logging
+import subprocess
+import time
+from typing import Any, Callable, List, Optional
+
+from .commands import CommandSpec, normalizeDevice
+from .events import Signal
+from .process import ChildProcess, ExitStatus, ProcessStartError
+from .progress import ProgressTracker, oneLine
+from .state import BUSY_STATES, TERMINAL_STATES, State, checkTransition
+
+OOM_RETRY_NOTICE = "The GPU ran out of memory: running again on the CPU (slower)."
+OOM_FALLBACK_NOTICE = "The GPU ran out of memory: the result was computed on the CPU instead."
+
+
+class Job:
+    def __init__(self, kind: str, runner, buildCommand: Callable[[str], CommandSpec], device: str = "auto",
+                 prepare: Optional[Callable[["Job"], None]] = None,
+                 finalize: Optional[Callable[["Job", dict], Any]] = None,
+                 cleanup: Optional[Callable[["Job"], None]] = None,
+                 retryOnOutOfMemory: bool = True, description: str = "") -> None:
+        if kind not in ("segment", "finetune"):
+            raise ValueError(f"Unknown job kind {kind!r}")
+        self.kind = kind
+        self.description = description or kind
+        self.runner = runner
+        self.buildCommand = buildCommand
+        self.device = normalizeDevice(device)
+        self.effectiveDevice: Optional[str] = None
+        self.prepare, self.finalize, self.cleanup = prepare, finalize, cleanup
+        self.retryOnOutOfMemory = retryOnOutOfMemory
+        self.retriedOnCpu = False
+
+        self.state = State.IDLE
+        self.tracker = ProgressTracker(kind)
+        self.child: Optional[ChildProcess] = None
+        self.returnCode: Optional[int] = None
+        self.doneRecord: Optional[dict] = None
+        self.result: Any = None
+        self.errorMessage: Optional[str] = None
+        self.errorKind: Optional[str] = None
+        self.notices: List[str] = []
+        self.logLines: List[str] = []
+        self.startedAt: Optional[float] = None
+        self.finishedAt: Optional[float] = None
+
+        self.stateChanged = Signal("stateChanged")  # (job, state)
+        self.progress = Signal("progress")  # (job, ProgressEvent)
+        self.logLine = Signal("logLine")  # (job, text)
+        self.notice = Signal("notice")  # (job, text): things the user must read (e.g. CPU fallback)
+        self.finished = Signal("finished")  # (job)
+
+    # -- properties ------------------------------------------------------------------------------------
+    @property
+    def runningState(self) -> State:
+        return State.SEGMENTING if self.kind == "segment" else State.FINETUNING
+
+    @property
+    def isBusy(self) -> bool:
+        return self.state in BUSY_STATES
+
+    @property
+    def isDone(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def elapsedSeconds(self) -> float:
+        if self.startedAt is None:
+            return 0.0
+        return (self.finishedAt or time.monotonic()) - self.startedAt
+
+    @property
+    def logText(self) -> str:
+        return "\n".join(self.logLines)
+
+    def summary(self) -> str:
+        """One line for the status label."""
+        if self.state is State.FINISHED:
+            text = f"Finished in {self.elapsedSeconds:.0f} s."
+            return " ".join([text] + self.notices)
+        if self.state is State.FAILED:
+            return f"Failed: {self.errorMessage}"
+        if self.state is State.CANCELLED:
+            return "Cancelled; the scene is unchanged."
+        status = self.tracker.statusText()
+        return f"{self.state.value}: {status}" if status else self.state.value
+
+    # -- driving ------------------------------------------------------------------------------------------
+    def start(self) -> "Job":
+        if self.state is not State.IDLE:
+            raise RuntimeError("A job can be started only once")
+        self.startedAt = time.monotonic()
+        self._setState(State.INITIALIZING)
+        try:
+            if self.prepare is not None:
+                self.prepare(self)
+        except Exception as exc:
+            logging.debug("SemiSegLA: prepare failed", exc_info=True)
+            self._fail(_reason(exc))
+            return self
+        self._launch(self.device)
+        return self
+
+    def _launch(self, device: str) -> None:
+        try:
+            spec = self.buildCommand(device)
+            self.log("Running: " + subprocess.list2cmdline(spec.argv))
+            self.child = self.runner.start(spec.argv, spec.env, getattr(spec, "cwd", None))
+        except (ProcessStartError, ValueError, OSError) as exc:
+            self._fail(_reason(exc))
+            return
+        self.effectiveDevice = device
+        self._setState(self.runningState)
+
+    def poll(self) -> bool:
+        """Read what the child wrote, advance the state; True while the job is busy."""
+        if self.state is not self.runningState or self.child is None:
+            return self.isBusy
+        for line in self.child.readLines():
+            self._handleLine(line)
+        if self.child.finished():
+            for line in self.child.readLines():
+                self._handleLine(line)
+            self._onExit()
+        return self.isBusy
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> State:
+        """Poll until the job ends (scripts, tests, ``waitForCompletion``); cancel it on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.addNotice(f"Stopped after the {timeout:g} s time limit.")
+                self.cancel()
+                break
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self) -> None:
+        """Kill the child's process tree; the job ends Cancelled and the scene stays as it was."""
+        if self.state is not self.runningState:
+            return
+        self._setState(State.CANCELLING)
+        try:
+            self.child.cancel()
+        except Exception as exc:  # the kill itself failed: say so, do not hang
+            self._fail(f"Could not stop the SemiSegLA core: {_reason(exc)}")
+            return
+        for line in self.child.readLines():
+            self.log(line)
+        self.returnCode = self.child.returncode
+        self._end(State.CANCELLED)
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _handleLine(self, line: str) -> None:
+        self.log(line)
+        event = self.tracker.feed(line)
+        if event is None:
+            return
+        if event.stage == "log" and event.message:
+            self.notice.emit(self, oneLine(event.message))
+        self.progress.emit(self, event)
+
+    def _onExit(self) -> None:
+        self.returnCode = self.child.returncode
+        status = self.child.exitStatus()
+        tracker = self.tracker
+        if status is ExitStatus.SUCCESS and tracker.doneRecord is not None and tracker.errorMessage is None:
+            self.doneRecord = tracker.doneRecord
+            if tracker.fellBackToCpu:
+                self.addNotice(OOM_FALLBACK_NOTICE)
+            self._setState(State.IMPORTING)
+            try:
+                self.result = self.finalize(self, self.doneRecord) if self.finalize else self.doneRecord
+            except Exception as exc:
+                logging.debug("SemiSegLA: finalize failed", exc_info=True)
+                self._fail(_reason(exc))
+                return
+            self._end(State.FINISHED)
+            return
+        if (tracker.errorKind == "oom" and self.retryOnOutOfMemory and not self.retriedOnCpu
+                and self.effectiveDevice != "cpu"):
+            self.retriedOnCpu = True
+            self.log(f"GPU out of memory: {tracker.errorMessage}")
+            self.addNotice(OOM_RETRY_NOTICE)
+            tracker.reset()
+            self._launch("cpu")
+            return
+        if status is ExitStatus.SUCCESS and tracker.errorMessage is None:
+            reason = "The SemiSegLA core ended without a result record (see the log)."
+        else:
+            reason = tracker.failureReason(self.returnCode)
+        self.errorKind = tracker.errorKind
+        if tracker.errorKind == "oom":
+            reason = f"{reason} (out of memory; try Device: CPU or close other programs)"
+        self._fail(reason)
+
+    def _setState(self, state: State) -> None:
+        checkTransition(self.state, state)
+        self.state = state
+        self.stateChanged.emit(self, state)
+
+    def _fail(self, reason: str) -> None:
+        self.errorMessage = oneLine(reason) or "unknown error"
+        self.log(f"Error: {self.errorMessage}")
+        self._end(State.FAILED)
+
+    def _end(self, state: State) -> None:
+        self.finishedAt = time.monotonic()
+        self._setState(state)
+        if self.cleanup is not None:
+            try:
+                self.cleanup(self)
+            except Exception:
+                logging.warning("SemiSegLA: cleanup failed", exc_info=True)
+        self.finished.emit(self)
+
+    def log(self, text: str) -> None:
+        self.logLines.append(text)
+        self.logLine.emit(self, text)
+
+    def addNotice(self, text: str) -> None:
+        if text not in self.notices:
+            self.notices.append(text)
+            self.notice.emit(self, text)
+
+
+def _reason(exc: BaseException) -> str:
+    text = oneLine(str(exc))
+    return text or type(exc).__name__

@@ -1,0 +1,428 @@
+"""Slicer side, layer (b): SemiSegLALogic (the real class from SemiSegLA.py) against the explicit slicer
+stand-in and the stand-in core, with real child processes and real NRRD files."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import slicer_fake
+
+# isort: split
+from SemiSegLALib import cases as caseRules
+from SemiSegLALib.jobs import OOM_FALLBACK_NOTICE, OOM_RETRY_NOTICE, Job
+from SemiSegLALib.nodes import LEFT_ATRIUM_COLOR, LEFT_ATRIUM_TERMINOLOGY
+from SemiSegLALib.state import State
+
+BASE = "la-caml-v1.0.0"
+TIMEOUT = 60
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    f = slicer_fake.getFake()
+    f.reset()
+    f.install(monkeypatch)
+    return f
+
+
+@pytest.fixture(scope="module")
+def module():
+    return slicer_fake.loadModule()
+
+
+@pytest.fixture
+def make_logic(module, tmp_path):
+    def make(mode="", **env):
+        factory = slicer_fake.fakeCommandFactory(mode, env)
+        return module.SemiSegLALogic(commandFactory=factory, tempRoot=str(tmp_path / "tmp"))
+    return make
+
+
+def rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
+
+
+OBLIQUE = rotation([1, 2, 3], 25)
+SPACING = (0.625, 0.8, 2.5)
+ORIGIN = (-12.5, 30.0, 7.25)
+
+
+def blob(shape, center, radii):
+    k, j, i = np.indices(shape)
+    return (((i - center[0]) / radii[0]) ** 2 + ((j - center[1]) / radii[1]) ** 2
+            + ((k - center[2]) / radii[2]) ** 2) < 1.0
+
+
+def add_case(fake, name, seed=0, shape=(12, 20, 24)):
+    rng = np.random.default_rng(seed)
+    inside = blob(shape, (12, 10, 6), (6, 5, 3))
+    array = (inside * 200.0 + rng.normal(50.0, 5.0, shape)).astype(np.float32)
+    return fake.addVolume(name, array, SPACING, ORIGIN, OBLIQUE)
+
+
+def expected_label(array):
+    return array > array.mean() + array.std()  # what fake_core computes
+
+
+def tmp_contents(tmp_path):
+    root = tmp_path / "tmp"
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+# -- segment -----------------------------------------------------------------------------------------------
+def test_segment_oblique_anisotropic_volume_end_to_end(fake, make_logic, tmp_path):
+    volume = add_case(fake, "LA_001")
+    study = fake.placeInFolder(volume, "Study 1")
+    logic = make_logic()
+    events = []
+    logic.jobCreated.connect(lambda job: job.progress.connect(lambda j, e: events.append((e.stage, j.tracker.percent))))
+    job = logic.segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    seg = job.result
+    assert seg.GetName() == "LA_001 segmentation"
+    # the segmentation lies on the input's exact grid, voxel for voxel
+    segmentation = seg.GetSegmentation()
+    assert segmentation.geometry.close(volume.geometry, tol=1e-9)
+    assert segmentation.shape == volume.array.shape
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    np.testing.assert_array_equal(segment.mask, expected_label(volume.array))
+    # name, standard terminology, colour, reference geometry, subject hierarchy
+    assert segment.GetName() == "Left atrium"
+    assert segment.tags["TerminologyEntry"] == LEFT_ATRIUM_TERMINOLOGY
+    assert "SCT^82471001^Left atrium" in LEFT_ATRIUM_TERMINOLOGY
+    assert "SCT^123037004^Anatomical Structure" in LEFT_ATRIUM_TERMINOLOGY
+    assert segment.GetColor() == pytest.approx(LEFT_ATRIUM_COLOR)
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) is volume
+    sh = fake.scene.subjectHierarchy
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    assert seg.displayNodesCreated and not seg.closedSurface
+    # the scene holds the input and the result only; the temporary label map and folder are gone
+    assert [n.GetID() for n in fake.scene.fakeNodes()] == [volume.GetID(), seg.GetID()]
+    assert tmp_contents(tmp_path) == []
+    names = fake.recorder.names()
+    assert names.index("vtkMRMLSegmentationNode.SetReferenceImageGeometryParameterFromVolumeNode") < names.index(
+        "vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode")
+    assert "vtkMRMLVolumeArchetypeStorageNode.UseCompressionOff" in names
+    # progress reached the callbacks, in order, up to 100 %
+    stages = [s for s, _ in events]
+    assert stages[0] == "load" and "predict" in stages and stages[-1] == "done"
+    percents = [p for _, p in events]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    assert job.logLines[0].startswith("Writing 'LA_001'")
+    assert any(line.startswith("Running: ") for line in job.logLines)
+
+
+def test_segment_follows_the_input_transform_and_shows_3d(fake, make_logic):
+    volume = add_case(fake, "moved")
+    volume.SetAndObserveTransformNodeID("vtkMRMLLinearTransformNode7")
+    job = make_logic().segment(volume, BASE, device="cpu", showIn3D=True, waitForCompletion=True,
+                               timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.result.GetTransformNodeID() == "vtkMRMLLinearTransformNode7"
+    assert job.result.closedSurface
+
+
+def test_process_is_the_scripting_entry_point(fake, make_logic):
+    volume = add_case(fake, "scripted")
+    logic = make_logic()
+    seg = logic.process(volume, device="cpu", timeout=TIMEOUT)  # model: the catalog's first bundled one
+    assert seg.GetName() == "scripted segmentation"
+    failing = make_logic("fail-input")
+    with pytest.raises(RuntimeError, match="Input volume is not 3D"):
+        failing.process(volume, BASE, device="cpu", timeout=TIMEOUT)
+
+
+def test_failure_shows_the_one_line_reason_and_leaves_the_scene(fake, make_logic, tmp_path):
+    volume = add_case(fake, "bad")
+    job = make_logic("fail-input").segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FAILED
+    assert job.errorMessage == "Input volume is not 3D: size (64, 64)"
+    assert job.summary() == "Failed: Input volume is not 3D: size (64, 64)"
+    assert job.returnCode == 2
+    assert fake.scene.fakeNodes() == [volume]
+    assert tmp_contents(tmp_path) == []
+    assert job.logLines[-1] == "Error: Input volume is not 3D: size (64, 64)"
+
+
+def test_crash_without_error_record_surfaces_the_last_text_line(fake, make_logic):
+    volume = add_case(fake, "crash")
+    job = make_logic("crash").segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FAILED
+    assert job.errorMessage == "The SemiSegLA core stopped: RuntimeError: something deep broke"
+    assert "Traceback (most recent call last):" in job.logText
+
+
+def test_success_without_done_record_is_a_failure(fake, make_logic):
+    volume = add_case(fake, "nodone")
+    job = make_logic("no-done").segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FAILED and "without a result record" in job.errorMessage
+    assert fake.scene.fakeNodes() == [volume]
+
+
+def test_result_on_another_grid_is_refused(fake, make_logic):
+    volume = add_case(fake, "shifted")
+    job = make_logic("bad-geometry").segment(volume, BASE, device="cpu", waitForCompletion=True,
+                                             timeout=TIMEOUT)
+    assert job.state is State.FAILED
+    assert job.errorMessage.startswith("The result is not on the input's grid (axis 0 is")
+    assert fake.scene.fakeNodes() == [volume]
+
+
+def test_empty_result_gives_an_empty_left_atrium_segment_and_says_so(fake, make_logic):
+    volume = add_case(fake, "nothing")
+    job = make_logic("empty").segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    segmentation = job.result.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == "Left atrium" and not segment.mask.any()
+    assert segment.tags["TerminologyEntry"] == LEFT_ATRIUM_TERMINOLOGY
+    assert any("No left atrium was found" in n for n in job.notices)
+
+
+def test_plain_text_lines_go_to_the_log(fake, make_logic):
+    volume = add_case(fake, "noisy")
+    job = make_logic("noise").segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert "UserWarning: this is a plain warning line" in job.logLines
+    assert "{not json at all" in job.logLines
+
+
+def test_gpu_out_of_memory_inside_the_core_is_reported(fake, make_logic, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    volume = add_case(fake, "oom")
+    logic = make_logic("oom-fallback")
+    notices = []
+    logic.jobCreated.connect(lambda job: job.notice.connect(lambda j, text: notices.append(text)))
+    job = logic.segment(volume, BASE, device="cuda", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.doneRecord["fell_back_to_cpu"] is True
+    assert notices == ["CUDA out of memory: retrying on the CPU", OOM_FALLBACK_NOTICE]
+    assert OOM_FALLBACK_NOTICE in job.summary()
+
+
+def test_gpu_out_of_memory_error_is_retried_on_the_cpu(fake, make_logic, monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    calls = tmp_path / "calls.jsonl"
+    volume = add_case(fake, "oom2")
+    logic = make_logic("oom-error", SEMISEG_FAKE_CALLS=str(calls))
+    states = []
+    logic.jobCreated.connect(lambda job: job.stateChanged.connect(lambda j, s: states.append(s)))
+    job = logic.segment(volume, BASE, device="cuda", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.retriedOnCpu and job.effectiveDevice == "cpu"
+    assert OOM_RETRY_NOTICE in job.notices
+    invocations = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [c["argv"][c["argv"].index("--device") + 1] for c in invocations] == ["cuda", "cpu"]
+    assert [c["cuda_visible_devices"] for c in invocations] == [None, "-1"]
+    assert states == [State.INITIALIZING, State.SEGMENTING, State.SEGMENTING, State.IMPORTING, State.FINISHED]
+
+
+def test_out_of_memory_without_retry_fails_with_advice(fake, module, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    volume = add_case(fake, "oom3")
+    image = str(tmp_path / "in.nrrd")
+    slicer_fake.writeNrrd(volume.array, volume.geometry, image, compress=False)
+    factory = slicer_fake.fakeCommandFactory("oom-error")
+    job = Job("segment", module.ProcessRunner(), lambda dev: factory.segment(image, str(tmp_path / "o.nrrd"),
+                                                                             BASE, dev),
+              device="cuda", retryOnOutOfMemory=False)
+    assert job.start().wait(TIMEOUT) is State.FAILED
+    assert job.errorKind == "oom"
+    assert job.errorMessage.startswith("CUDA out of memory. Tried to allocate 2.00 GiB (out of memory; try Device: CPU")
+
+
+def test_cancel_kills_the_child_and_leaves_the_scene(fake, make_logic, tmp_path):
+    volume = add_case(fake, "slow")
+    logic = make_logic("slow")
+    job = logic.segment(volume, BASE, device="cpu")
+    assert job.state is State.SEGMENTING and logic.busy
+    deadline = time.monotonic() + 20
+    while job.tracker.stage != "predict" and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.02)
+    assert job.tracker.stage == "predict"
+    pid = job.child.pid
+    start = time.monotonic()
+    logic.cancel()
+    assert time.monotonic() - start < 3.0
+    assert job.state is State.CANCELLED and not logic.busy
+    assert job.summary() == "Cancelled; the scene is unchanged."
+    assert job.child.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert fake.scene.fakeNodes() == [volume]
+    assert tmp_contents(tmp_path) == []
+    assert not logic.poll()
+
+
+def test_only_one_run_at_a_time(fake, make_logic):
+    volume = add_case(fake, "busy")
+    logic = make_logic("slow")
+    job = logic.segment(volume, BASE, device="cpu")
+    try:
+        with pytest.raises(RuntimeError, match="busy"):
+            logic.segment(volume, BASE, device="cpu")
+    finally:
+        job.cancel()
+
+
+def test_keep_temporary_files_for_bug_reports(fake, make_logic, tmp_path):
+    volume = add_case(fake, "kept")
+    logic = make_logic()
+    logic.keepTempFiles = True
+    job = logic.segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED
+    assert sorted(os.listdir(job.workDir)) == ["input.nrrd", "output.nrrd"]
+    assert job.logLines[-1] == f"Temporary files kept in {job.workDir}"
+    # the exchanged input is uncompressed NRRD, in LPS, on the volume's grid
+    header = Path(job.workDir, "input.nrrd").read_bytes()[:2000]
+    assert b"encoding: raw" in header and b"left-posterior-superior" in header
+
+
+# -- models -------------------------------------------------------------------------------------------------
+def test_models_list_presets_import_and_remove(fake, make_logic, tmp_path):
+    logic = make_logic()
+    catalog = logic.refreshModels()
+    assert [e.id for e in catalog.ordered()] == ["la-caml-v1.0.0", "la-meanteacher-v1.0.0"]
+    assert logic.refreshMethodPresets() == ["supervised", "mean_teacher", "caml", "crln"]
+    checkpoint = tmp_path / "official_caml.pth"
+    checkpoint.write_bytes(b"weights")
+    newId = logic.importCheckpoint(str(checkpoint))
+    assert newId == "imported-official_caml-v0.0.1"
+    assert logic.catalog.get(newId).isLocal
+    with pytest.raises(ValueError, match="bundled"):
+        logic.removeModel(BASE)
+    assert logic.removeModel(newId) == BASE  # no parent: the first bundled model is selected
+    assert logic.catalog.get(newId) is None
+    with pytest.raises(RuntimeError, match="no such file"):
+        logic.importCheckpoint(str(tmp_path / "missing.pth"))
+    older = make_logic("no-presets")
+    assert older.refreshMethodPresets() == ["supervised", "mean_teacher"]
+
+
+def test_broken_model_is_refused_before_starting(fake, make_logic):
+    volume = add_case(fake, "x")
+    logic = make_logic()
+    logic.refreshModels()
+    from SemiSegLALib.catalog import ModelEntry
+
+    broken = ModelEntry({"id": "broken-v1", "source": "local", "error": "weights checksum mismatch"})
+    logic.catalog.entries.append(broken)
+    logic.catalog.byId[broken.id] = broken
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        logic.segment(volume, "broken-v1")
+    assert fake.scene.fakeNodes() == [volume]
+
+
+# -- fine-tune ----------------------------------------------------------------------------------------------
+def labelled_scene(fake, la_mask=None):
+    a = add_case(fake, "Case A", seed=1)
+    mask = blob(a.array.shape, (12, 10, 6), (5, 4, 2)) if la_mask is None else la_mask
+    seg = fake.addSegmentation("Case A segmentation", a, {"Left atrium": mask})
+    b = add_case(fake, "Case B", seed=2)
+    c = add_case(fake, "Case C", seed=3)
+    other = fake.addSegmentation("Case C vessels", c, {"Aorta": mask})
+    fake.addVolume("a label map", np.zeros((2, 2, 2), np.uint8), className="vtkMRMLLabelMapVolumeNode")
+    return a, seg, b, c, other, mask
+
+
+def test_finetune_end_to_end_writes_the_dataset_on_each_grid(fake, make_logic, tmp_path):
+    a, seg, b, c, other, mask = labelled_scene(fake)
+    before = [n.GetID() for n in fake.scene.fakeNodes()]
+    logic = make_logic()
+    logic.refreshModels()
+    rows = logic.scanCases()
+    assert [(r.volumeName, r.role) for r in rows] == [("Case A", "labelled"), ("Case B", "unlabelled"),
+                                                      ("Case C", "invalid")]
+    logic.keepTempFiles = True
+    job = logic.finetune(BASE, "mean_teacher", iterations=6, name="site", device="cpu",
+                         waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.result == "site-v0.0.1"
+    entry = logic.catalog.get("site-v0.0.1")
+    assert entry.parent == BASE and entry.labeledCases == 1 and entry.unlabeledCases == 1
+    assert logic.catalog.revertTarget("site-v0.0.1") == BASE
+    assert logic.describeNewModel("site-v0.0.1") == (
+        "New model site-v0.0.1 (Mean Teacher, parent la-caml-v1.0.0, 1 labelled cases, validation Dice 0.800).")
+    assert job.tracker.lastDice is not None
+    # the dataset: nnU-Net layout, label uint8 on the image's exact grid, the voxels of the segment
+    plan = job.datasetPlan
+    meta = json.loads(Path(plan.datasetDir, "dataset.json").read_text())
+    assert meta == {"channel_names": {"0": "LGE-MRI"}, "labels": {"background": 0, "left_atrium": 1},
+                    "numTraining": 1, "file_ending": ".nrrd"}
+    image = sitk.ReadImage(os.path.join(plan.datasetDir, "imagesTr", "Case_A_0000.nrrd"))
+    label = sitk.ReadImage(os.path.join(plan.datasetDir, "labelsTr", "Case_A.nrrd"))
+    assert label.GetPixelIDTypeAsString() == "8-bit unsigned integer"
+    for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(label, attr)(), getattr(image, attr)(), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), mask.astype(np.uint8))
+    assert os.listdir(plan.unlabeledDir) == ["Case_B.nrrd"]
+    assert os.path.isdir(os.path.join(job.workDir, "runs", "finetune"))  # the child ran in the temp folder
+    assert any("Case C" in line and "no 'Left atrium' segment" in line for line in job.logLines)
+    # the scene is as it was: no temporary label maps left behind
+    assert [n.GetID() for n in fake.scene.fakeNodes()] == before
+
+
+def test_finetune_needs_a_labelled_case(fake, make_logic):
+    add_case(fake, "only unlabelled")
+    logic = make_logic()
+    with pytest.raises(ValueError, match="at least one labelled case"):
+        logic.finetune(BASE, "mean_teacher", device="cpu")
+
+
+def test_finetune_with_an_empty_atrium_segment_names_the_case(fake, make_logic, tmp_path):
+    a = add_case(fake, "Case E")
+    fake.addSegmentation("Case E segmentation", a, {"Left atrium": np.zeros(a.array.shape, bool)})
+    add_case(fake, "Case F")
+    before = fake.scene.fakeNodes()
+    job = make_logic().finetune(BASE, "mean_teacher", device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FAILED
+    assert job.errorMessage == "Case E: the 'Left atrium' segment of 'Case E segmentation' is empty"
+    assert job.child is None  # failed while preparing: the core never started
+    assert fake.scene.fakeNodes() == before
+    assert tmp_contents(tmp_path) == []
+
+
+def test_finetune_cancel_creates_no_model(fake, make_logic):
+    labelled_scene(fake)
+    logic = make_logic("slow")
+    job = logic.finetune(BASE, "mean_teacher", iterations=200, device="cpu")
+    deadline = time.monotonic() + 20
+    while job.tracker.stage != "train" and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.02)
+    logic.cancel()
+    assert job.state is State.CANCELLED
+    assert all(e.isBundled for e in logic.refreshModels().entries)
+
+
+def test_user_pairing_and_exclusion(fake, make_logic):
+    a, seg, b, c, other, mask = labelled_scene(fake)
+    logic = make_logic()
+    logic.setPairing(a.GetID(), caseRules.NO_SEGMENTATION)  # treat A as unlabelled
+    logic.setIncluded(c.GetID(), True)
+    rows = {r.volumeName: r for r in logic.scanCases()}
+    assert rows["Case A"].role == "unlabelled" and rows["Case A"].paired == "user"
+    logic.setPairing(a.GetID(), None)
+    logic.setIncluded(b.GetID(), False)
+    rows = {r.volumeName: r for r in logic.scanCases()}
+    assert rows["Case A"].role == "labelled" and rows["Case B"].role == "excluded"
+
+
+def test_module_metadata(module):
+    parent = slicer_fake.fake_slicer.FakeModuleParent()
+    module.SemiSegLA(parent)
+    assert parent.title == "SemiSegLA"
+    assert parent.categories == ["Segmentation"]
+    assert "82471001" in parent.helpText and "MICCAI 2023" in parent.helpText
+    assert "arXiv 2502.11456" in parent.helpText
