@@ -96,10 +96,15 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
         lineage["parent"] = card_get(parent_card, "id")
         lineage["parent_sha256"] = weights_fingerprint(ModelCard.coerce(parent_card))
     name = model_id.rsplit("-v", 1)[0]
+    inference = default_inference(config.patch_size, config.spacing)
+    modality = getattr(result.method, "exported_modality", None)
+    if modality:  # multi-modal training, one-modality inference: say which modality the model takes
+        inference["channel_names"] = {"0": str(modality)}
+        training["modalities"] = list(config.method_params.get("modality_names") or [])
     return ModelCard(id=model_id, name=name, version=model_id.rsplit("-v", 1)[-1] if "-v" in model_id else "0.1.0",
                      method=config.method, description=_description(config, split, parent_card),
                      architecture={"name": "vnet", "config": arch},
-                     inference=default_inference(config.patch_size, config.spacing), classes=default_classes(),
+                     inference=inference, classes=default_classes(),
                      training=training, validation=validation, lineage=lineage, created=utc_now_iso())
 
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..engine.config import TrainConfig, build_config, load_config_file, load_preset, parse_overrides
 from ..engine.data import Split, TrainCase, prepare_case, split_cases
-from ..engine.loop import TrainResult, train
+from ..engine.loop import Trainer, TrainResult
 from ..errors import ConfigError, InputError
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..progress import ProgressReporter
@@ -116,6 +116,15 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     return split, labeled, unlabeled, validation
 
 
+def _load_multimodal(config: TrainConfig, reporter: ProgressReporter) -> tuple:
+    """Co-registered channels (nnU-Net `_0000`/`_0001` files): the multi-modal Semi-CML path."""
+    from ..engine.multimodal import modality_names, prepare_multimodal_split
+
+    reporter.log("reading multi-modal cases (one channel per modality)")
+    config.method_params.setdefault("modality_names", modality_names(config.data))
+    return prepare_multimodal_split(config)
+
+
 def _is_la(root: str) -> bool:
     from ..io.la_h5 import is_la_root
 
@@ -124,7 +133,7 @@ def _is_la(root: str) -> bool:
 
 def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Optional[Dict[str, Any]] = None
               ) -> int:
-    from ..inference.validation import make_validator
+    from ..inference.validation import make_multimodal_validator, make_validator
 
     config = resolve_config(args, base)
     reporter = reporter_for(args)
@@ -132,11 +141,20 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         raise InputError(f"{config.output}: nothing to resume (no checkpoints/last.pt); drop --resume")
     if not args.resume and (Path(config.output) / "checkpoints" / "last.pt").is_file():
         raise InputError(f"{config.output} already holds a run; add --resume to continue it or choose --output")
-    split, labeled, unlabeled, validation = load_split(config, reporter)
-    reporter.log(f"{len(labeled)} labelled, {len(unlabeled)} unlabelled, {len(validation)} validation cases")
     device = _validation_device(config.device)
-    validator = make_validator(validation, config.patch_size, config.spacing, device) if validation else None
-    result = train(config, labeled, unlabeled, validator, reporter, initial_weights=initial, resume=args.resume)
+    trainer_ref: list = []
+    if config.in_channels > 1:
+        split, labeled, unlabeled, validation = _load_multimodal(config, reporter)
+        validator = make_multimodal_validator(validation, config.patch_size, config.spacing,
+                                              lambda: trainer_ref[0].method.exported_channel, device)
+    else:
+        split, labeled, unlabeled, validation = load_split(config, reporter)
+        validator = make_validator(validation, config.patch_size, config.spacing, device)
+    reporter.log(f"{len(labeled)} labelled, {len(unlabeled)} unlabelled, {len(validation)} validation cases")
+    trainer = Trainer(config, labeled, unlabeled, validator if validation else None, reporter,
+                      initial_weights=initial)
+    trainer_ref.append(trainer)
+    result = trainer.run(resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     exported = None

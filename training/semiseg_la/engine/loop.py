@@ -266,11 +266,12 @@ class Trainer:
         self.reporter.update(self.iteration, loss=round(record["loss"], 5), lr=record["lr"])
 
     def _append_csv(self, name: str, record: Dict[str, Any]) -> None:
+        """Columns are fixed by the file's header: later keys are dropped, missing ones left empty."""
         path = self.run_dir / name
-        new = not path.exists()
+        fields = _csv_header(path)
         with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(record), extrasaction="ignore")
-            if new:
+            writer = csv.DictWriter(handle, fieldnames=fields or list(record), extrasaction="ignore")
+            if not fields:
                 writer.writeheader()
             writer.writerow(record)
 
@@ -298,6 +299,13 @@ class Trainer:
         atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
         for name in ("train_log.csv", "validation.csv"):
             (self.run_dir / name).unlink(missing_ok=True)
+
+
+def _csv_header(path: Path) -> List[str]:
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), [])
 
 
 def _drop_rows_after(path: Path, iteration: int) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..engine.data import TrainCase
+from ..engine.multimodal import single_channel
 from .predictor import InferenceSpec, Predictor, keep_largest_component
 
 
@@ -30,5 +31,20 @@ def make_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacin
             label = keep_largest_component((foreground >= 0.5).astype(np.uint8))
             scores[case.case_id] = dice_score(label, case.label)
         return {"dice": float(np.mean(list(scores.values()))), **{f"dice_{k}": v for k, v in scores.items()}}
+
+    return validate
+
+
+def make_multimodal_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacing: Sequence[float],
+                              channel_of: Callable[[], int], device: torch.device | str = "cpu"):
+    """validate(network) on the channel the exported network takes; `channel_of` is asked at each call
+    (e.g. `lambda: trainer.method.exported_channel`), because the better modality may change."""
+    validators: Dict[int, Callable[[nn.Module], Dict[str, float]]] = {}
+
+    def validate(network: nn.Module) -> Dict[str, float]:
+        channel = int(channel_of())
+        if channel not in validators:
+            validators[channel] = make_validator(single_channel(cases, channel), patch_size, spacing, device)
+        return {**validators[channel](network), "channel": float(channel)}
 
     return validate

@@ -9,12 +9,19 @@ from typing import Any, Callable, Dict, Mapping
 
 from ..errors import ConfigError
 from .base import Batch, Method, StepResult
+from .caml import Caml
+from .crln import Crln
 from .mean_teacher import MeanTeacher
+from .semicml import SemiCML, SemiCMLLA
 from .supervised import Supervised
 
 METHODS: Dict[str, Callable[..., Method]] = {
     Supervised.name: Supervised,
     MeanTeacher.name: MeanTeacher,
+    SemiCML.name: SemiCML,
+    SemiCMLLA.name: SemiCMLLA,
+    Crln.name: Crln,
+    Caml.name: Caml,
 }
 
 

@@ -1,0 +1,264 @@
+"""Semi-CML + PReL: the ASC formula, the validation gate of the BMA teacher, the multi-modal data path,
+export of a one-modality network, and short CPU runs of both forms (multi-modal and LA adaptation)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from semiseg_la.engine.config import build_config, load_preset
+from semiseg_la.engine.data import prepare_case
+from semiseg_la.engine.loop import Trainer, build_for_export
+from semiseg_la.engine.multimodal import (
+    modality_names,
+    open_multimodal_dataset,
+    prepare_multimodal_cases,
+    single_channel,
+)
+from semiseg_la.engine.state import load_state
+from semiseg_la.inference.predictor import InferenceSpec, Predictor
+from semiseg_la.inference.validation import dice_score
+from semiseg_la.io.datasets import open_dataset
+from semiseg_la.io.synthetic import make_two_contrast_case, write_named_modality_folders, write_two_channel_nnunet
+from semiseg_la.io.volume import Volume
+from semiseg_la.methods import build_method
+from semiseg_la.methods.semicml import asc_loss
+from semiseg_la.models import VNet
+
+PATCH = [32, 32, 32]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The Predictor raises torch's thread count to the core count; keep later CPU runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- ASC -------------------------------------------------------------------------------------------
+
+def _hand_asc(a, b, negatives=(), temperature=1.0, eps=1e-6):
+    """The formula of docs/methods.md 3.3, written out with plain Python loops."""
+    z = [list(m) for m in a] + [list(m) for m in b]
+    n, half = len(z), len(a)
+
+    def sim(u, v):
+        return (2 * sum(x * y for x, y in zip(u, v)) + eps) / (sum(x * x for x in u) + sum(y * y for y in v) + eps)
+
+    total = 0.0
+    for k in range(n):
+        positive = (k + half) % n
+        others = [z[j] for j in range(n) if j != k] + [list(m) for m in negatives]
+        denominator = sum(math.exp(sim(z[k], o) / temperature) for o in others)
+        total += -math.log(math.exp(sim(z[k], z[positive]) / temperature) / denominator)
+    return total / n
+
+
+def test_asc_equals_its_formula_on_hand_built_maps():
+    a = [[0.9, 0.8, 0.1, 0.0], [0.2, 0.1, 0.7, 0.9]]
+    b = [[1.0, 0.6, 0.2, 0.1], [0.0, 0.3, 0.8, 0.6]]
+    queue = [[0.5, 0.5, 0.5, 0.5], [1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.1, 0.0]]
+    ta, tb, tq = (torch.tensor(x, dtype=torch.float64) for x in (a, b, queue))
+    assert float(asc_loss(ta, tb)) == pytest.approx(_hand_asc(a, b), rel=1e-6)
+    assert float(asc_loss(ta, tb, tq)) == pytest.approx(_hand_asc(a, b, queue), rel=1e-6)
+    assert float(asc_loss(ta, tb, tq, temperature=0.5)) == pytest.approx(_hand_asc(a, b, queue, 0.5), rel=1e-6)
+    # maps of any shape are flattened per sample; matching pairs score lower than swapped ones
+    assert float(asc_loss(ta.reshape(2, 2, 2), tb.reshape(2, 2, 2))) == pytest.approx(_hand_asc(a, b), rel=1e-6)
+    assert float(asc_loss(ta, tb)) < float(asc_loss(ta, tb.flip(0)))
+
+
+# --- the validation gate -------------------------------------------------------------------------------
+
+def _tiny(name="semicml", **params):
+    base = {"in_channels": 2 if name == "semicml" else 1, "base": 4, "gate_pool": 3}
+    return build_method(name, {**base, **params}, max_iterations=100)
+
+
+def _params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _same(xs, ys):
+    return all(torch.allclose(x, y, atol=1e-6) for x, y in zip(xs, ys))
+
+
+def test_teacher_gate_pools_copies_then_updates_only_on_improvement():
+    method = _tiny(modality_names=["T1", "T2"])
+    initial = _params(method.teacher)
+    actions = [method.update_teacher(s).action for s in ({0: .50, 1: .60}, {0: .55, 1: .62}, {0: .50, 1: .70})]
+    assert actions == ["pool"] * 3 and _same(_params(method.teacher), initial)
+    init = method.update_teacher({0: .40, 1: .40})  # pool full: source = best pooled mean (net_b)
+    assert (init.action, init.source) == ("init", 1)
+    assert _same(_params(method.teacher), _params(method.net_b))
+    assert method.inference_network() is method.teacher and method.exported_modality == "channel 1 (T2)"
+
+    with torch.no_grad():  # move the source away from the teacher so every update is visible
+        for p in method.net_b.parameters():
+            p.add_(1.0)
+    # source pool [.60, .62, .70]: D must beat the worst pooled score
+    expected = [({0: .99, 1: .60}, "skip", None),
+                ({0: .10, 1: .65}, "update", 1 - (.65 - .60) / .65),   # pool -> [.65, .62, .70]
+                ({1: .63}, "update", 1 - (.63 - .62) / .63),            # pool -> [.65, .63, .70]
+                ({1: .62}, "skip", None),
+                ({1: .63}, "skip", None),                               # equal is no improvement
+                ({1: .64}, "update", 1 - (.64 - .63) / .64)]            # pool -> [.65, .64, .70]
+    for scores, action, alpha in expected:
+        before_t, source = _params(method.teacher), _params(method.net_b)
+        decision = method.update_teacher(scores)
+        assert decision.action == action, scores
+        if alpha is None:
+            assert _same(_params(method.teacher), before_t)
+        else:
+            assert decision.alpha == pytest.approx(alpha)
+            blended = [alpha * t + (1 - alpha) * s for t, s in zip(before_t, source)]
+            assert _same(_params(method.teacher), blended)
+    assert int(method.gate.updates) == 3
+
+
+def test_teacher_gate_alpha_cap_fixed_source_and_state_round_trip(tmp_path):
+    method = _tiny(name="semicml_la", better=0, gate_pool=1, gate_alpha_cap=0.9, decoder_types=[1, 0])
+    assert method.update_teacher([0.1, 0.9]).action == "pool"
+    assert method.update_teacher([0.1, 0.9]).source == 0  # fixed choice (S3 option) beats the scores
+    assert method.update_teacher([0.1001, 0.9]).alpha == pytest.approx(0.9)  # tiny gain: alpha capped
+    assert method.update_teacher([0.9, 0.1]).alpha == pytest.approx(1 - (0.9 - 0.1001) / 0.9)  # big gain
+    assert method.teacher.config["up_type"] == 1  # the teacher takes its source's decoder
+
+    # the gate lives in the checkpointed networks: export from a state rebuilds the same teacher
+    path = tmp_path / "state.pt"
+    torch.save({"networks": method.state_dict(), "extra": method.extra_state()}, path)
+    state = torch.load(path, weights_only=True)
+    exported = build_for_export("semicml_la", {"in_channels": 1, "base": 4, "gate_pool": 1, "better": 0,
+                                               "decoder_types": [1, 0]}, state["networks"])
+    assert _same(_params(exported), _params(method.teacher)) and exported.config["up_type"] == 1
+
+
+# --- data: the synthetic two-contrast generator and the multi-modal readers -------------------------------
+
+def test_two_contrast_generator_and_multimodal_readers(tmp_path):
+    case = make_two_contrast_case(shape=(40, 36, 24), seed=3)
+    t1, t2 = case.images
+    atrium = case.label.astype(bool)
+    assert t1.shape == t2.shape == case.label.shape and 0 < atrium.mean() < 0.2
+    assert t1[atrium].mean() > t1[~atrium].mean() + 0.4  # bright-blood contrast
+    assert t2[atrium].mean() < t2[~atrium & (t2 > 0.5)].mean()  # dark-blood, noisier contrast
+    assert np.std(t2 - ndimage_free_smooth(t2)) > np.std(t1 - ndimage_free_smooth(t1))
+
+    nnunet = write_two_channel_nnunet(tmp_path / "nn", 3, shape=(40, 36, 24), n_unlabeled=1)
+    records = open_multimodal_dataset(nnunet)
+    assert [r.n_channels for r in records] == [2, 2, 2] and records[2].label_path is None
+    assert modality_names(nnunet) == ["T1", "T2"]
+    prepared = prepare_multimodal_cases(records[:2], (1.0, 1.0, 1.0))
+    assert prepared[0].image.shape == (2, 40, 36, 24) and prepared[0].label.sum() > 0
+    assert np.allclose(prepared[0].image.mean(axis=(1, 2, 3)), 0, atol=1e-4)  # each channel z-scored
+    assert np.allclose(prepared[0].image.std(axis=(1, 2, 3)), 1, atol=1e-3)
+    assert single_channel(prepared, 1)[0].image.shape == (1, 40, 36, 24)
+
+    named = write_named_modality_folders(tmp_path / "named", 2, shape=(40, 36, 24))
+    records = open_multimodal_dataset(named, modalities=["T1", "T2"], labeled=True)
+    assert [p.parent.name for p in records[0].image_paths] == ["T1", "T2"]
+    assert modality_names(named, ["T1", "T2"]) == ["T1", "T2"]
+
+
+def ndimage_free_smooth(x):
+    """A 3-voxel box mean along x: enough to split signal from voxel noise in the generator check."""
+    return (np.roll(x, 1, 0) + x + np.roll(x, -1, 0)) / 3
+
+
+# --- short CPU runs ------------------------------------------------------------------------------------
+
+def _config(tmp_path, method, iterations, spacing, **method_params):
+    params = {"base": 8, "gate_start": 0.0, "gate_every": 1, "gate_pool": 2, **method_params}
+    return build_config({"method": method, "data": "test", "in_channels": 2 if method == "semicml" else 1,
+                         "patch_size": PATCH, "spacing": spacing, "max_iterations": iterations,
+                         "batch_size": 4, "labeled_bs": 2, "labeled_num": 2, "val_num": 0, "base_lr": 0.01,
+                         "lr_policy": "constant", "checkpoint_every": 0, "validate_every": 0, "log_every": 1,
+                         "seed": 5, "device": "cpu", "output": str(tmp_path / "run"), "method_params": params})
+
+
+def _losses(run_dir):
+    with open(run_dir / "train_log.csv", newline="") as handle:
+        return [(float(r["loss"]), float(r["phase"])) for r in csv.DictReader(handle)]
+
+
+def _assert_phase_one_loss_falls(losses, window=5):
+    phase_one = [loss for loss, phase in losses if phase == 1.0]
+    assert len(phase_one) >= 3 * window
+    early, late = np.mean(phase_one[:window]), np.mean(phase_one[-window:])
+    assert late < 0.85 * early, (early, late, phase_one)
+
+
+@pytest.fixture(scope="module")
+def multimodal_run(tmp_path_factory):
+    """24 iterations on synthetic two-contrast cases: 18 of mutual learning, then PReL."""
+    tmp = tmp_path_factory.mktemp("semicml_mm")
+    root = write_two_channel_nnunet(tmp / "data", 6, shape=(48, 48, 32), seed=0, n_unlabeled=2)
+    records = open_multimodal_dataset(root)
+    labeled = prepare_multimodal_cases(records[:4], (1.0, 1.0, 1.0), True)
+    unlabeled = prepare_multimodal_cases(records[4:], (1.0, 1.0, 1.0), False)
+    config = _config(tmp, "semicml", 24, [1.0, 1.0, 1.0], prel_start=0.75, source_teach_start=0.9,
+                     modality_names=modality_names(root))
+    result = Trainer(config, labeled, unlabeled).run()
+    return config, result
+
+
+def test_multimodal_short_run_lowers_the_loss(multimodal_run):
+    config, result = multimodal_run
+    losses = _losses(result.run_dir)
+    assert len(losses) == 24 and [p for _, p in losses][-1] == 2.0  # PReL ran at the end
+    _assert_phase_one_loss_falls(losses)
+
+
+def test_model_trained_on_two_modalities_segments_from_one(multimodal_run):
+    config, result = multimodal_run
+    method = result.method
+    network = method.inference_network()
+    assert isinstance(network, VNet) and network.config["in_channels"] == 1
+    assert method.exported_channel == 0 and method.exported_modality == "channel 0 (T1)"  # the better contrast
+    assert method.exported_network == "teacher (BMA of net_a)"
+
+    case = make_two_contrast_case("unseen", (48, 48, 32), seed=100)
+    spec = InferenceSpec(tuple(PATCH), (1.0, 1.0, 1.0))
+    prediction = Predictor(network, spec, device="cpu").predict(Volume(case.images[0], (1.0, 1.0, 1.0)))
+    assert prediction.label.shape == case.label.shape
+    assert dice_score(prediction.label.array.astype(bool), case.label.astype(bool)) > 0.5
+
+    # the exported network is recoverable from the saved (weights_only) checkpoint alone
+    state = load_state(result.run_dir / "checkpoints" / "last.pt")
+    params = {"in_channels": 2, **config.method_params}
+    restored = build_for_export("semicml", params, state["networks"])
+    assert _same(_params(restored), _params(network))
+
+
+def test_la_adaptation_short_run_lowers_the_loss(la_root, tmp_path):
+    """2 labelled + 2 unlabelled real LA cases at 2.5 mm (the atrium fits a 32^3 patch)."""
+    records = open_dataset(la_root, "train.list")
+    spacing = [2.5, 2.5, 2.5]
+    labeled = [prepare_case(r, spacing, True) for r in records[:2]]
+    unlabeled = [prepare_case(r, spacing, False) for r in records[10:12]]
+    config = _config(tmp_path, "semicml_la", 24, spacing, prel_start=0.8)
+    result = Trainer(config, labeled, unlabeled).run()
+    losses = _losses(result.run_dir)
+    assert [p for _, p in losses][-1] == 2.0
+    _assert_phase_one_loss_falls(losses)
+    assert result.method.inference_network().config["in_channels"] == 1
+    assert result.method.exported_modality.startswith("channel 0 (single modality")
+    assert result.method.extra_state()["queue_len"] == 8  # the ASC queue filled and is checkpointable
+
+
+def test_presets_build_both_forms():
+    la = build_config(load_preset("semicml-la-8"), {"data": "x"})
+    mm = build_config(load_preset("semicml-mm"), {"data": "x"})
+    assert (la.method, la.labeled_num, la.in_channels) == ("semicml_la", 8, 1)
+    assert (mm.method, mm.in_channels) == ("semicml", 2)
+    method = build_method(la.method, {"in_channels": la.in_channels, **la.method_params, "base": 4},
+                          la.max_iterations)
+    assert (method.gate_start_it, method.prel_start_it, method.source_teach_it) == (815, 3778, 5555)
+    assert method.gate_every == 74
+    with pytest.raises(Exception, match="in_channels"):
+        build_method("semicml", {"in_channels": 1}, 10)
