@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from semiseg_la.checkpoints import catalog
 from semiseg_la.checkpoints.card import default_classes, default_inference
 from semiseg_la.checkpoints.catalog import (

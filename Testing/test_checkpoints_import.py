@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from semiseg_la.checkpoints.card import sha256_file
 from semiseg_la.checkpoints.catalog import list_models, local_models_dir
 from semiseg_la.checkpoints.import_pth import import_pth

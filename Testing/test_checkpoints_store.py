@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from semiseg_la.checkpoints import store
 from semiseg_la.checkpoints.card import ModelCard, default_classes, default_inference, sha256_file
 from semiseg_la.checkpoints.store import build_network, load_model_weights, load_network, save_model

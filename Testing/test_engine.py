@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import sphere_volume
 
+from conftest import sphere_volume
 from semiseg_la.engine.config import build_config, load_preset, parse_overrides, preset_names
 from semiseg_la.engine.data import Augmentation, TrainCase, TwoStreamSampler, random_crop
 from semiseg_la.engine.loop import Trainer

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
 from scipy import ndimage
 from scipy.spatial.distance import cdist
+
+from conftest import REPO
 from semiseg_la.metrics import (
     METRIC_DEFINITIONS,
     asd,

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from semiseg_la.metrics import METRIC_DEFINITIONS, evaluate_case, format_table, summarize
 
 NAN = float("nan")

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from semiseg_la.inference.sliding_window import (
     _softmax_forward,
     count_network_voxels,
@@ -18,7 +20,6 @@ from semiseg_la.inference.sliding_window import (
     window_starts,
 )
 from semiseg_la.models.vnet import VNet
-from torch import nn
 
 
 class PositionNet(nn.Module):
