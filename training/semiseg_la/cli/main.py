@@ -14,13 +14,21 @@ from ..errors import SemiSegError
 from ..progress import JsonLinesProgress, close_active_reporters
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import bench, evaluate, models, segment, train
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """All subcommands; only `models` when that is the command, so listing the catalog (which the Slicer
+    module does on entry) never pays for importing torch."""
+    from . import models
 
     parser = argparse.ArgumentParser(prog="semiseg-la", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (segment, train, evaluate, models, bench):
+    if command == "models":
+        modules = [models]
+    else:
+        from . import bench, evaluate, segment, train
+
+        modules = [segment, train, evaluate, models, bench]
+    for module in modules:
         module.register(sub)
     return parser
 
@@ -32,7 +40,8 @@ def _version() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     json_progress = getattr(args, "progress", None) == "json"
     try:

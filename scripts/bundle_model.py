@@ -1,0 +1,59 @@
+"""Copy a local catalog model into the package's bundled catalog as fp16 and make it the default.
+
+    python scripts/bundle_model.py MODEL_ID --data ../shared/data/LA [--note TEXT] [--no-default]
+
+The validation figures on the card are re-measured with the fp16 weights that ship (same validation
+split as the run: the card's `validation.cases`), so the card describes exactly what users get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from semiseg_la.checkpoints import ModelCard, load_model_weights, load_network, resolve_model, save_model
+from semiseg_la.checkpoints.catalog import BUNDLED_DIR
+from semiseg_la.cli.export import evaluate_records
+from semiseg_la.engine.config import TrainConfig
+from semiseg_la.io.atomic import atomic_write_json
+from semiseg_la.io.datasets import open_dataset
+from semiseg_la.progress import TqdmProgress
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_id")
+    parser.add_argument("--data", required=True, help="the LA root the model was validated on")
+    parser.add_argument("--note", default=None, help="an honest note on how the model was made")
+    parser.add_argument("--no-default", action="store_true")
+    args = parser.parse_args()
+    weights, card = load_model_weights(resolve_model(args.model_id))
+    card_dict = card.to_dict()
+    target = Path(BUNDLED_DIR) / card.id
+    if target.exists():
+        shutil.rmtree(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / card.id
+        save_model(staged, weights, ModelCard.coerce(card_dict), dtype="float16")
+        network, staged_card = load_network(staged)
+        ids = list((card.validation or {}).get("cases", {}))
+        records = [r for r in open_dataset(args.data, "train.list") if r.case_id in ids]
+        config = TrainConfig(patch_size=staged_card.patch_size, spacing=staged_card.spacing, device="cpu")
+        validation = evaluate_records(network, config, records, TqdmProgress())
+        validation["checkpoint"] = (card.validation or {}).get("checkpoint")
+        validation["weights"] = "float16 (as shipped)"
+        card_dict["validation"] = validation
+        if args.note:
+            card_dict.setdefault("training", {})["note"] = args.note
+        save_model(target, weights, ModelCard.coerce(card_dict), dtype="float16")
+    if not args.no_default:
+        atomic_write_json(Path(BUNDLED_DIR) / "default.json", {"default": card.id})
+    print(json.dumps({k: validation.get(k) for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}, indent=2))
+    print(f"bundled {card.id} at {target}")
+
+
+if __name__ == "__main__":
+    main()
