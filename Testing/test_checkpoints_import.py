@@ -132,8 +132,9 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         import_pth(path)
     assert not marker.exists()
     assert not local_models_dir().exists() or not any(local_models_dir().iterdir())
-    # The payload is real: an unsafe load would have run it (this is what weights_only prevents).
-    torch.load(path, weights_only=False)
+    # The payload is real: unpickling calls exactly this (what weights_only prevents).
+    function, args = Payload().__reduce__()
+    function(*args)
     assert marker.read_text() == "ran"
 
 

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     seg.add_argument("--cases", type=int, default=2, help="how many cases (from the end of the list)")
     seg.add_argument("--model", default=None)
     seg.add_argument("--json", dest="json_out", default=None)
+    seg.add_argument("--papers-config", action="store_true",
+                     help="speed only: an untrained V-Net in the LA papers' configuration (112x112x80 at "
+                          "0.625 mm) instead of a catalog model; Dice is then meaningless and not printed")
     add_device_flag(seg)
     seg.set_defaults(handler=run_segment)
     tr = bsub.add_parser("train", help="training-step speed and peak memory per method")
@@ -44,8 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    network, card, model_id = load_catalog_model(args.model)
-    spec = inference_spec(card)
+    if args.papers_config:
+        from ..inference.predictor import InferenceSpec
+        from ..models import VNet
+
+        torch.manual_seed(0)
+        network, model_id = VNet().eval(), "untrained V-Net, papers' configuration (speed only)"
+        spec = InferenceSpec((112, 112, 80), (0.625, 0.625, 0.625))
+    else:
+        network, card, model_id = load_catalog_model(args.model)
+        spec = inference_spec(card)
     records = [r for r in open_dataset(args.data, args.case_list) if r.label_path is not None][-args.cases:]
     modes = {"default": Predictor(network, spec, device=args.device, mode="fast"),
              "legacy": Predictor(network, spec, device=args.device, mode="legacy", largest_component=False)}
@@ -68,9 +79,14 @@ def run_segment(args: argparse.Namespace) -> int:
     print(f"model {model_id} on {len(records)} case(s), device {modes['default'].device}")
     print(f"{'mode':8s} {'s/case':>8s} {'dice':>7s} {'network passes/voxel':>21s}")
     for name, s in summary.items():
-        print(f"{name:8s} {s['seconds']:8.2f} {s['dice']:7.4f} {s['passes_per_voxel']:21.2f}")
-    print(f"speed-up default vs legacy: {ratio:.1f}x; Dice difference (default - legacy): "
-          f"{100 * (summary['default']['dice'] - summary['legacy']['dice']):+.2f} points")
+        dice_text = "      -" if args.papers_config else f"{s['dice']:7.4f}"
+        print(f"{name:8s} {s['seconds']:8.2f} {dice_text} {s['passes_per_voxel']:21.2f}")
+    print(f"speed-up default vs legacy: {ratio:.1f}x", end="")
+    if args.papers_config:
+        print(" (untrained network: speed only)")
+    else:
+        print(f"; Dice difference (default - legacy): "
+              f"{100 * (summary['default']['dice'] - summary['legacy']['dice']):+.2f} points")
     if args.json_out:
         with open(args.json_out, "w") as handle:
             json.dump({"model": model_id, "rows": rows, "summary": summary, "speedup": ratio}, handle, indent=2)

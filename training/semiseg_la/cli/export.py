@@ -31,7 +31,12 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     state = load_state(ckpt_dir / ("best.pt" if use_best else "last.pt"))
     params = {"in_channels": config.in_channels, **config.method_params}
     network = build_for_export(config.method, params, state["networks"]).eval()
-    validation = evaluate_records(network, config, validation_records, reporter)
+    if validation_records:
+        validation = evaluate_records(network, config, validation_records, reporter)
+    else:  # e.g. a site fine-tune on 2-3 cases: a figure, labelled for what it is (fit, not generalisation)
+        validation = evaluate_records(network, config, split.labeled[:8], reporter)
+        validation["split"] = (f"no held-out validation case: Dice on {min(len(split.labeled), 8)} labelled "
+                               "training cases (training fit, optimistic)")
     validation["checkpoint"] = f"{'best' if use_best else 'last'} (iteration {int(state['iteration'])})"
     model_id = unique_model_id(name or _default_name(config, parent_card))
     card = make_card(model_id, config, result, split, validation, parent_card, int(state["iteration"]))
