@@ -22,8 +22,8 @@ def run_cli(args: List[str], timeout: float = 300, env_extra=None) -> subprocess
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "training") + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "semiseg_la.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "semiseg_la.cli.main", *args], capture_output=True,
+                          text=True, encoding="utf-8", timeout=timeout, env=env)
 
 
 def json_lines(stdout: str) -> List[dict]:

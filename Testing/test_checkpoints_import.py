@@ -68,7 +68,7 @@ def test_flat_ua_mt_checkpoint_with_module_prefix(tmp_path):
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), net.eval()(x))
-    assert [e.id for e in list_models()] == [folder.name]
+    assert [e.id for e in list_models() if e.source == "local"] == [folder.name]
 
 
 def test_caml_checkpoint_imports_the_first_branch(tmp_path):

@@ -14,7 +14,7 @@ BASE = {"errors", "progress", "metrics", "presets", "catalog"}  # usable from ev
 
 
 def _imported_layers(path: Path):
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     package_parts = path.relative_to(PACKAGE).parts[:-1]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -47,4 +47,4 @@ def test_no_module_imports_a_later_layer():
 def test_metrics_and_io_do_not_import_torch():
     for folder in ("metrics", "io"):
         for path in (PACKAGE / folder).rglob("*.py"):
-            assert "import torch" not in path.read_text(), path
+            assert "import torch" not in path.read_text(encoding="utf-8"), path

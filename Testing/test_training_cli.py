@@ -41,7 +41,8 @@ def test_kill_9_then_resume_loses_nothing(tmp_path, dataset):
     data, unl = dataset
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "semiseg_la.cli.main", *_train_args(data, unl, out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8",
+                            env=_env())
     killed_at = None
     for line in proc.stdout:
         record = json.loads(line) if line.startswith("{") else {}
@@ -92,7 +93,8 @@ def test_ddp_two_cpu_processes(tmp_path, dataset):
     args = _train_args(data, unl, out, iterations=6, method="supervised")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "semiseg_la.cli.main", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=600,
+                          env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = json.loads((out / "environment.json").read_text())
     assert env["world_size"] == 2
