@@ -51,7 +51,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", "cancelled", 130, json_progress)
     except MemoryError:
-        return _fail("out of memory", "oom", 5, json_progress)
+        return _fail("out of memory (host RAM)", "oom", 5, json_progress)
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, without importing torch here
+        if "out of memory" not in str(exc).lower():
+            raise
+        return _fail("GPU out of memory, also after moving accumulation to the CPU; use --device cpu", "oom", 5,
+                     json_progress)
 
 
 def _fail(message: str, kind: str, code: int, json_progress: bool) -> int:
