@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.datasets import CaseRecord
+from ..io.volume import Volume
 from ..preprocess.normalize import zscore
 from ..preprocess.resample import to_model_grid
 
@@ -31,13 +32,16 @@ def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool 
     """Read, validate, z-score over the case and resample to the model spacing."""
     image, label = record.load()
     resampled, _grid = to_model_grid(image.with_array(zscore(image.array)), spacing, interpolation="linear")
-    label_array = None
-    if with_label:
-        if label is None:
-            raise InputError(f"{record.case_id}: case has no label but is used as a labelled case")
-        label_on_grid, _ = to_model_grid(label, spacing, interpolation="nearest")
-        label_array = np.ascontiguousarray(label_on_grid.array.astype(np.uint8))
+    label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
     return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array)
+
+
+def label_on_model_grid(case_id: str, label: Optional[Volume], spacing: Sequence[float]) -> np.ndarray:
+    """The label resampled by nearest neighbour; a labelled case without a label is an input error."""
+    if label is None:
+        raise InputError(f"{case_id}: case has no label but is used as a labelled case")
+    on_grid, _ = to_model_grid(label, spacing, interpolation="nearest")
+    return np.ascontiguousarray(on_grid.array.astype(np.uint8))
 
 
 @dataclasses.dataclass

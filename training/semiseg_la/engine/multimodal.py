@@ -23,7 +23,7 @@ from ..io.volume import VOLUME_SUFFIXES
 from ..preprocess.normalize import zscore
 from ..preprocess.resample import to_model_grid
 from .config import TrainConfig
-from .data import Split, TrainCase, split_cases
+from .data import Split, TrainCase, label_on_model_grid, split_cases
 
 N_MODALITIES = 2
 
@@ -42,12 +42,7 @@ def prepare_multimodal_case(record: CaseRecord, spacing: Sequence[float], with_l
             raise InputError(f"case {record.case_id}: channel {channel} lands on another model grid than channel 0")
         grid = this_grid
         arrays.append(on_grid.array.astype(np.float32))
-    label_array = None
-    if with_label:
-        if label is None:
-            raise InputError(f"{record.case_id}: case has no label but is used as a labelled case")
-        label_on_grid, _ = to_model_grid(label, spacing, interpolation="nearest")
-        label_array = np.ascontiguousarray(label_on_grid.array.astype(np.uint8))
+    label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
     return TrainCase(record.case_id, np.ascontiguousarray(np.stack(arrays)), label_array)
 
 
