@@ -197,18 +197,18 @@ def test_export_teacher_vnet_loads_strictly_and_rectified_inference_runs(tmp_pat
     cfg = build_config({"method": "crln", "data": "synthetic", "patch_size": [32, 32, 32], "spacing": [1, 1, 1],
                         "max_iterations": 2, "batch_size": 4, "labeled_bs": 2, "labeled_num": 2, "val_num": 0,
                         "base_lr": 0.01, "checkpoint_every": 1, "validate_every": 0, "seed": 1, "device": "cpu",
-                        "output": str(tmp_path / "run"), "method_params": SMALL})
+                        "output": str(tmp_path / "run"), "method_params": {**SMALL, "export": "teacher"}})
     result = Trainer(cfg, _synthetic(2, True, 0), _synthetic(2, False, 10)).run()
     method = result.method
     assert float(method.rectifier.alpha.detach()) != 0.0  # the rectifier's own optimiser stepped
     exported = method.inference_network()
     VNet().load_state_dict(exported.state_dict(), strict=True)
     state = load_state(tmp_path / "run" / "checkpoints" / "last.pt")  # weights_only load of the extra state
-    again = build_method("crln", {"in_channels": 1, **SMALL}, 2)
+    again = build_method("crln", {"in_channels": 1, **SMALL, "export": "teacher"}, 2)
     again.load_state_dict(state["networks"])
     again.load_extra_state(state["method_extra"])
     assert again.rectifier_optimizer.state_dict()["state"][0]["momentum_buffer"].shape == ()
-    rebuilt = build_for_export("crln", {"in_channels": 1, **SMALL}, state["networks"])
+    rebuilt = build_for_export("crln", {"in_channels": 1, **SMALL, "export": "teacher"}, state["networks"])
     for (key, a), (_, b) in zip(exported.state_dict().items(), rebuilt.state_dict().items()):
         assert torch.equal(a, b), key
     spec = InferenceSpec((32, 32, 32), (1.0, 1.0, 1.0))
@@ -272,3 +272,27 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert torch.equal(straight.rectifier.alpha, resumed.rectifier.alpha)
     for (name, a), (_, b) in zip(straight.teacher.state_dict().items(), resumed.teacher.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_default_export_is_the_rectified_inference_and_round_trips_through_the_catalog(tmp_path):
+    """Teacher + DIM + rectifier saved as a catalog model, rebuilt from its card, same probabilities."""
+    from semiseg_la.checkpoints import ModelCard, load_network, save_model
+    from semiseg_la.checkpoints.card import default_classes, default_inference
+
+    cfg = build_config({"method": "crln", "data": "synthetic", "patch_size": [32, 32, 32], "spacing": [1, 1, 1],
+                        "max_iterations": 2, "batch_size": 4, "labeled_bs": 2, "labeled_num": 2, "val_num": 0,
+                        "base_lr": 0.01, "checkpoint_every": 0, "validate_every": 0, "seed": 1, "device": "cpu",
+                        "output": str(tmp_path / "run"), "method_params": SMALL})
+    exported = Trainer(cfg, _synthetic(2, True, 0), _synthetic(2, False, 10)).run().method.inference_network()
+    assert exported.architecture_name == "crln-rectified" and exported.fixed_window
+    card = ModelCard(id="crln-tiny-v0.1.0", name="crln-tiny", version="0.1.0", method="crln",
+                     architecture={"name": exported.architecture_name, "config": exported.config},
+                     inference=default_inference((32, 32, 32), (1.0, 1.0, 1.0)), classes=default_classes())
+    save_model(tmp_path / "model", exported.state_dict(), card)
+    loaded, _ = load_network(tmp_path / "model")
+    spec = InferenceSpec((32, 32, 32), (1.0, 1.0, 1.0))
+    volume = _synthetic(1, True, 5)[0].image[0]
+    expected, windows, _ = Predictor(exported.eval(), spec, device="cpu", mode="fast").probabilities(volume)
+    got, _, _ = Predictor(loaded, spec, device="cpu", mode="fast").probabilities(volume)
+    assert windows > 1  # training-size windows even in fast mode: the DIM is tied to the patch
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -57,7 +57,13 @@ def _build_vnet(config: Mapping[str, Any]) -> nn.Module:
     return VNet(**kwargs)
 
 
-ARCHITECTURES: Dict[str, Builder] = {"vnet": _build_vnet}
+def _build_crln_rectified(config: Dict[str, Any]) -> nn.Module:
+    from ..models.crln import build_crln_inference
+
+    return build_crln_inference(config)
+
+
+ARCHITECTURES: Dict[str, Builder] = {"vnet": _build_vnet, "crln-rectified": _build_crln_rectified}
 
 
 def register_architecture(name: str, builder: Builder) -> None:

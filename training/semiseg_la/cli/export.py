@@ -83,6 +83,7 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
     network = result.method.inference_network()
     arch = dict(getattr(network, "config", {}))
     arch["has_dropout"] = False
+    arch_name = getattr(network, "architecture_name", "vnet")
     training = {
         "preset": config.preset, "method": config.method, "data": str(config.data),
         "labeled_cases": len(split.labeled), "unlabeled_cases": len(split.unlabeled),
@@ -108,7 +109,7 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
         training["modalities"] = list(config.method_params.get("modality_names") or [])
     return ModelCard(id=model_id, name=name, version=model_id.rsplit("-v", 1)[-1] if "-v" in model_id else "0.1.0",
                      method=config.method, description=_description(config, split, parent_card),
-                     architecture={"name": "vnet", "config": arch},
+                     architecture={"name": arch_name, "config": arch},
                      inference=inference, classes=default_classes(),
                      training=training, validation=validation, lineage=lineage, created=utc_now_iso())
 

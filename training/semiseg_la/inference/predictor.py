@@ -116,7 +116,7 @@ class Predictor:
             window = patch
         else:
             window = None
-            if self.mode == "fast":
+            if self.mode == "fast" and not getattr(self.network, "fixed_window", False):
                 window = plan_whole_volume_window(array.shape, patch, self.max_whole_voxels)
             window = window or patch
             probs = sliding_window_inference(tensor, self.network, window, overlap=self.overlap, mode="gaussian",

@@ -48,6 +48,8 @@ DEFAULTS: Dict[str, Any] = {
     # the rectification scalar's own optimiser (official: same settings as the student)
     "rectifier_lr": 2.5e-3, "rectifier_momentum": 0.9, "rectifier_weight_decay": 5e-4, "rectifier_nesterov": True,
     "poly_power": 0.9,
+    # what the catalog gets: "rectified" (teacher + DIM + rectifier) or "teacher" (its plain V-Net)
+    "export": "rectified",
 }
 
 
@@ -58,6 +60,8 @@ def checked_params(params: Mapping[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"crln: unknown method_params {', '.join(unknown)}")
     p = {**DEFAULTS, **params}
     problems = []
+    if p["export"] not in ("rectified", "teacher"):
+        problems.append(f"export must be rectified or teacher, got {p['export']!r}")
     if p["input_space"] not in ("zscore", "minmax"):
         problems.append(f"input_space={p['input_space']!r} must be zscore or minmax")
     if p["dim_size_policy"] not in ("resample", "strict"):
@@ -482,8 +486,10 @@ class Crln(Method):
         self.teacher.backbone.load_state_dict(state_dict, strict=True)
 
     def inference_network(self) -> nn.Module:
-        """The EMA teacher's V-Net: what the catalog (architecture "vnet") stores. Without the DIM it lacks the
-        rectification y + (1 - a) M(x); `rectified_inference()` keeps it (docs/methods/crln.md, "Export")."""
+        """CRLN's inference, teacher + DIM + rectification (catalog architecture "crln-rectified"), by default;
+        with `export: teacher` the EMA teacher's plain V-Net (architecture "vnet", no rectification)."""
+        if self.params["export"] == "rectified":
+            return self.rectified_inference()
         backbone = self.teacher.backbone
         if self.params["input_space"] != "minmax":
             return backbone

@@ -230,6 +230,10 @@ class CrlnNet(nn.Module):
                  size_policy: str = "resample", official_reshape: bool = False, official_update: bool = False,
                  kaiming_init: bool = True) -> None:
         super().__init__()
+        self.config = {"in_channels": in_channels, "n_classes": n_classes, "base": base, "n_prototypes": n_prototypes,
+                       "patch_size": [int(p) for p in patch_size], "has_dropout": has_dropout, "drop_path": drop_path,
+                       "size_policy": size_policy, "official_reshape": official_reshape,
+                       "official_update": official_update}
         grid = tuple(int(p) // 2 for p in patch_size)
         self.backbone = VNet(in_channels, n_classes, base, "batchnorm", has_dropout, 0)
         self.rep_head = representation_head(base, n_prototypes)
@@ -287,15 +291,33 @@ class CrlnInference(nn.Module):
     normalises each window to [0, 1] for models trained in the official min-max input space.
     """
 
+    #: the catalog architecture this module is saved and rebuilt as (checkpoints' registry)
+    architecture_name = "crln-rectified"
+    #: the DIM is tied to the training patch: the Predictor runs training-size windows, never one whole volume
+    fixed_window = True
+
     def __init__(self, teacher: CrlnNet, rectifier: Rectifier, minmax_input: bool = False) -> None:
         super().__init__()
         self.teacher, self.rectifier, self.minmax_input = teacher, rectifier, minmax_input
+
+    @property
+    def config(self) -> dict:
+        """Everything `build_crln_inference` needs to rebuild this module for a state dict."""
+        return {**self.teacher.config, "has_dropout": False, "minmax_input": self.minmax_input}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.minmax_input:
             x = minmax(x)
         out, _ = self.teacher(x)
         return self.rectifier(out.logits.float(), out.dim_map.float())
+
+
+def build_crln_inference(config: dict) -> CrlnInference:
+    """Rebuild the exported CRLN inference module (teacher + DIM + rectifier) from its card config."""
+    config = dict(config)
+    minmax_input = bool(config.pop("minmax_input", False))
+    teacher = CrlnNet(**{**config, "has_dropout": False}, kaiming_init=False)
+    return CrlnInference(teacher, Rectifier(), minmax_input=minmax_input).eval()
 
 
 class MinMaxVNet(VNet):
