@@ -1,7 +1,7 @@
 """Resumable training state, saved atomically and loaded without unpickling arbitrary objects.
 
-Everything stored is tensors, Python numbers, strings, lists and dicts, so `torch.load(...,
-weights_only=True)` reads it back: nothing in a checkpoint can run code.
+Everything stored is tensors, Python numbers, strings, lists and dicts, so the safe loader
+(`weights_only=True`) reads it back: nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
