@@ -262,3 +262,29 @@ def test_presets_build_both_forms():
     assert method.gate_every == 74
     with pytest.raises(Exception, match="in_channels"):
         build_method("semicml", {"in_channels": 1}, 10)
+
+
+def test_gate_follows_validation_scores_scored_by_the_engine(tmp_path):
+    """With a validation split the engine scores each student on its own modality when the gate is due,
+    and the teacher comes from the student the validation split prefers (not the training proxy)."""
+    from conftest import sphere_volume
+    from semiseg_la.engine.data import TrainCase
+
+    def case(i, labeled):
+        image, label = sphere_volume((40, 36, 36), radius=8 + i % 3, seed=i)
+        return TrainCase(f"c{i}", np.stack([image, 0.5 * image + 1.0]), label if labeled else None)
+
+    config = _config(tmp_path, "semicml", 12, [1.0, 1.0, 1.0])
+    calls = []
+
+    def validator(network, channel=None):
+        calls.append(channel)
+        return {"dice": 0.2 if channel == 0 else 0.7}
+
+    trainer = Trainer(config, [case(0, True), case(1, True)], [case(2, False), case(3, False)], validator)
+    trainer.run()
+    method = trainer.method
+    gate_calls = [c for c in calls if c is not None]
+    assert gate_calls and set(gate_calls) == {0, 1}  # each student on its own modality
+    assert method.exported_index == 1 and method.gate.ready
+    assert method.exported_channel == 1

@@ -49,6 +49,15 @@ def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
     return bool(tensor.item())
 
 
+def broadcast_values(ctx: DistContext, values: list) -> list:
+    """Rank 0's numbers (e.g. validation scores) on every rank, so per-rank decisions stay identical."""
+    if not ctx.enabled:
+        return values
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
 def cleanup(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

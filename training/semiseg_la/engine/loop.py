@@ -30,11 +30,12 @@ from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
 from .config import TrainConfig, dump_config
 from .data import Augmentation, TrainCase, TwoStreamSampler
-from .distributed import DistContext, barrier, broadcast_flag, cleanup, init_distributed
+from .distributed import DistContext, barrier, broadcast_flag, broadcast_values, cleanup, init_distributed
 from .state import load_state, rng_state, save_state, set_rng_state
 
-#: validate(network) -> {"dice": mean, ...}; injected by the caller (inference sits above the engine)
-Validator = Callable[[nn.Module], Dict[str, float]]
+#: validate(network, channel=None) -> {"dice": mean, ...}; injected by the caller (inference sits above
+#: the engine); `channel` picks the input modality of multi-channel cases
+Validator = Callable[..., Dict[str, float]]
 
 
 @dataclasses.dataclass
@@ -206,6 +207,7 @@ class Trainer:
             result.loss.backward()
             self.optimizer.step()
             self.method.after_optimizer_step(self.iteration)
+            self._score_gate_networks()
             self.iteration += 1
             record = {"iteration": self.iteration, "lr": lr, "loss": float(result.loss.detach()), **result.logs}
             self._log_iteration(record)
@@ -230,6 +232,26 @@ class Trainer:
                              self._elapsed(), stopped_early, self.method)
         cleanup(self.ctx)
         return result
+
+    def _score_gate_networks(self) -> None:
+        """Validation Dice of the networks a method asks about (Semi-CML's gate), computed on rank 0."""
+        wanted = self.method.gate_networks(self.iteration)
+        if not wanted:
+            return
+        if self.validator is None:
+            self.method.on_gate_scores(None)
+            return
+        keys = sorted(wanted, key=str)
+        values = [0.0] * len(keys)
+        if self.ctx.is_main:
+            for i, key in enumerate(keys):
+                network, channel = wanted[key]
+                was_training = network.training
+                network.eval()
+                values[i] = float(self.validator(network, channel)["dice"])
+                network.train(was_training)
+        values = broadcast_values(self.ctx, values)
+        self.method.on_gate_scores(dict(zip(keys, values)))
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.iteration % every == 0

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..engine.data import TrainCase
-from ..engine.multimodal import single_channel
 from .predictor import InferenceSpec, Predictor, keep_largest_component
 
 
@@ -20,14 +19,16 @@ def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def make_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacing: Sequence[float],
                    device: torch.device | str = "cpu", overlap: float = 0.5):
-    """validate(network) -> {"dice": mean Dice over the cases, "dice_<case>": ...} with the fast window."""
+    """validate(network, channel=None) -> {"dice": mean Dice over the cases, "dice_<case>": ...} with the fast
+    window; `channel` picks the input channel of multi-channel cases (default 0)."""
     spec = InferenceSpec(tuple(patch_size), tuple(spacing))
 
-    def validate(network: nn.Module) -> Dict[str, float]:
+    def validate(network: nn.Module, channel: Optional[int] = None) -> Dict[str, float]:
         predictor = Predictor(network, spec, device=device, overlap=overlap, mode="fast", largest_component=False)
+        index = 0 if channel is None else int(channel)
         scores = {}
         for case in cases:
-            foreground, _, _ = predictor.probabilities(case.image[0])
+            foreground, _, _ = predictor.probabilities(case.image[index])
             label = keep_largest_component((foreground >= 0.5).astype(np.uint8))
             scores[case.case_id] = dice_score(label, case.label)
         return {"dice": float(np.mean(list(scores.values()))), **{f"dice_{k}": v for k, v in scores.items()}}
@@ -37,14 +38,12 @@ def make_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacin
 
 def make_multimodal_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacing: Sequence[float],
                               channel_of: Callable[[], int], device: torch.device | str = "cpu"):
-    """validate(network) on the channel the exported network takes; `channel_of` is asked at each call
-    (e.g. `lambda: trainer.method.exported_channel`), because the better modality may change."""
-    validators: Dict[int, Callable[[nn.Module], Dict[str, float]]] = {}
+    """validate(network, channel=None) on multi-channel cases; without a channel, the one the exported
+    network takes (`channel_of`, asked at each call, since the better modality may change)."""
+    validate_channel = make_validator(cases, patch_size, spacing, device)
 
-    def validate(network: nn.Module) -> Dict[str, float]:
-        channel = int(channel_of())
-        if channel not in validators:
-            validators[channel] = make_validator(single_channel(cases, channel), patch_size, spacing, device)
-        return {**validators[channel](network), "channel": float(channel)}
+    def validate(network: nn.Module, channel: Optional[int] = None) -> Dict[str, float]:
+        index = int(channel_of()) if channel is None else int(channel)
+        return {**validate_channel(network, index), "channel": float(index)}
 
     return validate

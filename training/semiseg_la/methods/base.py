@@ -8,7 +8,7 @@ checkpoints `state_dict()` and exports `inference_network()`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Mapping
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -60,6 +60,15 @@ class Method:
     def inference_network(self) -> nn.Module:
         """The network exported to the catalog (a plain V-Net)."""
         raise NotImplementedError
+
+    def gate_networks(self, iteration: int) -> Dict[Any, tuple]:
+        """Networks the method wants scored on the validation split now, as {key: (network, input channel)};
+        empty when nothing is due. Semi-CML's validation-gated teacher uses it."""
+        return {}
+
+    def on_gate_scores(self, scores: Optional[Dict[Any, float]]) -> None:
+        """Validation Dice of the networks `gate_networks` returned; None when the run has no validation
+        split (the method then falls back to a signal of its own)."""
 
     # -- what the engine needs -----------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:

@@ -12,8 +12,10 @@ Phase 1 (mutual learning): per network 10 BCE + 7 Dice on labelled samples, MSE 
 probability maps and the area-similarity contrastive loss (ASC) on unlabelled samples. Phase 2
 (PReL, from `prel_start`): a BMA teacher built from the better network by a validation gate gives
 soft pseudo-labels (mean of several noisy MC-dropout passes) and both networks re-learn from them.
-The engine offers no validation hook, so the gate is fed by a proxy the method computes itself
-(EMA of each network's Dice on the labelled samples of its batches); `update_teacher` takes any
+The gate is fed by each student's Dice on the validation split, scored by the engine when the gate is due
+(`gate_networks` / `on_gate_scores`); with `gate_signal: proxy`, or a run without validation cases, a proxy
+the method computes itself stands in (EMA of each network's Dice on the labelled samples of its batches);
+`update_teacher` takes any
 score dictionary, so real validation scores can drive it too.
 """
 
@@ -48,6 +50,7 @@ DEFAULTS: Dict[str, Any] = {
     "better": "auto",  # S3: "auto" = by the gate's scores; 0 / 1 (or a modality name) = fixed
     "gate_start": 11 / PAPER_EPOCHS, "gate_every": None, "gate_pool": 6, "gate_alpha_cap": 0.99,
     "proxy_decay": 0.9,
+    "gate_signal": "validation",  # validation split (engine-scored); "proxy" = labelled-batch Dice EMA
     # PReL
     "prel_start": 51 / PAPER_EPOCHS, "source_teach_start": 75 / PAPER_EPOCHS,
     "prel_alpha": [0.1, 0.1],  # ASC share in L_T for [the other network, the teacher's source network]
@@ -258,6 +261,8 @@ class _SemiCMLBase(Method):
                             f"(got {p.get('in_channels')})")
         if int(p["gate_pool"]) < 1:
             problems.append("gate_pool must be >= 1")
+        if p["gate_signal"] not in ("validation", "proxy"):
+            problems.append("gate_signal must be 'validation' or 'proxy'")
         if p["teacher_noise"] not in ("symmetric", "official"):
             problems.append("teacher_noise must be 'symmetric' or 'official'")
         if int(p["teacher_passes"]) < 1:
@@ -416,11 +421,30 @@ class _SemiCMLBase(Method):
         scores = [hard_dice(prob[batch.labeled], label) for prob in probs]
         self.gate.update_proxy(scores, float(self.params["proxy_decay"]))
 
+    def _gate_due(self, iteration: int) -> bool:
+        return (self.gate_start_it <= iteration < self.prel_start_it and (iteration + 1) % self.gate_every == 0
+                and bool((self.gate.proxy >= 0).all()))
+
     def after_optimizer_step(self, iteration: int) -> None:
-        due = (self.gate_start_it <= iteration < self.prel_start_it and (iteration + 1) % self.gate_every == 0
-               and bool((self.gate.proxy >= 0).all()))
-        if due:
+        if self.params["gate_signal"] == "proxy" and self._gate_due(iteration):
             self.update_teacher(_mean_over_ranks(self.gate.proxy).tolist())
+
+    def gate_networks(self, iteration: int) -> Dict[Any, tuple]:
+        """With `gate_signal: validation` the engine scores both students on the validation split when due."""
+        if self.params["gate_signal"] != "validation" or not self._gate_due(iteration):
+            return {}
+        return {k: (unwrap(self.student(k)), self.student_channel(k)) for k in range(len(STUDENTS))}
+
+    def student_channel(self, k: int) -> int:
+        """The input channel student k sees: its modality in the multi-modal form, 0 for the LA form."""
+        return 0
+
+    def on_gate_scores(self, scores: Optional[Dict[Any, float]]) -> None:
+        """Validation Dice per student, or None (no validation split: the labelled-batch proxy stands in)."""
+        if scores is None:
+            self.update_teacher(_mean_over_ranks(self.gate.proxy).tolist())
+        else:
+            self.update_teacher(scores)
 
     def update_teacher(self, val_scores: Mapping[Any, float] | Sequence[float]) -> GateDecision:
         """One gate evaluation with a score per network ({0: dice_a, 1: dice_b} or a 2-list); see TeacherGate."""
@@ -515,6 +539,9 @@ class SemiCML(_SemiCMLBase):
 
     def teacher_input(self, image: torch.Tensor, source: int) -> torch.Tensor:
         return image[:, source:source + 1]
+
+    def student_channel(self, k: int) -> int:
+        return k
 
     @property
     def exported_channel(self) -> int:
