@@ -102,3 +102,20 @@ def test_ddp_two_cpu_processes(tmp_path, dataset):
     assert len([d for d in done if d.get("model_id")]) == 1  # rank 0 exports once
     state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["iteration"] == 6
+
+
+def test_multimodal_semicml_trains_from_a_two_channel_folder_and_exports_one_modality(tmp_path):
+    from semiseg_la.io.synthetic import write_two_channel_nnunet
+
+    data = write_two_channel_nnunet(tmp_path / "Dataset002_TwoContrast", n_cases=5, shape=(40, 36, 32),
+                                    n_unlabeled=1)
+    proc = run_cli(["train", "--preset", "semicml-mm", "--data", str(data), "--labeled", "2", "--val", "2",
+                    "--iterations", "4", "--patch", "32", "32", "32", "--validate-every", "0",
+                    "--set", "method_params.base=8", "--output", str(tmp_path / "run"), "--device", "cpu",
+                    "--progress", "json"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = json_lines(proc.stdout)[-1]
+    card = json.loads(run_cli(["models", "show", done["model_id"]]).stdout)
+    assert card["inference"]["in_channels"] == 1  # one modality at inference
+    assert card["inference"]["channel_names"]["0"] in ("channel 0 (T1)", "channel 1 (T2)")
+    assert card["training"]["modalities"] == ["T1", "T2"]

@@ -31,10 +31,11 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     state = load_state(ckpt_dir / ("best.pt" if use_best else "last.pt"))
     params = {"in_channels": config.in_channels, **config.method_params}
     network = build_for_export(config.method, params, state["networks"]).eval()
+    channel = getattr(result.method, "exported_channel", None)  # multi-modal training, one-modality model
     if validation_records:
-        validation = evaluate_records(network, config, validation_records, reporter)
+        validation = evaluate_records(network, config, validation_records, reporter, channel)
     else:  # e.g. a site fine-tune on 2-3 cases: a figure, labelled for what it is (fit, not generalisation)
-        validation = evaluate_records(network, config, split.labeled[:8], reporter)
+        validation = evaluate_records(network, config, split.labeled[:8], reporter, channel)
         validation["split"] = (f"no held-out validation case: Dice on {min(len(split.labeled), 8)} labelled "
                                "training cases (training fit, optimistic)")
     validation["checkpoint"] = f"{'best' if use_best else 'last'} (iteration {int(state['iteration'])})"
@@ -47,7 +48,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
 
 
 def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord],
-                     reporter: ProgressReporter) -> Dict[str, Any]:
+                     reporter: ProgressReporter, channel: Optional[int] = None) -> Dict[str, Any]:
     """Full metrics on the input grid (mm and legacy conventions) of the validation records."""
     if not records:
         return {"split": "none (no validation cases): figures unavailable"}
@@ -57,7 +58,7 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
     cases = {}
     reporter.start("evaluate", len(records), "validation metrics of the exported model")
     for i, record in enumerate(records, 1):
-        image, label = record.load()
+        image, label = record.load(channel=channel) if channel is not None else record.load()
         prediction = predictor.predict(image)
         metrics = evaluate_case(prediction.label.array, label.array, image.spacing)
         cases[record.case_id] = {k: (float(v) if not isinstance(v, bool) else v) for k, v in metrics.items()}
