@@ -270,8 +270,7 @@ class Trainer:
             self.history.append(metrics)
             self._append_csv("validation.csv", metrics)
             self.reporter.log(f"validation at {self.iteration}: dice {metrics.get('dice', float('nan')):.4f}")
-            if isinstance(self.reporter, ProgressReporter):
-                self.reporter.update(self.iteration, val_dice=round(metrics.get("dice", math.nan), 4))
+            self.reporter.update(self.iteration, val_dice=round(metrics.get("dice", math.nan), 4))
             if metrics.get("dice", -1.0) > self.best["dice"]:
                 self.best = {"iteration": self.iteration, **{k: v for k, v in metrics.items() if k != "iteration"}}
                 self._save_checkpoint("best.pt", {"format": "semiseg-la-best-1", "iteration": self.iteration,
