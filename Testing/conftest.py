@@ -40,3 +40,25 @@ def sphere_volume(shape=(48, 40, 32), center=None, radius=9.0, noise=0.1, seed=0
     label = (dist < radius).astype(np.uint8)
     image = label.astype(np.float32) * 2.0 + rng.normal(0, noise, shape).astype(np.float32)
     return image, label
+
+
+def synthetic_cases(n: int, labeled: bool, seed: int = 0):
+    """`n` prepared training cases (TrainCase) of spheres in noise, labelled or not."""
+    from semiseg_la.engine.data import TrainCase
+
+    cases = []
+    for i in range(n):
+        image, label = sphere_volume((40, 36, 36), radius=8 + i % 3, seed=seed + i)
+        cases.append(TrainCase(f"c{seed + i}", image[None], label if labeled else None))
+    return cases
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The explicit `slicer` stand-in, reset and installed for one test."""
+    import slicer_fake
+
+    stand_in = slicer_fake.getFake()
+    stand_in.reset()
+    stand_in.install(monkeypatch)
+    return stand_in

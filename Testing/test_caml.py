@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cli_helpers import json_lines, nnunet_dataset, run_cli, write_case
-from conftest import sphere_volume
+from conftest import sphere_volume, synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset
 from semiseg_la.engine.data import TrainCase, prepare_case
 from semiseg_la.engine.loop import Trainer
@@ -285,14 +285,6 @@ def test_short_cpu_run_on_real_la_cases_lowers_the_loss(la_root):
 
 
 # -- engine, export, catalog, CLI --------------------------------------------------------------------------------
-def _synthetic_cases(n: int, labeled: bool, seed: int):
-    out = []
-    for i in range(n):
-        image, label = sphere_volume((40, 36, 36), radius=8 + i % 3, seed=seed + i)
-        out.append(TrainCase(f"c{seed + i}", image[None], label if labeled else None))
-    return out
-
-
 def test_trainer_runs_caml_and_exports_a_plain_vnet(tmp_path):
     from semiseg_la.inference.predictor import InferenceSpec, Predictor
     from semiseg_la.io.volume import Volume
@@ -302,7 +294,7 @@ def test_trainer_runs_caml_and_exports_a_plain_vnet(tmp_path):
         "labeled_num": 2, "val_num": 0, "checkpoint_every": 1, "validate_every": 0, "device": "cpu",
         "output": str(tmp_path / "run"), "method_params": {"memory_per_class": 16}})
     assert config.method == "caml" and config.method_params["consistency_rampup"] == 20
-    result = Trainer(config, _synthetic_cases(2, True, 0), _synthetic_cases(3, False, 10)).run()
+    result = Trainer(config, synthetic_cases(2, True, 0), synthetic_cases(3, False, 10)).run()
     assert result.iterations == 2
     network = result.method.inference_network()
     assert type(network) is VNet
@@ -324,7 +316,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                              "max_iterations": 3, "batch_size": 4, "labeled_bs": 2, "labeled_num": 2, "val_num": 0,
                              "checkpoint_every": 1, "validate_every": 0, "seed": 3, "device": "cpu",
                              "output": str(folder), "method_params": {**SMALL, "memory_slots": 2}})
-    labeled, unlabeled = _synthetic_cases(2, True, 0), _synthetic_cases(3, False, 10)
+    labeled, unlabeled = synthetic_cases(2, True, 0), synthetic_cases(3, False, 10)
     straight = Trainer(config(tmp_path / "a"), labeled, unlabeled).run()
     calls = {"n": 0}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sphere_volume
+from conftest import synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset
 from semiseg_la.engine.data import TrainCase, prepare_case
 from semiseg_la.engine.loop import Trainer, build_for_export
@@ -185,20 +185,12 @@ def test_presets_and_parameters():
     assert not method.rectifying(799) and method.rectifying(800)
 
 
-def _synthetic(n: int, labeled: bool, seed: int):
-    out = []
-    for i in range(n):
-        image, label = sphere_volume((40, 36, 36), radius=8 + i % 3, seed=seed + i)
-        out.append(TrainCase(f"s{seed + i}", image[None], label if labeled else None))
-    return out
-
-
 def test_export_teacher_vnet_loads_strictly_and_rectified_inference_runs(tmp_path):
     cfg = build_config({"method": "crln", "data": "synthetic", "patch_size": [32, 32, 32], "spacing": [1, 1, 1],
                         "max_iterations": 2, "batch_size": 4, "labeled_bs": 2, "labeled_num": 2, "val_num": 0,
                         "base_lr": 0.01, "checkpoint_every": 1, "validate_every": 0, "seed": 1, "device": "cpu",
                         "output": str(tmp_path / "run"), "method_params": {**SMALL, "export": "teacher"}})
-    result = Trainer(cfg, _synthetic(2, True, 0), _synthetic(2, False, 10)).run()
+    result = Trainer(cfg, synthetic_cases(2, True, 0), synthetic_cases(2, False, 10)).run()
     method = result.method
     assert float(method.rectifier.alpha.detach()) != 0.0  # the rectifier's own optimiser stepped
     exported = method.inference_network()
@@ -212,7 +204,7 @@ def test_export_teacher_vnet_loads_strictly_and_rectified_inference_runs(tmp_pat
     for (key, a), (_, b) in zip(exported.state_dict().items(), rebuilt.state_dict().items()):
         assert torch.equal(a, b), key
     spec = InferenceSpec((32, 32, 32), (1.0, 1.0, 1.0))
-    volume = _synthetic(1, True, 5)[0].image[0]
+    volume = synthetic_cases(1, True, 5)[0].image[0]
     plain, _, _ = Predictor(exported, spec, device="cpu", mode="sliding").probabilities(volume)
     rectified, _, _ = Predictor(method.rectified_inference(), spec, device="cpu",
                                 mode="sliding").probabilities(volume)
@@ -258,7 +250,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                              "base_lr": 0.01, "checkpoint_every": 2, "validate_every": 0, "seed": 2, "device": "cpu",
                              "output": str(tmp_path / folder), "method_params": {**SMALL, "iterations_per_epoch": 1,
                                                                                  "rectify_from_epoch": 2}})
-    labeled, unlabeled = _synthetic(2, True, 0), _synthetic(2, False, 10)
+    labeled, unlabeled = synthetic_cases(2, True, 0), synthetic_cases(2, False, 10)
     straight = Trainer(config("a"), labeled, unlabeled).run().method
     calls = {"n": 0}
 
@@ -283,7 +275,7 @@ def test_default_export_is_the_rectified_inference_and_round_trips_through_the_c
                         "max_iterations": 2, "batch_size": 4, "labeled_bs": 2, "labeled_num": 2, "val_num": 0,
                         "base_lr": 0.01, "checkpoint_every": 0, "validate_every": 0, "seed": 1, "device": "cpu",
                         "output": str(tmp_path / "run"), "method_params": SMALL})
-    exported = Trainer(cfg, _synthetic(2, True, 0), _synthetic(2, False, 10)).run().method.inference_network()
+    exported = Trainer(cfg, synthetic_cases(2, True, 0), synthetic_cases(2, False, 10)).run().method.inference_network()
     assert exported.architecture_name == "crln-rectified" and exported.fixed_window
     card = ModelCard(id="crln-tiny-v0.1.0", name="crln-tiny", version="0.1.0", method="crln",
                      architecture={"name": exported.architecture_name, "config": exported.config},
@@ -291,7 +283,7 @@ def test_default_export_is_the_rectified_inference_and_round_trips_through_the_c
     save_model(tmp_path / "model", exported.state_dict(), card)
     loaded, _ = load_network(tmp_path / "model")
     spec = InferenceSpec((32, 32, 32), (1.0, 1.0, 1.0))
-    volume = _synthetic(1, True, 5)[0].image[0]
+    volume = synthetic_cases(1, True, 5)[0].image[0]
     expected, windows, _ = Predictor(exported.eval(), spec, device="cpu", mode="fast").probabilities(volume)
     got, _, _ = Predictor(loaded, spec, device="cpu", mode="fast").probabilities(volume)
     assert windows > 1  # training-size windows even in fast mode: the DIM is tied to the patch

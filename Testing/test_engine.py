@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sphere_volume
+from conftest import sphere_volume, synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset, parse_overrides, preset_names
-from semiseg_la.engine.data import Augmentation, TrainCase, TwoStreamSampler, random_crop
+from semiseg_la.engine.data import Augmentation, TwoStreamSampler, random_crop
 from semiseg_la.engine.loop import Trainer
 from semiseg_la.errors import ConfigError
-
-
-def synthetic_cases(n: int, labeled: bool, seed: int = 0):
-    cases = []
-    for i in range(n):
-        image, label = sphere_volume((40, 36, 36), radius=8 + i % 3, seed=seed + i)
-        cases.append(TrainCase(f"c{i}", image[None], label if labeled else None))
-    return cases
 
 
 def tiny_config(tmp_path, **overrides):

@@ -35,14 +35,6 @@ class FakePyTorchLogic:
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    f = slicer_fake.getFake()
-    f.reset()
-    f.install(monkeypatch)
-    return f
-
-
-@pytest.fixture
 def core_dir(tmp_path):
     folder = tmp_path / "bundle" / "training"
     (folder / "semiseg_la").mkdir(parents=True)

@@ -22,14 +22,6 @@ BASE = "la-caml-v1.0.0"
 TIMEOUT = 60
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    f = slicer_fake.getFake()
-    f.reset()
-    f.install(monkeypatch)
-    return f
-
-
 @pytest.fixture(scope="module")
 def module():
     return slicer_fake.loadModule()
