@@ -79,7 +79,9 @@ def test_finetune_records_parent_and_never_touches_the_base(tmp_path, dataset):
     assert done["stage"] == "done" and done["model_id"].startswith("site-a")
     listing = {r["id"]: r for r in json.loads(run_cli(["models", "list", "--json"]).stdout)}
     assert listing[done["model_id"]]["parent"] == "base-tiny-v0.1.0"
-    assert listing[done["model_id"]]["labeled_cases"] == 3
+    assert listing[done["model_id"]]["labeled_cases"] == 2  # the third is held out for the guard rail
+    assert listing[done["model_id"]]["dice_kind"] == "site hold-out"
+    assert done["guard"]["verdict"] in ("worse", "better or equal")
     lineage = run_cli(["models", "lineage", done["model_id"]])
     assert lineage.stdout.strip() == f"{done['model_id']} <- base-tiny-v0.1.0"
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before

@@ -188,6 +188,19 @@ class ModelCard:
         return find_dice(self.validation)
 
     @property
+    def dice_kind(self) -> str:
+        """What `validation_dice` measures: "validation" (held-out cases of the training data), "site
+        hold-out" (a site's labelled case kept out of its fine-tune), "training fit" (cases it was trained
+        on: optimistic) or "none"; older cards without `figure` are read from their `split` text."""
+        validation = self.validation or {}
+        if self.validation_dice is None:
+            return "none"
+        figure = validation.get("figure")
+        if isinstance(figure, str) and figure:
+            return figure
+        return "training fit" if "training fit" in str(validation.get("split", "")) else "validation"
+
+    @property
     def weight_files(self) -> Dict[str, str]:
         return dict((self.weights or {}).get("files", {}))
 

@@ -25,6 +25,7 @@ DEFAULT_FILE = "default.json"
 HOME_ENV = "SEMISEG_LA_HOME"
 SITE_ENV = "SEMISEG_LA_MODELS"
 DEFAULT_ENV = "SEMISEG_LA_DEFAULT_MODEL"
+DEFAULT_ALIAS = "default"  # accepted wherever a model id is: the current default model
 NO_MODEL_MESSAGE = "no model installed; train one with `semiseg-la train` or pass --model"
 
 
@@ -42,6 +43,7 @@ class CatalogEntry:
     labeled_cases: Any = None
     unlabeled_cases: Any = None
     validation_dice: Optional[float] = None
+    dice_kind: str = "none"  # what the Dice measures: validation | site hold-out | training fit | none
     parent: Optional[str] = None
     created: Optional[str] = None
     error: Optional[str] = None
@@ -109,7 +111,8 @@ def read_entry(folder: Path, source: str) -> CatalogEntry:
     entry = CatalogEntry(id=card.id, source=source, path=folder, name=card.name, version=card.version,
                          method=card.method, description=card.description, labeled_cases=card.labeled_cases,
                          unlabeled_cases=(card.training or {}).get("unlabeled_cases"),
-                         validation_dice=card.validation_dice, parent=card.parent, created=card.created or None)
+                         validation_dice=card.validation_dice, dice_kind=card.dice_kind, parent=card.parent,
+                         created=card.created or None)
     missing = [name for name in card.weight_files if not (folder / name).is_file()]
     if source != "path" and card.id != folder.name:
         entry.error = f"{folder / CARD_FILE}: id {card.id!r} differs from the folder name {folder.name!r}"
@@ -157,7 +160,7 @@ def _read_default_file(path: Path) -> str:
 
 def resolve_model(model_id: Optional[str] = None) -> Path:
     """The folder of a catalog id, of an explicit model folder path, or (None) of the default model."""
-    if model_id is None:
+    if model_id is None or model_id == DEFAULT_ALIAS:
         model_id = default_model_id()
     if _looks_like_path(model_id):
         return _model_folder(Path(model_id))
@@ -239,6 +242,8 @@ def lineage(model_id: str) -> List[str]:
 
 
 def _entry_for(model_id: str) -> CatalogEntry:
+    if model_id == DEFAULT_ALIAS:
+        model_id = default_model_id()
     if _looks_like_path(model_id):
         folder = _model_folder(Path(model_id))
         return read_entry(folder, "path")

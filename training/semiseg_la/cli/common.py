@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Tuple
 
 from ..progress import ProgressReporter, make_reporter
+
+#: when this command began (this module is imported as the command line is parsed): time budgets count
+#: the whole command from here
+COMMAND_STARTED = time.monotonic()
+
+
+def command_seconds() -> float:
+    return time.monotonic() - COMMAND_STARTED
 
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:

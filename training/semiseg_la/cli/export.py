@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -20,11 +21,15 @@ from ..metrics import evaluate_case, summarize
 from ..progress import ProgressReporter
 from .common import card_get
 
+#: with this many labelled cases or more, a fine-tune holds one out to compare the child with its parent
+HOLDOUT_FROM = 3
+
 
 def export_run(config: TrainConfig, result: TrainResult, split: Split, validation_records: Sequence[CaseRecord],
                parent_card=None, name: Optional[str] = None, reporter: Optional[ProgressReporter] = None
-               ) -> Tuple[str, Path, Dict[str, Any]]:
-    """Export the best-by-validation checkpoint (the last one when there is no validation split)."""
+               ) -> Tuple[str, Path, Dict[str, Any], Optional[Dict[str, Any]]]:
+    """Export the best-by-validation checkpoint (the last one when there is no validation split):
+    (model id, folder, validation figures, the fine-tune's parent/child record or None)."""
     reporter = reporter or ProgressReporter()
     ckpt_dir = Path(config.output) / "checkpoints"
     use_best = bool(validation_records) and (ckpt_dir / "best.pt").is_file()
@@ -39,16 +44,70 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
         validation["split"] = (f"no held-out validation case: Dice on {min(len(split.labeled), 8)} labelled "
                                "training cases (training fit, optimistic)")
     validation["checkpoint"] = f"{'best' if use_best else 'last'} (iteration {int(state['iteration'])})"
+    validation["figure"] = _figure_kind(validation_records, parent_card)
     model_id = unique_model_id(name or _default_name(config, parent_card))
     card = make_card(model_id, config, result, split, validation, parent_card, int(state["iteration"]))
+    if parent_card is not None:
+        card.extra["finetune"] = finetune_record(config, split, validation, parent_card, validation_records,
+                                                 reporter, channel)
+        _warn_if_worse(card.extra["finetune"], reporter)
     folder = new_local_model_dir(model_id)
     state_dict = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     save_model(folder, state_dict, card)
-    return model_id, folder, validation
+    return model_id, folder, validation, card.extra.get("finetune")
+
+
+def _figure_kind(validation_records: Sequence[CaseRecord], parent_card) -> str:
+    if not validation_records:
+        return "training fit"
+    return "site hold-out" if parent_card is not None else "validation"
+
+
+def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any], parent_card,
+                    held_out: Sequence[CaseRecord], reporter: ProgressReporter,
+                    channel: Optional[int] = None) -> Dict[str, Any]:
+    """What a fine-tune's card says about the site: the parent and the child on the held-out site case(s),
+    the verdict, the parent's own (shift-free) figure, the case counts, the budget and the device."""
+    parent_validation = card_get(parent_card, "validation") or {}
+    record: Dict[str, Any] = {
+        "parent": card_get(parent_card, "id"),
+        "labeled_cases": len(split.labeled), "held_out_cases": len(held_out),
+        "unlabeled_cases": len(split.unlabeled),
+        "time_budget_s": config.time_budget_s, "device": _device_name(config),
+        "parent_reference": {"dice": parent_validation.get("dice"),
+                             "measured_on": parent_validation.get("split", "unknown")},
+    }
+    if not held_out:
+        record["verdict"] = (f"unchecked: fewer than {HOLDOUT_FROM} labelled cases, so none was held out to "
+                             "compare the fine-tuned model with its parent")
+        return record
+    from ..checkpoints import load_network, resolve_model
+
+    parent_network, _ = load_network(resolve_model(card_get(parent_card, "id")), device="cpu")
+    parent = evaluate_records(parent_network.eval(), config, held_out, reporter, channel,
+                              what="the parent on the held-out site case(s)")
+    child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])
+    record["site_holdout"] = {"cases": [r.case_id for r in held_out], "parent_dice": parent_dice,
+                              "child_dice": child_dice, "parent_hd95_mm": parent.get("hd95_mm"),
+                              "child_hd95_mm": validation.get("hd95_mm")}
+    record["verdict"] = "worse" if child_dice < parent_dice else "better or equal"
+    return record
+
+
+def _warn_if_worse(record: Dict[str, Any], reporter: ProgressReporter) -> None:
+    holdout = record.get("site_holdout")
+    if not holdout or record.get("verdict") != "worse":
+        return
+    message = (f"WARNING: the fine-tuned model is worse than its parent {record['parent']} on the held-out site "
+               f"case(s) (Dice {holdout['child_dice']:.4f} vs {holdout['parent_dice']:.4f}); keep using the parent, "
+               "or annotate more cases and fine-tune again")
+    reporter.log(message)
+    print(f"semiseg-la: {message}", file=sys.stderr)
 
 
 def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord],
-                     reporter: ProgressReporter, channel: Optional[int] = None) -> Dict[str, Any]:
+                     reporter: ProgressReporter, channel: Optional[int] = None,
+                     what: str = "validation metrics of the exported model") -> Dict[str, Any]:
     """Full metrics on the input grid (mm and legacy conventions) of the validation records."""
     if not records:
         return {"split": "none (no validation cases): figures unavailable"}
@@ -56,7 +115,7 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
     device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
     predictor = Predictor(network, spec, device=device)
     cases = {}
-    reporter.start("evaluate", len(records), "validation metrics of the exported model")
+    reporter.start("evaluate", len(records), what)
     for i, record in enumerate(records, 1):
         image, label = record.load(channel=channel) if channel is not None else record.load()
         prediction = predictor.predict(image)

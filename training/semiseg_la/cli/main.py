@@ -47,6 +47,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except SemiSegError as exc:
+        if not getattr(exc, "report_on_this_rank", True):  # torchrun: the rank that hit it reports, once
+            close_active_reporters()
+            return exc.exit_code
         return _fail(str(exc), exc.kind, exc.exit_code, json_progress)
     except KeyboardInterrupt:
         return _fail("interrupted", "cancelled", 130, json_progress)

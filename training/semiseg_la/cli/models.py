@@ -49,12 +49,13 @@ def run_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no models installed")
         return 0
-    print(f"{'id':40s} {'source':8s} {'method':14s} {'labels':>6s} {'dice':>6s}  parent")
+    print(f"{'id':40s} {'source':8s} {'method':14s} {'labels':>6s} {'dice':>6s} {'measured on':14s}  parent")
     for r in rows:
         dice = f"{r['dice']:.3f}" if isinstance(r.get("dice"), (int, float)) else "-"
+        kind = r.get("dice_kind") if dice != "-" else "-"
         mark = " *" if r["default"] else ""
         line = (f"{r['id'] + mark:40s} {r['source']:8s} {str(r.get('method') or '-'):14s} "
-                f"{str(r.get('labeled_cases') or '-'):>6s} {dice:>6s}  {r.get('parent') or '-'}")
+                f"{str(r.get('labeled_cases') or '-'):>6s} {dice:>6s} {str(kind or '-'):14s}  {r.get('parent') or '-'}")
         print(line + (f"  BROKEN: {r['error']}" if r.get("error") else ""))
     return 0
 

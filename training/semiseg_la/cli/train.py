@@ -14,7 +14,7 @@ from ..engine.loop import Trainer, TrainResult
 from ..errors import ConfigError, InputError
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..progress import ProgressReporter
-from .common import add_device_flag, add_progress_flag, card_get, reporter_for
+from .common import add_device_flag, add_progress_flag, card_get, command_seconds, reporter_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -141,6 +141,8 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         raise InputError(f"{config.output}: nothing to resume (no checkpoints/last.pt); drop --resume")
     if not args.resume and (Path(config.output) / "checkpoints" / "last.pt").is_file():
         raise InputError(f"{config.output} already holds a run; add --resume to continue it or choose --output")
+    if args.resume and config.fit_to_budget:
+        config = _with_saved_plan(config)
     device = _validation_device(config.device)
     trainer_ref: list = []
     if config.in_channels > 1:
@@ -151,7 +153,14 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         split, labeled, unlabeled, validation = load_split(config, reporter)
         validator = make_validator(validation, config.patch_size, config.spacing, device)
     reporter.log(f"{len(labeled)} labelled, {len(unlabeled)} unlabelled, {len(validation)} validation cases")
-    trainer = Trainer(config, labeled, unlabeled, validator if validation else None, reporter,
+    active_validator = validator if validation else None
+    if config.fit_to_budget and config.time_budget_s and not args.resume:
+        from ..engine.budget import plan_to_budget
+
+        comparisons = 2 if parent_card is not None else 1
+        config = plan_to_budget(config, labeled, unlabeled, active_validator, initial, command_seconds, reporter,
+                                export_evaluations=comparisons if validation else 1)
+    trainer = Trainer(config, labeled, unlabeled, active_validator, reporter,
                       initial_weights=initial)
     trainer_ref.append(trainer)
     result = trainer.run(resume=args.resume)
@@ -165,11 +174,30 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
                               parent_card=parent_card, name=args.name, reporter=reporter)
     if exported:
         reporter.log(f"exported model {exported[0]} to {exported[1]}")
-    reporter.done(run_dir=str(Path(config.output).resolve()), iterations=result.iterations,
+    guard = _guard_summary(exported[3] if exported else None)
+    reporter.done(run_dir=str(Path(config.output).resolve()), iterations=result.iterations, guard=guard,
                   stopped_early=result.stopped_early, best_iteration=result.best_iteration,
                   model_id=exported[0] if exported else None, model_dir=str(exported[1]) if exported else None,
                   validation=exported[2] if exported else result.best_metrics)
     return 0
+
+
+def _guard_summary(finetune: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The parent/child check for the `done` record (the Slicer module keeps the parent when "worse")."""
+    if not finetune:
+        return None
+    holdout = finetune.get("site_holdout") or {}
+    return {"verdict": finetune.get("verdict"), "parent": finetune.get("parent"),
+            "parent_dice": holdout.get("parent_dice"), "child_dice": holdout.get("child_dice")}
+
+
+def _with_saved_plan(config: TrainConfig) -> TrainConfig:
+    """A resumed budget-fitted run keeps the schedule it was planned with (its saved config.yaml)."""
+    import dataclasses
+
+    saved = load_config_file(Path(config.output) / "config.yaml")
+    return dataclasses.replace(config, max_iterations=int(saved.get("max_iterations", config.max_iterations)),
+                               loop_budget_s=saved.get("loop_budget_s"), iteration_cap=saved.get("iteration_cap"))
 
 
 def _validation_device(name: str) -> str:
@@ -188,22 +216,43 @@ def run_finetune(args: argparse.Namespace) -> int:
     weights, card = load_model_weights(folder)
     info = card_get(card, "inference") or {}
     arch = (card_get(card, "architecture") or {}).get("config", {})
-    base = load_preset("finetune")
+    base = load_preset(args.preset or finetune_preset(args.method))
     base.update({"patch_size": info["patch_size"], "spacing": info["spacing"],
                  "in_channels": int(arch.get("in_channels", 1))})
-    if args.labeled_num is None and args.data:
-        base["labeled_num"] = _count_labeled(args)
+    if "patch_size" in (base.get("method_params") or {}):  # CRLN's DIM grid follows the parent's patch
+        base["method_params"]["patch_size"] = list(info["patch_size"])
+    if args.data and (args.labeled_num is None or args.val_num is None):
+        labeled_num, val_num = _site_split(args)
+        base["val_num"] = val_num
+        if args.labeled_num is None:
+            base["labeled_num"] = labeled_num
     return run_train(args, initial=weights, parent_card=card, base=base)
 
 
-def _count_labeled(args: argparse.Namespace) -> int:
-    """Fine-tuning uses every labelled case outside the validation split unless --labeled says otherwise."""
+def finetune_preset(method: Optional[str]) -> str:
+    """The fine-tune preset of a method: `finetune` (mean teacher, the default) or `finetune-<method>`."""
+    from ..engine.config import preset_names
+
+    if not method or method == "mean_teacher":
+        return "finetune"
+    name = "finetune-" + method.replace("_", "-")
+    if name not in preset_names():
+        raise ConfigError(f"no fine-tune preset for method {method!r}; available: "
+                          + ", ".join(n for n in preset_names() if n.startswith("finetune")))
+    return name
+
+
+def _site_split(args: argparse.Namespace) -> tuple:
+    """(labelled, held out): every labelled case trains, except one held out for the parent/child check
+    once there are HOLDOUT_FROM or more (its image still joins the unlabelled pool)."""
+    from .export import HOLDOUT_FROM
+
     records = open_dataset(args.data, args.train_list)
     n = sum(1 for r in records if r.label_path is not None)
-    val = args.val_num if args.val_num is not None else 0
+    val = args.val_num if args.val_num is not None else (1 if n >= HOLDOUT_FROM else 0)
     if n - val < 1:
         raise InputError(f"{args.data}: fine-tuning needs at least one labelled case outside validation")
-    return n - val
+    return n - val, val
 
 
 def slug(text: str) -> str:

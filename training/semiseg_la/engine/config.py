@@ -54,12 +54,18 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     compile: bool = False
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over every rank's batch
     validate_every: int = 200
     validate_from: int = 0
     checkpoint_every: int = 100
     val_overlap: float = 0.5
     log_every: int = 10
     time_budget_s: Optional[float] = None
+    # with a time budget: measure a step first and size the schedule (max_iterations) to fit the budget,
+    # which then counts the whole command (loading, training, export); max_iterations becomes a cap
+    fit_to_budget: bool = False
+    loop_budget_s: Optional[float] = None  # the training loop's share of the budget (set by the plan)
+    iteration_cap: Optional[int] = None  # the preset's max_iterations, kept when the plan resizes the run
     output: str = ""
     init_from: Optional[str] = None
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import platform
 import random
 import subprocess
@@ -30,7 +31,16 @@ from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
 from .config import TrainConfig, dump_config
 from .data import Augmentation, TrainCase, TwoStreamSampler
-from .distributed import DistContext, barrier, broadcast_flag, broadcast_values, cleanup, init_distributed
+from .distributed import (
+    DistContext,
+    barrier,
+    broadcast_flag,
+    broadcast_values,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    ranks_where,
+)
 from .state import load_state, rng_state, save_state, set_rng_state
 
 #: validate(network, channel=None) -> {"dice": mean, ...}; injected by the caller (inference sits above
@@ -100,7 +110,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.method.wrap_trainable(lambda m: DDP(m, device_ids=ids, find_unused_parameters=False))
+            if config.sync_batchnorm:
+                self.method.wrap_trainable(nn.SyncBatchNorm.convert_sync_batchnorm)
+            unused = bool(getattr(self.method, "ddp_find_unused_parameters", False))
+            self.method.wrap_trainable(lambda m: DDP(m, device_ids=ids, find_unused_parameters=unused))
         self.optimizer = torch.optim.SGD(self.method.parameters(), lr=config.base_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, nesterov=config.nesterov)
         self.sampler = TwoStreamSampler(len(labeled), len(unlabeled) if config.use_unlabeled else 0,
@@ -114,7 +127,16 @@ class Trainer:
         self.elapsed_before = 0.0
 
     # -- state ----------------------------------------------------------------------------------
+    def rank_state(self) -> Dict[str, Any]:
+        """What differs between ranks: each rank's sampler, augmentation and RNG streams."""
+        return {"sampler": self.sampler.state_dict(), "aug_rng": self.aug_rng.bit_generator.state,
+                "rng": rng_state()}
+
     def state(self) -> Dict[str, Any]:
+        """The whole resumable state; under torchrun it carries every rank's streams (`rank_states`), so a
+        resumed run's ranks keep drawing different batches. Every rank must call it (a collective)."""
+        own = self.rank_state()
+        ranks = gather_objects(self.ctx, own) if self.ctx.enabled else None
         return {
             "format": "semiseg-la-train-state-1",
             "iteration": self.iteration,
@@ -122,9 +144,10 @@ class Trainer:
             "networks": self.method.state_dict(),
             "method_extra": self.method_extra_state(),
             "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "aug_rng": self.aug_rng.bit_generator.state,
-            "rng": rng_state(),
+            "sampler": own["sampler"],
+            "aug_rng": own["aug_rng"],
+            "rng": own["rng"],
+            **({"rank_states": ranks} if ranks is not None else {}),
             "history": self.history,
             "best": dict(self.best),
             "elapsed_s": self.elapsed_before + (time.monotonic() - self.t_start),
@@ -141,9 +164,16 @@ class Trainer:
         if callable(load_extra):
             load_extra(state.get("method_extra", {}))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.aug_rng.bit_generator.state = state["aug_rng"]
-        set_rng_state(state["rng"])
+        saved = state.get("rank_states") or [state]
+        if len(saved) != self.ctx.world_size:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{self.ckpt_dir / 'last.pt'} was saved by {len(saved)} process(es); resume it with "
+                              f"as many (torchrun --nproc_per_node), not {self.ctx.world_size}")
+        streams = saved[self.ctx.rank]
+        self.sampler.load_state_dict(streams["sampler"])
+        self.aug_rng.bit_generator.state = streams["aug_rng"]
+        set_rng_state(streams["rng"])
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.best = dict(state["best"])
@@ -154,8 +184,11 @@ class Trainer:
         self.reporter.log(f"resumed from {self.ckpt_dir / 'last.pt'} at iteration {self.iteration}")
 
     def _save_checkpoint(self, name: str, state: Optional[Dict[str, Any]] = None) -> None:
+        """`last.pt` (state None) is collective under torchrun: every rank calls this at the same iteration."""
+        if state is None:
+            state = self.state()
         if self.ctx.is_main:
-            save_state(self.ckpt_dir / name, state if state is not None else self.state())
+            save_state(self.ckpt_dir / name, state)
 
     # -- schedule and batches ----------------------------------------------------------------------
     def learning_rate(self, iteration: int) -> float:
@@ -189,31 +222,27 @@ class Trainer:
         self.reporter.start("train", c.max_iterations, f"{c.method} on {self.device}")
         self.reporter.update(self.iteration)
         last_metrics: Dict[str, float] = {}
+        validated_at = -1  # the same on every rank (last_metrics is filled on rank 0 only)
         stopped_early = False
+        budget_s = c.loop_budget_s if c.loop_budget_s is not None else c.time_budget_s
+        step_started = time.monotonic()
+        loop_started, first_iteration = time.monotonic(), self.iteration
+        replan_at = self._replan_iteration(budget_s)
         while self.iteration < c.max_iterations:
-            self.method.train(True)
-            lr = self.learning_rate(self.iteration)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            batch = self.next_batch()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                result = self.method.training_step(batch, self.iteration)
-            if not torch.isfinite(result.loss):
-                from ..errors import SemiSegError
-
-                raise SemiSegError(f"loss became {float(result.loss)} at iteration {self.iteration}; "
-                                   "lower base_lr or check the data")
-            self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            self.optimizer.step()
-            self.method.after_optimizer_step(self.iteration)
-            self._score_gate_networks()
+            lr, result = self.train_step(use_amp)
             self.iteration += 1
             record = {"iteration": self.iteration, "lr": lr, "loss": float(result.loss.detach()), **result.logs}
             self._log_iteration(record)
             if self.validator is not None and self._due(c.validate_every) and self.iteration >= c.validate_from:
                 last_metrics = self._validate()
-            out_of_time = c.time_budget_s is not None and self._elapsed() >= c.time_budget_s
+                validated_at = self.iteration
+            if self.iteration == replan_at:
+                per_iteration = (time.monotonic() - loop_started) / (self.iteration - first_iteration)
+                self._replan(budget_s, per_iteration)
+            step_s = time.monotonic() - step_started
+            step_started = time.monotonic()
+            # stop when the next step would not end inside the budget
+            out_of_time = budget_s is not None and self._elapsed() + step_s >= budget_s
             stop = broadcast_flag(self.ctx, out_of_time or self.should_stop())
             if self._due(c.checkpoint_every) or stop or self.iteration == c.max_iterations:
                 self._save_checkpoint("last.pt")
@@ -222,7 +251,7 @@ class Trainer:
                 self.reporter.log(f"stopping at iteration {self.iteration}: "
                                   + ("time budget reached" if out_of_time else "stop requested"))
                 break
-        if self.validator is not None and (not last_metrics or last_metrics.get("iteration") != self.iteration):
+        if self.validator is not None and validated_at != self.iteration:
             last_metrics = self._validate()
             self._save_checkpoint("last.pt")
         self.reporter.end()
@@ -232,6 +261,74 @@ class Trainer:
                              self._elapsed(), stopped_early, self.method)
         cleanup(self.ctx)
         return result
+
+    def train_step(self, use_amp: bool) -> tuple:
+        """One optimiser step at `self.iteration` (which the caller advances): (learning rate, StepResult)."""
+        self.method.train(True)
+        lr = self.learning_rate(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.next_batch()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            result = self.method.training_step(batch, self.iteration)
+        finite = bool(torch.isfinite(result.loss)) and not _injected_fault(self.ctx.rank, self.iteration)
+        failed = ranks_where(self.ctx, not finite)
+        if failed:  # every rank stops here, before a gradient all-reduce could die of it elsewhere
+            from ..errors import SemiSegError
+
+            where = f" on rank(s) {', '.join(map(str, failed))}" if self.ctx.enabled else ""
+            value = "" if finite else f" {float(result.loss)}"
+            error = SemiSegError(f"loss became{value or ' non-finite'} at iteration {self.iteration}{where}; "
+                                 "lower base_lr or check the data")
+            error.report_on_this_rank = self.ctx.rank == failed[0]
+            raise error
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.optimizer.step()
+        self.method.after_optimizer_step(self.iteration)
+        self._score_gate_networks()
+        return lr, result
+
+    def measure_step_seconds(self, steps: int = 2) -> float:
+        """Seconds per step on this device: one warm-up step, then the median of `steps` timed ones.
+
+        It trains this Trainer's method, so measure on a throwaway Trainer and build the real one after
+        (the real one re-seeds everything). Under torchrun every rank takes rank 0's figure."""
+        use_amp = self.config.amp and self.device.type == "cuda"
+        times = []
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            self.train_step(use_amp)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if i:
+                times.append(time.perf_counter() - start)
+        return float(broadcast_values(self.ctx, [float(np.median(times))])[0])
+
+    def _replan_iteration(self, budget_s: Optional[float]) -> Optional[int]:
+        """When a budget-fitted run checks its plan: after a tenth of it (at least 5 iterations), once."""
+        c = self.config
+        if not (c.fit_to_budget and budget_s and c.iteration_cap):
+            return None
+        at = max(5, c.max_iterations // 10)
+        return at if self.iteration < at < c.max_iterations else None
+
+    def _replan(self, budget_s: float, per_iteration: float) -> None:
+        """Resize the schedule to the step time measured in the run itself: the plan's few probe steps can
+        meet a passing load (another program, a first-call kernel cache) and misjudge the device."""
+        c = self.config
+        left = budget_s - self._elapsed()
+        fit = self.iteration + max(int(left // per_iteration), 1)
+        wanted = int(broadcast_values(self.ctx, [min(fit, c.iteration_cap)])[0])
+        if abs(wanted - c.max_iterations) <= max(1, c.max_iterations // 20):
+            return
+        self.reporter.log(f"re-planned at iteration {self.iteration}: {per_iteration:.2f} s per iteration measured "
+                          f"in this run, so {wanted} iterations instead of {c.max_iterations} fit in the budget")
+        c.max_iterations = wanted
+        if self.ctx.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(c))
+        self.reporter.start("train", c.max_iterations, f"{c.method} on {self.device}")
+        self.reporter.update(self.iteration)
 
     def _score_gate_networks(self) -> None:
         """Validation Dice of the networks a method asks about (Semi-CML's gate), computed on rank 0."""
@@ -320,6 +417,15 @@ class Trainer:
         atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
         for name in ("train_log.csv", "validation.csv"):
             (self.run_dir / name).unlink(missing_ok=True)
+
+
+#: "RANK:ITERATION": make that rank's loss count as non-finite at that iteration (tests of the stop path)
+FAULT_ENV = "SEMISEG_LA_INJECT_NONFINITE"
+
+
+def _injected_fault(rank: int, iteration: int) -> bool:
+    spec = os.environ.get(FAULT_ENV, "")
+    return bool(spec) and spec == f"{rank}:{iteration}"
 
 
 def _csv_header(path: Path) -> List[str]:

@@ -38,6 +38,7 @@ DEFAULTS: Dict[str, Any] = {
     "consistency": 1.0,                # lambda_c
     "occ_weight": 0.05,                # lambda_o
     "consistency_rampup": 40.0,        # R, in units of 150 iterations (40 / 20 / 15 for 4 / 8 / 16 labels)
+    "rampup_unit": 150,                # iterations per ramp-up unit (1 for a short fine-tune)
     "sharpen_temperature": 0.1,
     "embedding_dim": 32,               # d: the width the released runs really used (C4)
     "memory_per_class": 256,
@@ -272,8 +273,9 @@ class Caml(Method):
                                     bool(p["detach_consistency_target"]))
         loss_o, occ_logs = self.omni_correlation(batch, prob_v, prob_a, emb_v, emb_a)
         # the official loop counts iterations from 1 when it evaluates the ramps
-        weight_c = consistency_weight(float(p["consistency"]), iteration + 1, float(p["consistency_rampup"]))
-        weight_o = consistency_weight(float(p["occ_weight"]), iteration + 1, float(p["consistency_rampup"]))
+        unit = int(p["rampup_unit"])
+        weight_c = consistency_weight(float(p["consistency"]), iteration + 1, float(p["consistency_rampup"]), unit)
+        weight_o = consistency_weight(float(p["occ_weight"]), iteration + 1, float(p["consistency_rampup"]), unit)
         loss = float(p["supervised_weight"]) * loss_s + weight_c * loss_c + weight_o * loss_o
         logs = {"loss_s": float(loss_s.detach()), "loss_c": float(loss_c.detach()),
                 "loss_o": float(loss_o.detach()), "weight_c": weight_c, "weight_o": weight_o, **occ_logs}
@@ -340,6 +342,13 @@ class Caml(Method):
         if "memory" in state:
             device = next(unwrap(self.net_v).parameters()).device
             self.memory.load_state_dict(state["memory"], device)
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """With C3's detach, A's projection and prediction heads get no gradient once the memory holds rows,
+        so DDP must expect parameters without gradients (it stops with "Expected to have finished reduction"
+        otherwise)."""
+        return bool(self.params["detach_correlation_target"])
 
     def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Fine-tuning from a V-Net: V takes it strictly; A takes its encoder and every decoder tensor

@@ -2,7 +2,11 @@
 
 Student: 0.5 (CE + Dice) on labelled samples plus an MSE between its softmax and the EMA teacher's
 softmax on a noisy copy of every sample, weighted by `consistency` x sigmoid ramp-up
-(iteration // 150 over `consistency_rampup`). Teacher: EMA of the student (decay 0.99).
+(iteration // `rampup_unit` over `consistency_rampup`; the LA family counts in units of 150 iterations,
+a short fine-tune in single iterations). Teacher: EMA of the student (decay 0.99).
+
+`consistency_on: unlabeled` computes the teacher and the consistency on the unlabelled samples only:
+the labelled ones already have a label, and the teacher pass costs half as much (fine-tuning on a CPU).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models import VNet
 from .base import Batch, Method, StepResult, ema_update
 from .losses import consistency_weight, supervised_ce_dice
 
-DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "ema_decay": 0.99, "noise_std": 0.1,
-            "noise_clip": 0.2}
+DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "ema_decay": 0.99,
+            "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all"}
 
 
 class MeanTeacher(Method):
@@ -28,6 +33,9 @@ class MeanTeacher(Method):
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
         super().__init__({**DEFAULTS, **params}, max_iterations)
+        if self.params["consistency_on"] not in ("all", "unlabeled"):
+            raise ConfigError(f"mean_teacher consistency_on must be 'all' or 'unlabeled', "
+                              f"got {self.params['consistency_on']!r}")
         self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
                             has_dropout=bool(self.params.get("dropout", True)))
         self.teacher = copy.deepcopy(self.student)
@@ -38,13 +46,16 @@ class MeanTeacher(Method):
         logits = self.student(batch.image)
         ce, dice = supervised_ce_dice(logits[batch.labeled], batch.label[batch.labeled])
         supervised = 0.5 * (ce + dice)
-        noise = torch.clamp(torch.randn_like(batch.image) * self.params["noise_std"],
+        rows = batch.unlabeled if self.params["consistency_on"] == "unlabeled" else slice(None)
+        image = batch.image[rows]
+        noise = torch.clamp(torch.randn_like(image) * self.params["noise_std"],
                             -self.params["noise_clip"], self.params["noise_clip"])
         with torch.no_grad():
-            teacher_prob = torch.softmax(self.teacher(batch.image + noise).float(), dim=1)
-        student_prob = torch.softmax(logits.float(), dim=1)
-        consistency = torch.mean((student_prob - teacher_prob) ** 2)
-        weight = consistency_weight(self.params["consistency"], iteration, self.params["consistency_rampup"])
+            teacher_prob = torch.softmax(self.teacher(image + noise).float(), dim=1)
+        student_prob = torch.softmax(logits[rows].float(), dim=1)
+        consistency = torch.mean((student_prob - teacher_prob) ** 2) if image.shape[0] else logits.sum() * 0
+        weight = consistency_weight(self.params["consistency"], iteration, self.params["consistency_rampup"],
+                                    int(self.params["rampup_unit"]))
         loss = supervised + weight * consistency
         return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),
                                  "loss_consistency": float(consistency.detach()), "consistency_weight": weight})

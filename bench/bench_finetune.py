@@ -1,0 +1,185 @@
+"""Does "Fine-tune semi-supervised" adapt a model to a new site? Side by side, at one CPU time budget.
+
+A simulated site (`semiseg_la.preprocess.site_shift`) acquires the first cases of train.list: 4 labelled
+and 12 unlabelled site scans. The base model is scored on the validation cases (the last 8 of train.list,
+never trained on) as the site would acquire them, and unshifted. Then each fine-tune runs through the real
+CLI (`semiseg-la finetune`, one child process each, one after the other, with the same time budget) and
+its model is scored the same way:
+
+    python bench/bench_finetune.py --data ../shared/data/LA --shift scanner [--strength 1] [--budget 600] \
+        [--methods default supervised caml crln semicml-la] [--json out.json] [--work DIR]
+
+Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
+command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
+recovers, Dice on unshifted validation cases (what the site did not ask to lose) and the guard rail's
+verdict on the held-out site case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from semiseg_la.checkpoints import load_network, resolve_model
+from semiseg_la.inference.predictor import InferenceSpec, Predictor
+from semiseg_la.io import write_volume
+from semiseg_la.io.datasets import open_dataset
+from semiseg_la.metrics import dice
+from semiseg_la.preprocess.site_shift import SiteShift, shift_families
+
+#: method name on the command line -> the finetune preset it runs ("default" is what Slicer runs)
+PRESETS = {"default": "finetune", "supervised": "finetune-supervised", "caml": "finetune-caml",
+           "crln": "finetune-crln", "semicml-la": "finetune-semicml-la"}
+STEP_RE = re.compile(r"([0-9.]+) s per iteration")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    shift = SiteShift(args.shift, args.strength, args.seed)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
+    records = [r for r in open_dataset(args.data, "train.list") if r.label_path]
+    site, validation = records[:args.labeled + args.unlabeled], records[-args.val:]
+    site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift)
+    cases = [record.load() for record in validation]
+    shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
+    base = score_model(args.model, cases, shifted)
+    print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site scans; "
+          f"{len(cases)} validation cases; budget {args.budget:g} s; torch threads {torch_threads()}")
+    print(f"base model {base['model']}: Dice {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site "
+          f"(shift costs {100 * (base['unshifted'] - base['shifted']):.2f} points)", flush=True)
+    rows: List[Dict] = []
+    header = (f"{'fine-tune':12s} {'iters':>5s} {'s/it':>5s} {'wall s':>6s} {'site Dice':>9s} {'recovered':>9s} "
+              f"{'unshifted':>9s} {'d unshift':>9s}  guard")
+    for method in args.methods:
+        run = run_finetune(method, args, work, site_dir, unlabeled_dir)
+        if run.get("error"):
+            rows.append({"method": method, **run})
+            print(f"{method:12s} FAILED: {run['error']}", flush=True)
+            continue
+        scores = score_model(run["model_dir"], cases, shifted)
+        lost = base["unshifted"] - base["shifted"]
+        recovered = (scores["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
+        row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
+               "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
+               "shifted_cases": scores["shifted_cases"]}
+        rows.append(row)
+        print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
+        print(format_row(row), flush=True)
+    print_summary(base, rows)
+    if args.json:
+        result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
+                  "budget_s": args.budget, "labeled": args.labeled, "unlabeled": args.unlabeled,
+                  "validation": [r.case_id for r in validation], "base": base, "runs": rows}
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="LA h5 root with train.list")
+    parser.add_argument("--model", default="default", help="the base model (catalog id or folder)")
+    parser.add_argument("--shift", default="scanner", choices=shift_families())
+    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="the simulated site")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds per fine-tune (whole command)")
+    parser.add_argument("--methods", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--labeled", type=int, default=4)
+    parser.add_argument("--unlabeled", type=int, default=12)
+    parser.add_argument("--val", type=int, default=8, help="the last N train.list cases (the base's validation)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
+    parser.add_argument("--json", default=None, help="write every figure here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every fine-tune (e.g. --set base_lr=0.002)")
+    return parser.parse_args(argv)
+
+
+def write_site(work: Path, site, labeled: int, shift: SiteShift):
+    """The site's scans as a clinician would bring them: NRRD files, labelled ones with a label map."""
+    site_dir, unlabeled_dir = work / "site", work / "unlabeled"
+    for sub in (site_dir / "images", site_dir / "labels", unlabeled_dir):
+        sub.mkdir(parents=True, exist_ok=True)
+    for i, record in enumerate(site):
+        image, label = record.load()
+        moved = shift.apply(image, i)
+        if i < labeled:
+            write_volume(moved, site_dir / "images" / f"{record.case_id}.nrrd")
+            write_volume(label, site_dir / "labels" / f"{record.case_id}.nrrd")
+        else:
+            write_volume(moved, unlabeled_dir / f"{record.case_id}.nrrd")
+    return site_dir, unlabeled_dir
+
+
+def score_model(model: str, cases, shifted) -> Dict:
+    network, card = load_network(resolve_model(model))
+    spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
+    predictor = Predictor(network, spec, device="cpu")
+    plain = [dice(predictor.predict(image).label.array, label.array) for image, label in cases]
+    moved = [dice(predictor.predict(image).label.array, label.array) for image, label in shifted]
+    return {"model": card.id, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
+            "shifted_cases": [float(d) for d in moved]}
+
+
+def run_finetune(method: str, args: argparse.Namespace, work: Path, site_dir: Path, unlabeled_dir: Path) -> Dict:
+    """One `semiseg-la finetune` in a child process: wall time, iterations, step time, model folder, guard."""
+    output = work / "runs" / method
+    command = [sys.executable, "-m", "semiseg_la.cli.main", "finetune", "--from", args.model,
+               "--data", str(site_dir), "--unlabeled", str(unlabeled_dir), "--preset", PRESETS[method],
+               "--time-budget", f"{args.budget:g}", "--device", args.device, "--output", str(output),
+               "--name", f"bench-{method}", "--progress", "json"]
+    for item in args.overrides:
+        command += ["--set", item]
+    env = dict(os.environ, SEMISEG_LA_HOME=str(work / "home"))
+    start = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, encoding="utf-8")
+    wall = time.monotonic() - start
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    done = next((r for r in records if r.get("stage") == "done"), None)
+    if proc.returncode != 0 or done is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}", "wall_s": wall}
+    plan = next((r["message"] for r in records if r.get("stage") == "log" and "s per iteration" in r["message"]), "")
+    step = STEP_RE.search(plan)
+    return {"model_dir": done["model_dir"], "iterations": done["iterations"], "wall_s": wall,
+            "step_s": float(step.group(1)) if step else float("nan"), "guard": done.get("guard"),
+            "best_iteration": done.get("best_iteration")}
+
+
+def format_row(row: Dict) -> str:
+    guard = row.get("guard") or {}
+    verdict = guard.get("verdict", "-")
+    if guard.get("child_dice") is not None:
+        verdict += f" ({guard['child_dice']:.3f} vs parent {guard['parent_dice']:.3f})"
+    return (f"{row['method']:12s} {row['iterations']:5d} {row['step_s']:5.2f} {row['wall_s']:6.0f} "
+            f"{row['shifted']:9.4f} {100 * row['recovered']:8.1f}% {row['unshifted']:9.4f} "
+            f"{100 * row['unshifted_change']:+8.2f}p  {verdict}")
+
+
+def print_summary(base: Dict, rows: List[Dict]) -> None:
+    done = {r["method"]: r for r in rows if "shifted" in r}
+    sup = done.get("supervised")
+    if sup:
+        for name, row in done.items():
+            if name != "supervised":
+                print(f"{name} vs supervised-only: {100 * (row['shifted'] - sup['shifted']):+.2f} Dice points at the "
+                      f"site; step time {row['step_s'] / sup['step_s']:.2f}x")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
