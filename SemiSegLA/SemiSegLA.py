@@ -10,17 +10,25 @@ import importlib
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import qt
 import slicer
 from SemiSegLALib import cases as caseRules
 from SemiSegLALib import geometry, nodes
-from SemiSegLALib.catalog import DEFAULT_METHOD_PRESETS, Catalog, CatalogError, methodLabel, parsePresetsJson
+from SemiSegLALib.catalog import (
+    DEFAULT_METHOD_PRESETS,
+    Catalog,
+    CatalogError,
+    diceText,
+    guardWarning,
+    methodLabel,
+    parsePresetsJson,
+)
 from SemiSegLALib.commands import CommandFactory
 from SemiSegLALib.dependencies import DependencyError, DependencyManager
 from SemiSegLALib.events import Signal
-from SemiSegLALib.jobs import Job
+from SemiSegLALib.jobs import BackgroundCall, Job
 from SemiSegLALib.paths import newWorkDir, shortAsciiTempRoot
 from SemiSegLALib.process import ProcessRunner, ProcessStartError
 from SemiSegLALib.progress import oneLine
@@ -40,16 +48,6 @@ SETTINGS_PREFIX = "SemiSegLA/"
 DEVICE_CHOICES = ("auto", "cuda", "cpu")  # order of the deviceComboBox items
 LIB_MODULES = ("events", "progress", "state", "commands", "process", "paths", "geometry", "catalog", "cases",
                "dependencies", "jobs", "nodes")
-
-
-@contextlib.contextmanager
-def _waitCursor():
-    """Busy cursor around short synchronous work (model list, installs)."""
-    slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
-    try:
-        yield
-    finally:
-        slicer.app.restoreOverrideCursor()
 
 
 #
@@ -118,8 +116,12 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         self.activeJob: Optional[Job] = None
         self.catalog = Catalog()
         self.methodPresets: List[str] = list(DEFAULT_METHOD_PRESETS)
-        self.pairing = {}  # volume id -> segmentation id ("" = none) chosen by the user
-        self.excluded = set()  # volume ids the user left out of fine-tuning
+        # The user's case-table choices, held by node object, not by node ID: vtkMRMLScene::Clear resets the
+        # ID counters, so after Close Scene a new volume gets an old volume's ID. Entries whose node left the
+        # scene are dropped (pruneCaseChoices), and Close Scene clears them all (clearCaseChoices).
+        self._pairing: List[Tuple[object, object]] = []  # (volume node, segmentation node or NO_SEGMENTATION)
+        self._excluded: List[object] = []  # volume nodes the user left out of fine-tuning
+        self.backgroundCalls: List[BackgroundCall] = []
         self.jobCreated = Signal("jobCreated")  # (job), emitted before the job starts
 
     # -- temporary folders ----------------------------------------------------------------------------
@@ -143,7 +145,16 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         job.start()
         if waitForCompletion:
             job.wait(timeout=timeout)
+            if job.kind == "finetune" and job.state is State.FINISHED:
+                self.refreshModelsAfter(job)  # scripts wait anyway; the panel does this in the background
         return job
+
+    def refreshModelsAfter(self, job: Job) -> None:
+        """Re-read the model list after a fine-tune (blocking); a failure becomes a notice of the job."""
+        try:
+            self.refreshModels()
+        except (CatalogError, RuntimeError) as exc:
+            job.addNotice(f"The model list could not be refreshed: {oneLine(str(exc))}")
 
     def _checkIdle(self) -> None:
         if self.activeJob is not None and self.activeJob.isBusy:
@@ -160,6 +171,33 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
     def cancel(self) -> None:
         if self.activeJob is not None:
             self.activeJob.cancel()
+
+    # -- short core commands off the main thread ----------------------------------------------------------
+    def runInBackground(self, description: str, function: Callable[[], object],
+                        onFinished: Optional[Callable[[BackgroundCall], None]] = None) -> BackgroundCall:
+        """Run ``function`` (model list, remove, import: child processes, no MRML) in a worker thread.
+        ``onFinished(call)`` runs on the thread that calls ``pollBackground()`` (the panel's timer)."""
+        call = BackgroundCall(description, function)
+        if onFinished is not None:
+            call.finished.connect(onFinished)
+        self.backgroundCalls.append(call)
+        return call.start()
+
+    def pollBackground(self) -> bool:
+        """Report finished background calls; True while any is still running."""
+        for call in list(self.backgroundCalls):
+            if not call.poll():
+                self.backgroundCalls.remove(call)
+        return bool(self.backgroundCalls)
+
+    @property
+    def backgroundBusy(self) -> bool:
+        return any(not call.done for call in self.backgroundCalls)
+
+    def refreshModelsAndPresets(self) -> Tuple[Catalog, List[str]]:
+        """Both lists the panel shows (blocking; the panel runs it through ``runInBackground``)."""
+        catalog = self.refreshModels()
+        return catalog, self.refreshMethodPresets()
 
     # -- models ----------------------------------------------------------------------------------------
     def _run(self, spec, what: str):
@@ -282,22 +320,66 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         return job.result
 
     # -- fine-tuning -------------------------------------------------------------------------------------
-    def setPairing(self, volumeId: str, segmentationId: Optional[str]) -> None:
-        """The user's pairing: a segmentation id, ``""`` for none, or None to go back to automatic."""
-        if segmentationId is None:
-            self.pairing.pop(volumeId, None)
-        else:
-            self.pairing[volumeId] = segmentationId
+    @staticmethod
+    def _inScene(node) -> bool:
+        return node is not None and node.GetScene() is not None  # a removed node (or one of a closed scene)
 
-    def setIncluded(self, volumeId: str, included: bool) -> None:
-        if included:
-            self.excluded.discard(volumeId)
+    def _resolve(self, nodeOrId, what: str):
+        return nodes.getNode(nodeOrId, what) if isinstance(nodeOrId, str) else nodeOrId
+
+    def setPairing(self, volume, segmentation) -> None:
+        """The user's pairing for a volume (node or ID): a segmentation (node or ID), ``""`` for none, or
+        None to go back to automatic."""
+        volumeNode = self._resolve(volume, "volume")
+        self._pairing = [(v, s) for v, s in self._pairing if v is not volumeNode]
+        if segmentation is None:
+            return
+        if isinstance(segmentation, str) and segmentation == caseRules.NO_SEGMENTATION:
+            self._pairing.append((volumeNode, caseRules.NO_SEGMENTATION))
         else:
-            self.excluded.add(volumeId)
+            self._pairing.append((volumeNode, self._resolve(segmentation, "segmentation")))
+
+    def setIncluded(self, volume, included: bool) -> None:
+        volumeNode = self._resolve(volume, "volume")
+        self._excluded = [v for v in self._excluded if v is not volumeNode]
+        if not included:
+            self._excluded.append(volumeNode)
+
+    def setReviewed(self, segmentation, reviewed: bool) -> None:
+        """The "Corrected" mark of a segmentation (node or ID), kept on the node and saved with the scene."""
+        nodes.setReviewed(self._resolve(segmentation, "segmentation"), reviewed)
+
+    def clearCaseChoices(self) -> None:
+        """Forget every pairing and exclusion (Close Scene)."""
+        self._pairing = []
+        self._excluded = []
+
+    def pruneCaseChoices(self) -> None:
+        """Drop the choices of volumes no longer in the scene (node removed, scene closed)."""
+        self._pairing = [(v, s) for v, s in self._pairing if self._inScene(v)]
+        self._excluded = [v for v in self._excluded if self._inScene(v)]
+
+    def caseChoices(self) -> Tuple[Dict[str, str], set]:
+        """(pairing, excluded) by the current node IDs, for ``buildCaseTable``."""
+        self.pruneCaseChoices()
+        pairing = {}
+        for volume, segmentation in self._pairing:
+            if isinstance(segmentation, str):
+                pairing[volume.GetID()] = segmentation
+            elif self._inScene(segmentation):
+                pairing[volume.GetID()] = segmentation.GetID()
+            else:
+                pairing[volume.GetID()] = "(removed segmentation)"  # no node has this ID: the row says so
+        return pairing, {v.GetID() for v in self._excluded}
+
+    def pairingFor(self, volumeId: str) -> str:
+        """The Segmentation column's value: ``"auto"``, ``""`` (none) or the chosen segmentation's ID."""
+        return self.caseChoices()[0].get(volumeId, "auto")
 
     def scanCases(self) -> List[caseRules.CaseRow]:
         volumes, segmentations = nodes.scanScene()
-        return caseRules.buildCaseTable(volumes, segmentations, self.pairing, self.excluded)
+        pairing, excluded = self.caseChoices()
+        return caseRules.buildCaseTable(volumes, segmentations, pairing, excluded)
 
     def finetune(self, baseModelId: str, method: str, rows: Optional[List[caseRules.CaseRow]] = None,
                  iterations: Optional[int] = None, timeBudgetSeconds: Optional[float] = None,
@@ -317,10 +399,10 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         workDir = self._workDir("ft")
         plan = caseRules.DatasetPlan(workDir, rows)
 
-        def prepare(job: Job) -> None:
+        def prepare(job: Job):
             for text in warnings:
                 job.log(f"Note: {text}")
-            nodes.writeDataset(plan, log=job.log)
+            return nodes.iterWriteDataset(plan, log=job.log)  # one case per poll: the panel stays responsive
 
         def build(dev: str):
             spec = self.commandFactory.finetune(
@@ -333,10 +415,11 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             newId = done.get("model_id")
             if not newId:
                 raise RuntimeError("The core finished fine-tuning without reporting the new model id")
-            try:
-                self.refreshModels()
-            except (CatalogError, RuntimeError) as exc:
-                job.addNotice(f"The model list could not be refreshed: {oneLine(str(exc))}")
+            job.guardWarning = guardWarning(done.get("guard"), baseModelId)
+            if job.guardWarning:
+                job.addNotice(job.guardWarning)
+            # the model list is re-read after the job: by _startJob when waiting, else by the caller (the
+            # panel lists the models in a worker thread; this runs on the main thread)
             return newId
 
         job = Job("finetune", self.runner, build, device=device, prepare=prepare, finalize=finalize,
@@ -345,11 +428,36 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         job.datasetPlan = plan
         return self._startJob(job, waitForCompletion, timeout)
 
+    # -- panel state, saved with the scene ----------------------------------------------------------------
+    PANEL_PARAMETERS = ("Model", "Device", "Iterations", "TimeBudgetMinutes", "Method", "BaseModel")
+    INPUT_VOLUME_ROLE = "InputVolume"
+
+    def savePanelState(self, inputVolume=None, **values) -> None:
+        """Store the panel's choices in the module's parameter node (a vtkMRMLScriptedModuleNode in the
+        scene, so they are saved and restored with the scene). ``values``: PANEL_PARAMETERS."""
+        unknown = set(values) - set(self.PANEL_PARAMETERS)
+        if unknown:
+            raise TypeError(f"Unknown panel parameters: {sorted(unknown)}")
+        parameterNode = self.getParameterNode()
+        parameterNode.SetNodeReferenceID(self.INPUT_VOLUME_ROLE, inputVolume.GetID() if inputVolume else None)
+        for key, value in values.items():
+            if value is not None:
+                parameterNode.SetParameter(key, str(value))
+
+    def panelState(self) -> Dict[str, object]:
+        """What ``savePanelState`` stored: the input volume node (or None) and the parameters (None when
+        unset)."""
+        parameterNode = self.getParameterNode()
+        state: Dict[str, object] = {self.INPUT_VOLUME_ROLE: parameterNode.GetNodeReference(self.INPUT_VOLUME_ROLE)}
+        for key in self.PANEL_PARAMETERS:
+            state[key] = parameterNode.GetParameter(key) or None
+        return state
+
     def describeNewModel(self, modelId: str) -> str:
         entry = self.catalog.get(modelId)
         if entry is None:
             return f"New model {modelId}."
-        dice = f", validation Dice {entry.dice:.3f}" if entry.dice is not None else ""
+        dice = f", {diceText(entry)}" if entry.dice is not None else ""
         cases = f", {entry.labeledCases} labelled cases" if entry.labeledCases is not None else ""
         return f"New model {entry.id} ({methodLabel(entry.method)}, parent {entry.parent or 'none'}{cases}{dice})."
 
@@ -362,7 +470,8 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
 class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: renders the logic's state; all decisions live in the logic and SemiSegLALib."""
 
-    CASE_COLUMNS = ("Use", "Volume", "Role", "Segmentation", "Status")
+    CASE_COLUMNS = ("Use", "Volume", "Role", "Segmentation", "Corrected", "Status")
+    CORRECTED_COLUMN = 4
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -370,8 +479,13 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[SemiSegLALogic] = None
         self.job: Optional[Job] = None
         self.pollTimer = None
+        self.callTimer = None
         self._modelsLoaded = False
+        self._modelsLoading = False
+        self._afterModels: List[Callable[[], None]] = []  # what waits for the model list (a Segment click)
         self._filling = False
+        self._restoringPanel = False
+        self._sceneClosing = False
         self._rows: List[caseRules.CaseRow] = []
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -389,6 +503,9 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(200)
         self.pollTimer.connect("timeout()", self.onPollTimer)
+        self.callTimer = qt.QTimer()  # polls the model list/remove/import calls running in a worker thread
+        self.callTimer.setInterval(100)
+        self.callTimer.connect("timeout()", self.onCallTimer)
 
         self.ui.logTextEdit.setMaximumBlockCount(5000)
         self.ui.caseTableWidget.setColumnCount(len(self.CASE_COLUMNS))
@@ -409,23 +526,39 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onShowVersions)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.keepTempFilesCheckBox.connect("toggled(bool)", self.onKeepTempFiles)
         self.ui.caseTableWidget.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
         self.ui.finetuneCollapsibleButton.connect("contentsCollapsed(bool)", self.onFinetuneCollapsed)
+        # every panel choice goes to the parameter node, so it is saved with the scene
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.savePanelState)
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", self.savePanelState)
+        self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.savePanelState)
+        self.ui.iterationsSpinBox.connect("valueChanged(int)", self.savePanelState)
+        self.ui.timeBudgetSpinBox.connect("valueChanged(int)", self.savePanelState)
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.restoreSettings()
+        scene = slicer.mrmlScene
+        self.addObserver(scene, scene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(scene, scene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(scene, scene.EndImportEvent, self.onSceneEndImport)
+        self.addObserver(scene, scene.NodeRemovedEvent, self.onNodeRemoved)
+        self._restoringPanel = True  # the remembered defaults are not scene choices
+        try:
+            self.restoreSettings()
+        finally:
+            self._restoringPanel = False
         self.render(State.IDLE, None)
 
     def enter(self) -> None:
+        self.restorePanelState()
         if not self._modelsLoaded and self.logic.dependencies.status().ready:
-            self.refreshModels(quiet=True)
+            self.refreshModels(quiet=True)  # in a worker thread: entering the module never blocks
         self.refreshCases()
 
     def cleanup(self) -> None:
-        if self.pollTimer is not None:
-            self.pollTimer.stop()
+        for timer in (self.pollTimer, self.callTimer):
+            if timer is not None:
+                timer.stop()
         if self.logic is not None and self.logic.busy:
             self.logic.cancel()
         self.removeObservers()
@@ -439,9 +572,63 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._sceneClosing = True  # the selectors empty themselves now: not a choice to store
         if self.logic is not None and self.logic.busy:
             self.logic.cancel()
+        if self.logic is not None:
+            self.logic.clearCaseChoices()  # node IDs are reused after Close Scene: old choices must not return
         self._rows = []
+
+    def onSceneEndClose(self, caller, event) -> None:
+        self._sceneClosing = False
+        if self.parent is not None and self.parent.isEntered:  # the module's panel is shown
+            self.restorePanelState()
+            self.refreshCases()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        self.restorePanelState()  # a loaded scene brings its own parameter node
+        self.refreshCases()
+
+    def onNodeRemoved(self, caller, event) -> None:
+        if self.logic is not None:
+            self.logic.pruneCaseChoices()
+
+    # -- panel state in the parameter node -------------------------------------------------------------
+    def savePanelState(self, *args) -> None:
+        if self.logic is None or self._restoringPanel or self._filling or self._sceneClosing:
+            return
+        self.logic.savePanelState(
+            inputVolume=self.ui.inputVolumeSelector.currentNode(), Model=self.currentModelId(),
+            Device=self.device(), Iterations=self.ui.iterationsSpinBox.value,
+            TimeBudgetMinutes=self.ui.timeBudgetSpinBox.value, Method=self.ui.methodComboBox.currentData,
+            BaseModel=self.ui.baseModelComboBox.currentData)
+
+    def restorePanelState(self) -> None:
+        """Show the parameter node's choices (those of a loaded scene, or the ones made before)."""
+        state = self.logic.panelState()
+        self._restoringPanel = True
+        try:
+            if state["InputVolume"] is not None:
+                self.ui.inputVolumeSelector.setCurrentNode(state["InputVolume"])
+            if state["Device"] in DEVICE_CHOICES:
+                self.ui.deviceComboBox.currentIndex = DEVICE_CHOICES.index(state["Device"])
+            for key, spinBox in (("Iterations", self.ui.iterationsSpinBox),
+                                 ("TimeBudgetMinutes", self.ui.timeBudgetSpinBox)):
+                with contextlib.suppress(TypeError, ValueError):
+                    if state[key] is not None:
+                        spinBox.value = int(state[key])
+            for key, combo in (("Method", self.ui.methodComboBox), ("BaseModel", self.ui.baseModelComboBox),
+                               ("Model", self.ui.modelComboBox)):
+                index = combo.findData(state[key]) if state[key] else -1
+                if index >= 0:
+                    combo.currentIndex = index
+        finally:
+            self._restoringPanel = False
+        self.updateButtons()
+
+    def onInputChanged(self, node=None) -> None:
+        self.savePanelState()
+        self.updateButtons()
 
     # -- settings --------------------------------------------------------------------------------------
     def _setting(self, key: str, default=None):
@@ -456,7 +643,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DCheckBox.checked = str(self._setting("show3D", "false")).lower() == "true"
         try:
             self.ui.iterationsSpinBox.value = int(self._setting("iterations", 1000))
-            self.ui.timeBudgetSpinBox.value = int(self._setting("timeBudgetMinutes", 0))
+            self.ui.timeBudgetSpinBox.value = int(self._setting("timeBudgetMinutes", 10)) or 10
         except (TypeError, ValueError):
             pass
 
@@ -513,24 +700,51 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
 
     # -- models -----------------------------------------------------------------------------------------
-    def refreshModels(self, quiet: bool = False, select: Optional[str] = None) -> None:
-        try:
-            with _waitCursor():
-                self.logic.refreshModels()
-                presets = self.logic.refreshMethodPresets()
-        except (CatalogError, RuntimeError) as exc:
-            self.setStatus(oneLine(str(exc)), error=True)
-            if not quiet:
-                slicer.util.errorDisplay(oneLine(str(exc)), windowTitle="SemiSegLA")
+    def _startCall(self, description: str, function, onDone) -> None:
+        """Run a short core command in a worker thread; ``onDone(call)`` runs on the main thread."""
+        self.ui.refreshModelsButton.enabled = False
+        self.logic.runInBackground(description, function, onDone)
+        self.callTimer.start()
+
+    def onCallTimer(self) -> None:
+        if not self.logic.pollBackground():
+            self.callTimer.stop()
+            self.ui.refreshModelsButton.enabled = not (self.logic.busy or self._modelsLoading)
+
+    def refreshModels(self, quiet: bool = False, select: Optional[str] = None,
+                      then: Optional[Callable[[], None]] = None) -> None:
+        """List the models and presets in a worker thread; fill the combos (and run ``then``) when done."""
+        if then is not None:
+            self._afterModels.append(then)
+        if self._modelsLoading:
             return
-        self._modelsLoaded = True
-        self.fillModelCombos(select or self.currentModelId() or self._setting("model"))
-        current = self.ui.methodComboBox.currentData or self._setting("method")
-        self.ui.methodComboBox.clear()
-        for method in presets:
-            self.ui.methodComboBox.addItem(methodLabel(method), method)
-        index = self.ui.methodComboBox.findData(current) if current else -1
-        self.ui.methodComboBox.currentIndex = max(index, 0)
+        self._modelsLoading = True
+        self.setStatus("Listing the models...")
+
+        def onDone(call: BackgroundCall) -> None:
+            self._modelsLoading = False
+            waiting, self._afterModels = self._afterModels, []
+            if call.error is not None:
+                text = oneLine(str(call.error))
+                self.setStatus(text, error=True)
+                if not quiet:
+                    slicer.util.errorDisplay(text, windowTitle="SemiSegLA")
+                return
+            _, presets = call.result
+            self._modelsLoaded = True
+            panel = self.logic.panelState()
+            self.fillModelCombos(select or self.currentModelId() or panel["Model"] or self._setting("model"))
+            current = self.ui.methodComboBox.currentData or panel["Method"] or self._setting("method")
+            self.ui.methodComboBox.clear()
+            for method in presets:
+                self.ui.methodComboBox.addItem(methodLabel(method), method)
+            index = self.ui.methodComboBox.findData(current) if current else -1
+            self.ui.methodComboBox.currentIndex = max(index, 0)
+            self.setStatus(f"{len(self.logic.catalog)} models.")
+            for action in waiting:
+                action()
+
+        self._startCall("models list", self.logic.refreshModelsAndPresets, onDone)
 
     def fillModelCombos(self, preferred: Optional[str]) -> None:
         catalog = self.logic.catalog
@@ -555,6 +769,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._filling = False
         self.onModelChanged()
+        self.savePanelState()
 
     def selectModel(self, modelId: Optional[str]) -> None:
         if not modelId:
@@ -575,6 +790,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeModelButton.enabled = allowed and not self.logic.busy
         self.ui.removeModelButton.toolTip = reason or "Remove the selected fine-tuned model."
         self.ui.revertToBaseButton.enabled = bool(entry and catalog.revertTarget(entry.id)) and not self.logic.busy
+        self.savePanelState()
         self.updateButtons()
 
     def onRefreshModels(self) -> None:
@@ -599,14 +815,18 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         question = f"Remove the local model {modelId}? This deletes its files." + (f"\n\n{reason}" if reason else "")
         if not slicer.util.confirmOkCancelDisplay(question, windowTitle="SemiSegLA"):
             return
-        try:
-            with _waitCursor():
-                nextId = self.logic.removeModel(modelId)
-        except (ValueError, RuntimeError) as exc:
-            self.setStatus(oneLine(str(exc)), error=True)
-            return
-        self.fillModelCombos(nextId)
-        self.setStatus(f"Removed {modelId}; selected {nextId or 'no model'}.")
+        self.ui.removeModelButton.enabled = False
+        self.setStatus(f"Removing {modelId}...")
+
+        def onDone(call: BackgroundCall) -> None:
+            if call.error is not None:
+                self.setStatus(oneLine(str(call.error)), error=True)
+                self.onModelChanged()
+                return
+            self.fillModelCombos(call.result)
+            self.setStatus(f"Removed {modelId}; selected {call.result or 'no model'}.")
+
+        self._startCall("models remove", lambda: self.logic.removeModel(modelId), onDone)
 
     def onImportCheckpoint(self) -> None:
         if not self.ensureDependencies():
@@ -615,15 +835,17 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               "Model checkpoints (*.pth *.pt *.safetensors);;All files (*)")
         if not path:
             return
-        try:
-            with _waitCursor():
-                newId = self.logic.importCheckpoint(path)
-        except (RuntimeError, CatalogError) as exc:
-            self.setStatus(oneLine(str(exc)), error=True)
-            slicer.util.errorDisplay(oneLine(str(exc)), windowTitle="SemiSegLA")
-            return
-        self.fillModelCombos(newId)
-        self.setStatus(f"Imported {newId}.")
+        self.setStatus(f"Importing {os.path.basename(path)}...")
+
+        def onDone(call: BackgroundCall) -> None:
+            if call.error is not None:
+                self.setStatus(oneLine(str(call.error)), error=True)
+                slicer.util.errorDisplay(oneLine(str(call.error)), windowTitle="SemiSegLA")
+                return
+            self.fillModelCombos(call.result)
+            self.setStatus(f"Imported {call.result}.")
+
+        self._startCall("models import", lambda: self.logic.importCheckpoint(path), onDone)
 
     def onOpenModelsFolder(self) -> None:
         entry = self.logic.catalog.get(self.currentModelId())
@@ -670,9 +892,20 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(r, 1, qt.QTableWidgetItem(row.volumeName))
                 table.setItem(r, 2, qt.QTableWidgetItem(row.role))
                 table.setCellWidget(r, 3, self._pairingCombo(row, segmentations))
+                corrected = qt.QTableWidgetItem()
+                if row.segmentationId and row.role != caseRules.INVALID:
+                    # only a segmentation marked as corrected is a label (SemiSegLA's own results start unmarked)
+                    corrected.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+                    corrected.setCheckState(qt.Qt.Checked if row.reviewed else qt.Qt.Unchecked)
+                    corrected.setData(qt.Qt.UserRole, row.segmentationId)
+                    corrected.setToolTip("Tick once this segmentation has been reviewed and corrected in Segment "
+                                         "Editor; unticked, the volume is used as an unlabelled scan.")
+                else:
+                    corrected.setFlags(qt.Qt.ItemIsEnabled)
+                table.setItem(r, self.CORRECTED_COLUMN, corrected)
                 status = qt.QTableWidgetItem(row.status)
                 status.setToolTip(row.status)
-                table.setItem(r, 4, status)
+                table.setItem(r, 5, status)
             table.resizeColumnsToContents()
         finally:
             self._filling = False
@@ -686,7 +919,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.addItem("None (unlabelled)", caseRules.NO_SEGMENTATION)
         for seg in segmentations:
             combo.addItem(seg.name, seg.id)
-        current = self.logic.pairing.get(row.volumeId, "auto")
+        current = self.logic.pairingFor(row.volumeId)
         combo.currentIndex = max(combo.findData(current), 0)
         volumeId = row.volumeId
 
@@ -698,10 +931,17 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return combo
 
     def onCaseItemChanged(self, item) -> None:
-        if self._filling or item.column() != 0:
+        if self._filling or item.column() not in (0, self.CORRECTED_COLUMN):
             return
-        volumeId = item.data(qt.Qt.UserRole)
-        self.logic.setIncluded(volumeId, item.checkState() == qt.Qt.Checked)
+        nodeId = item.data(qt.Qt.UserRole)
+        checked = item.checkState() == qt.Qt.Checked
+        try:
+            if item.column() == 0:
+                self.logic.setIncluded(nodeId, checked)
+            else:
+                self.logic.setReviewed(nodeId, checked)
+        except LookupError as exc:  # the node went away meanwhile
+            self.setStatus(oneLine(str(exc)), error=True)
         qt.QTimer.singleShot(0, self.refreshCases)
 
     # -- running ------------------------------------------------------------------------------------------
@@ -773,8 +1013,21 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.setStatus(f"'{segNode.GetName()}' created. {job.summary()} Edit it in Segment Editor.")
                 self.refreshCases()
             else:
-                self.fillModelCombos(job.result)
-                self.setStatus(f"{self.logic.describeNewModel(job.result)} {job.summary()}")
+                base = self.ui.baseModelComboBox.currentData
+                summary = job.summary()
+
+                def adopt() -> None:  # once the model list (with the new model) is in
+                    if getattr(job, "guardWarning", None):
+                        # the child is worse than its parent on the held-out case: keep the parent selected
+                        self.fillModelCombos(base)
+                        self.setStatus(job.guardWarning, error=True)
+                        slicer.util.warningDisplay(job.guardWarning,
+                                                   windowTitle="SemiSegLA: fine-tuned model not selected")
+                    else:
+                        self.fillModelCombos(job.result)
+                        self.setStatus(f"{self.logic.describeNewModel(job.result)} {summary}")
+
+                self.refreshModels(quiet=True, then=adopt)
         elif job.state is State.CANCELLED:
             self.ui.progressBar.value = 0
             self.setStatus(job.summary())
@@ -801,7 +1054,8 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         if not self._modelsLoaded:
-            self.refreshModels()
+            self.refreshModels(then=self.onSegmentButton)  # continues once the list is in
+            return
         self.saveSettings()
         try:
             self.logic.segment(volume, self.currentModelId(), device=self.device(),
@@ -818,7 +1072,8 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         if not self._modelsLoaded:
-            self.refreshModels()
+            self.refreshModels(then=self.onFinetuneButton)  # continues once the list is in
+            return
         self.refreshCases()
         method = self.ui.methodComboBox.currentData or "mean_teacher"
         errors, warnings = caseRules.validateCases(self._rows, method)
@@ -856,7 +1111,10 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
 
     End to end on a small synthetic oblique, anisotropic volume: file round trip geometry, segmentation
     with a model on the CPU, the segment's name, terminology and reference geometry, a short fine-tune,
-    lineage, revert to base and removal. The model comes from the environment variable
+    lineage, revert to base and removal. Without a model: a label imported for a volume under a linear
+    transform lies on that volume, no display, storage or colour-table node is left behind, the colour comes
+    from the terminology, and the case table forgets its choices when the scene is closed (Slicer reuses
+    node IDs after Close Scene). The model comes from the environment variable
     ``SEMISEGLA_TEST_MODEL`` (an id or folder; the core's tiny test model is a good choice), else the
     first bundled model. Without the core installed the model steps are skipped with a message.
     """
@@ -867,6 +1125,10 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_geometry_round_trip()
+        self.setUp()
+        self.test_transformed_volume_and_no_stray_nodes()
+        self.setUp()
+        self.test_scene_close_forgets_case_choices()
         self.setUp()
         self.test_segment_and_finetune()
 
@@ -892,6 +1154,11 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         matrix = vtk.vtkMatrix4x4()
         node.GetIJKToRASMatrix(matrix)
         return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    HELPER_CLASSES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLDisplayNode", "vtkMRMLStorageNode", "vtkMRMLColorTableNode")
+
+    def _helperCounts(self):
+        return {name: slicer.mrmlScene.GetNumberOfNodesByClass(name) for name in self.HELPER_CLASSES}
 
     def _terminologyOf(self, segment) -> str:
         import vtk
@@ -921,6 +1188,75 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(self._ijkToRas(loaded), expected, atol=1e-4)
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), slicer.util.arrayFromVolume(volume))
         self.delayDisplay("Geometry round trip passed")
+
+    def test_transformed_volume_and_no_stray_nodes(self) -> None:
+        import tempfile
+
+        import numpy as np
+        import vtk
+
+        self.delayDisplay("A label imported for a volume under a linear transform")
+        volume = self._syntheticVolume("moved")
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+        angle = np.deg2rad(30.0)
+        move = np.eye(4)
+        move[:3, :3] = [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+        move[:3, 3] = [40.0, -25.0, 12.0]
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(move))
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+        # the core's output: a label map on the volume's own grid (the file carries no transform)
+        mask = slicer.util.arrayFromVolume(volume) > 250
+        ijkToRas = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRas)
+        labelNode = slicer.util.addVolumeFromArray(mask.astype("uint8"), ijkToRAS=ijkToRas, name="core output",
+                                                   nodeClassName="vtkMRMLLabelMapVolumeNode")
+        path = os.path.join(tempfile.mkdtemp(prefix="ssla_test_"), "label.nrrd")
+        nodes.writeVolumeNode(labelNode, path)
+        nodes.removeNodeAndHelpers(labelNode)
+        before = self._helperCounts()
+
+        segNode, empty = nodes.importLabelAsSegmentation(path, volume)
+        after = self._helperCounts()
+        after["vtkMRMLDisplayNode"] -= 1  # the segmentation's own display node
+        self.assertEqual(after, before, "the temporary label map left nodes in the scene")
+        self.assertFalse(empty)
+        self.assertEqual(segNode.GetTransformNodeID(), transform.GetID())
+        segmentId = segNode.GetSegmentation().GetNthSegmentID(0)
+        # the segment holds the label voxel for voxel on the (transformed) volume's grid: before issue 15 the
+        # reference geometry carried the transform twice and the label map was moved by its inverse
+        # (arrayFromSegmentBinaryLabelmap itself leaves a display node: counted before it, above)
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentId, volume) > 0,
+                                      mask)
+        # the colour is the terminology's recommended one (DICOM master list: 203, 108, 81)
+        color = segNode.GetSegmentation().GetSegment(segmentId).GetColor()
+        np.testing.assert_allclose(color, nodes.terminologyColor(), atol=1e-6)
+        np.testing.assert_allclose(np.array(color) * 255.0, nodes.LEFT_ATRIUM_RGB, atol=0.6)
+
+        self.delayDisplay("Exporting the label for fine-tuning leaves no colour table behind")
+        before = self._helperCounts()
+        voxels = nodes.writeLabelOnVolumeGrid(segNode, segmentId, volume, os.path.join(os.path.dirname(path), "x.nrrd"))
+        self.assertEqual(voxels, int(mask.sum()))
+        self.assertEqual(self._helperCounts(), before)
+        self.delayDisplay("Transform and stray-node checks passed")
+
+    def test_scene_close_forgets_case_choices(self) -> None:
+        self.delayDisplay("Case-table choices do not come back after Close Scene")
+        logic = SemiSegLALogic(dependencyManager=DependencyManager(moduleDir=MODULE_DIR, slicerUtil=slicer.util))
+        old = self._syntheticVolume("old scan")
+        oldId = old.GetID()
+        logic.setIncluded(old, False)
+        logic.setPairing(old, caseRules.NO_SEGMENTATION)
+        self.assertEqual([r.role for r in logic.scanCases()], [caseRules.EXCLUDED])
+        slicer.mrmlScene.Clear(0)
+        new = self._syntheticVolume("new scan")
+        if new.GetID() == oldId:
+            self.delayDisplay(f"The new volume got the closed scene's ID {oldId}, as expected")
+        rows = logic.scanCases()
+        self.assertEqual([(r.volumeName, r.role, r.paired) for r in rows], [("new scan", caseRules.UNLABELLED, "auto")])
+        # diffusion-weighted volumes (a subclass of scalar volumes) are not cases
+        slicer.mrmlScene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode", "dwi")
+        self.assertEqual([r.volumeName for r in logic.scanCases()], ["new scan"])
+        self.delayDisplay("Scene-close checks passed")
 
     def test_segment_and_finetune(self) -> None:
         import numpy as np
@@ -965,6 +1301,9 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
             blob = (((i - 24) / 10.0) ** 2 + ((j - 20) / 8.0) ** 2 + ((k - 12) / 5.0) ** 2 < 1.0)
             slicer.util.updateSegmentBinaryLabelmapFromArray(blob.astype("uint8"), segNode, segmentId, volume)
         self._syntheticVolume("case B", seed=1)
+        rows = logic.scanCases()
+        self.assertEqual(caseRules.counts(rows), (0, 2))  # an automatic result is no label until corrected
+        logic.setReviewed(segNode, True)
         rows = logic.scanCases()
         self.assertEqual(caseRules.counts(rows), (1, 1))
         method = "mean_teacher" if "mean_teacher" in logic.refreshMethodPresets() else logic.methodPresets[0]

@@ -24,7 +24,16 @@ from SemiSegLALib.cases import (
     summaryText,
     validateCases,
 )
-from SemiSegLALib.catalog import Catalog, CatalogError, methodLabel, parseModelsJson, parsePresetsJson
+from SemiSegLALib.catalog import (
+    Catalog,
+    CatalogError,
+    ModelEntry,
+    diceText,
+    guardWarning,
+    methodLabel,
+    parseModelsJson,
+    parsePresetsJson,
+)
 
 
 def vol(i, name=None):
@@ -142,7 +151,7 @@ def test_order_and_display(catalog):
 def test_details_show_method_labels_dice_parent_and_lineage(catalog):
     details = catalog.details(catalog.get("site-a-v0.0.2"))
     first, second = details.split("\n")
-    assert first == "Method: CAML | 6 labelled cases | validation Dice: n/a | parent: site-a-v0.0.1"
+    assert first == "Method: CAML | 6 labelled cases | Dice: n/a | parent: site-a-v0.0.1"
     assert "Lineage: site-a-v0.0.2 <- site-a-v0.0.1 <- la-caml-v1.0.0" in second
     assert "Created: 2025-04-01T10:00:00" in second
     assert catalog.details(catalog.get("site-a-v0.0.1")).startswith(
@@ -208,3 +217,20 @@ def test_presets_and_method_labels():
     assert parsePresetsJson('{"presets": ["mean_teacher"]}') == ["mean_teacher"]
     assert parsePresetsJson("usage: error") == []
     assert methodLabel("semicml") == "Semi-CML (PReL)" and methodLabel("new_method") == "new_method"
+
+
+def test_the_dice_says_what_it_was_measured_on():
+    """A fine-tune's figure on its own training cases must not read like a parent's validation Dice."""
+    assert diceText(ModelEntry({"id": "a", "dice": 0.851})) == "validation Dice 0.851"  # older rows: validation
+    assert diceText(ModelEntry({"id": "b", "dice": 0.87, "dice_kind": "site hold-out"})) == "site hold-out Dice 0.870"
+    fit = diceText(ModelEntry({"id": "c", "dice": 0.893, "dice_kind": "training fit"}))
+    assert fit == "Dice 0.893 on its own training cases (optimistic)"
+    assert diceText(ModelEntry({"id": "d", "dice": None})) == "Dice: n/a"
+
+
+def test_guard_warning_only_for_a_worse_child():
+    assert guardWarning(None, "p") is None
+    assert guardWarning({"verdict": "better or equal", "parent_dice": 0.8, "child_dice": 0.9}, "p") is None
+    assert guardWarning({"verdict": "unchecked: fewer than 3 labelled cases"}, "p") is None
+    text = guardWarning({"verdict": "worse", "parent": "base-v1", "parent_dice": 0.85, "child_dice": 0.61}, "x")
+    assert "worse than its parent base-v1" in text and "(Dice 0.610 vs 0.850)" in text and "stays selected" in text

@@ -44,6 +44,10 @@ def core_dir(tmp_path):
     return str(folder)
 
 
+def is_core_folder(arg):
+    return os.path.isfile(os.path.join(arg, "pyproject.toml")) and os.path.isdir(os.path.join(arg, "semiseg_la"))
+
+
 def manager(fake, core_dir, tmp_path, versions, requirements="scikit-image>=0.20\nsafetensors>=0.4\n",
             torchLogic=None, importable=False):
     req = tmp_path / "requirements.txt"
@@ -51,10 +55,11 @@ def manager(fake, core_dir, tmp_path, versions, requirements="scikit-image>=0.20
 
     def pip_install_effect(args):
         for arg in args:
-            if arg == core_dir:
+            if is_core_folder(arg):  # the core, from its build copy
                 versions["semiseg-la"] = "0.3.0"
+                continue
             match = re.match(r"^([A-Za-z0-9_.-]+)", arg)
-            if match and not arg.startswith("-") and arg != core_dir and not os.path.isfile(arg):
+            if match and not arg.startswith("-") and not os.path.exists(arg):
                 versions[match.group(1)] = "99.0"
 
     util = fake.slicer.util
@@ -139,8 +144,10 @@ def test_first_use_installs_everything_after_one_confirmation(fake, core_dir, tm
     # requirements with a constraints file pinning Slicer's own packages; the core with --no-deps
     reqCall, coreCall = fake.pipCalls
     assert reqCall[0] == "-c" and reqCall[2:] == ["scikit-image>=0.20", "safetensors>=0.4"]
-    assert coreCall == ["--no-deps", "--force-reinstall", "--no-build-isolation", core_dir]
+    assert coreCall[:3] == ["--no-deps", "--force-reinstall", "--no-build-isolation"] and len(coreCall) == 4
+    assert coreCall[3] != core_dir and os.path.basename(coreCall[3]) == "training"  # a temporary build copy
     assert not os.path.exists(reqCall[1])  # the constraints file is temporary
+    assert not os.path.exists(coreCall[3])  # and so is the build copy
 
 
 def test_constraints_pin_slicers_packages(fake, core_dir, tmp_path):
@@ -219,4 +226,50 @@ def test_core_install_falls_back_to_an_isolated_build(fake, core_dir, tmp_path):
         original(args)
     deps.slicerUtil.pip_install = staticmethod(failing_offline)
     deps.ensure(askConfirmation=False)
-    assert deps.pipCalls[-1] == ["--no-deps", "--force-reinstall", core_dir]
+    assert deps.pipCalls[-1][:2] == ["--no-deps", "--force-reinstall"] and len(deps.pipCalls[-1]) == 3
+    assert deps.pipCalls[-1][2] == deps.pipCalls[-2][3]  # the same build copy, now with an isolated build
+
+
+def test_core_is_built_from_a_short_writable_copy_never_in_the_extension_folder(fake, core_dir, tmp_path):
+    """Issue 15.2: pip builds a local folder in place (build/, *.egg-info). Inside the extension folder that
+    fails when the folder is read-only and can pass Windows' 260-character limit; the module builds from a
+    copy in a short temporary folder instead, and the extension folder is left exactly as it was."""
+    import stat
+
+    core = Path(core_dir)
+    (core / "semiseg_la" / "presets").mkdir()
+    (core / "semiseg_la" / "presets" / "a.yaml").write_text("x: 1\n")
+    (core / "build" / "lib").mkdir(parents=True)  # leftovers of an earlier in-place build: not copied
+    (core / "semiseg_la.egg-info").mkdir()
+    (core / "semiseg_la" / "__pycache__").mkdir()
+    before = sorted(str(p.relative_to(core)) for p in core.rglob("*"))
+    versions = {"torch": "2.4.1"}
+    deps = manager(fake, core_dir, tmp_path, versions, requirements="")
+    seen = {}
+    original = deps.slicerUtil.pip_install
+
+    def build_in_place(args):
+        folder = Path(args[-1])
+        if folder == core or core in folder.parents:
+            raise PermissionError(f"[Errno 13] Permission denied: '{folder / 'build'}'")  # a read-only install
+        seen["copy"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        seen["writable"] = all(os.stat(p).st_mode & stat.S_IWUSR for p in folder.rglob("*"))
+        (folder / "build").mkdir()
+        (folder / "semiseg_la.egg-info").mkdir()
+        original(args)
+    deps.slicerUtil.pip_install = staticmethod(build_in_place)
+    for path in [core, *core.rglob("*")]:  # a read-only extensions folder
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        deps.ensure(askConfirmation=False)
+    finally:
+        for path in [core, *core.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert versions["semiseg-la"] == "0.3.0"
+    assert seen["copy"] == ["pyproject.toml", "semiseg_la", "semiseg_la/__init__.py", "semiseg_la/presets",
+                            "semiseg_la/presets/a.yaml"]
+    assert seen["writable"]
+    copy = deps.pipCalls[-1][-1]
+    assert len(copy) < 160 and copy.isascii()  # short and ASCII: far below Windows' limit
+    assert not os.path.exists(os.path.dirname(copy))  # removed after the install
+    assert sorted(str(p.relative_to(core)) for p in core.rglob("*")) == before  # nothing written there

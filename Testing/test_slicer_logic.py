@@ -97,8 +97,9 @@ def test_segment_oblique_anisotropic_volume_end_to_end(fake, make_logic, tmp_pat
     sh = fake.scene.subjectHierarchy
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     assert seg.displayNodesCreated and not seg.closedSurface
-    # the scene holds the input and the result only; the temporary label map and folder are gone
-    assert [n.GetID() for n in fake.scene.fakeNodes()] == [volume.GetID(), seg.GetID()]
+    # the scene holds the input and the result (with its display node) only; the temporary label map, its
+    # display and storage nodes, and the temporary folder are gone
+    assert [n.GetID() for n in fake.scene.fakeNodes()] == [volume.GetID(), seg.GetID(), seg.GetDisplayNode().GetID()]
     assert tmp_contents(tmp_path) == []
     names = fake.recorder.names()
     assert names.index("vtkMRMLSegmentationNode.SetReferenceImageGeometryParameterFromVolumeNode") < names.index(
@@ -114,12 +115,18 @@ def test_segment_oblique_anisotropic_volume_end_to_end(fake, make_logic, tmp_pat
 
 
 def test_segment_follows_the_input_transform_and_shows_3d(fake, make_logic):
+    """The stand-in folds parent transforms as Slicer does (see test_slicer_issue15.py): the result lies on
+    the transformed volume only when the transform is set before the geometry and on the label map too."""
+    move = np.eye(4)
+    move[:3, :3], move[:3, 3] = rotation([0, 0, 1], 30), (40.0, -25.0, 12.0)
+    transform = fake.addTransform(move, "registration")
     volume = add_case(fake, "moved")
-    volume.SetAndObserveTransformNodeID("vtkMRMLLinearTransformNode7")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
     job = make_logic().segment(volume, BASE, device="cpu", showIn3D=True, waitForCompletion=True,
                                timeout=TIMEOUT)
     assert job.state is State.FINISHED, job.errorMessage
-    assert job.result.GetTransformNodeID() == "vtkMRMLLinearTransformNode7"
+    assert job.result.GetTransformNodeID() == transform.GetID()
+    assert job.result.GetSegmentation().geometry.close(volume.geometry, tol=1e-9)
     assert job.result.closedSurface
 
 
@@ -345,7 +352,10 @@ def test_finetune_end_to_end_writes_the_dataset_on_each_grid(fake, make_logic, t
     assert entry.parent == BASE and entry.labeledCases == 1 and entry.unlabeledCases == 1
     assert logic.catalog.revertTarget("site-v0.0.1") == BASE
     assert logic.describeNewModel("site-v0.0.1") == (
-        "New model site-v0.0.1 (Mean Teacher, parent la-caml-v1.0.0, 1 labelled cases, validation Dice 0.800).")
+        "New model site-v0.0.1 (Mean Teacher, parent la-caml-v1.0.0, 1 labelled cases, "
+        "Dice 0.800 on its own training cases (optimistic)).")
+    assert job.guardWarning is None
+    assert any("s per iteration" in text for text in job.notices)  # the core's time estimate reaches the panel
     assert job.tracker.lastDice is not None
     # the dataset: nnU-Net layout, label uint8 on the image's exact grid, the voxels of the segment
     plan = job.datasetPlan
@@ -418,3 +428,17 @@ def test_module_metadata(module):
     assert parent.categories == ["Segmentation"]
     assert "82471001" in parent.helpText and "MICCAI 2023" in parent.helpText
     assert "arXiv 2502.11456" in parent.helpText
+
+
+def test_finetune_worse_than_its_parent_is_reported_and_not_adopted(fake, make_logic):
+    """The core's parent/child check on a held-out case says the child is worse: the job says so in one
+    notice naming both figures, and the widget keeps the parent selected (SemiSegLAWidget.onJobFinished)."""
+    labelled_scene(fake)
+    logic = make_logic("guard-worse")
+    logic.refreshModels()
+    job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.guardWarning is not None
+    assert "worse than its parent la-caml-v1.0.0" in job.guardWarning and "0.610 vs 0.850" in job.guardWarning
+    assert job.guardWarning in job.notices
+    assert logic.catalog.get(job.result) is not None  # kept in the list, not selected

@@ -2,11 +2,15 @@
 
 Rules:
 
-* every scalar volume of the scene is a row (label-map volumes are not cases);
+* every plain scalar volume of the scene is a row (label-map, diffusion-weighted, tensor and vector volumes
+  are not cases);
 * a volume is **labelled** when a segmentation is paired with it: by default a segmentation whose reference
   geometry is that volume, or the one the user picks in the Segmentation column;
 * a labelled case's segmentation must contain a "Left atrium" segment (by name); otherwise the row is
   invalid and says how to fix it;
+* only a **reviewed** segmentation makes a labelled case: SemiSegLA's own automatic results count only once
+  the user marks them as corrected; until then their volume is offered as unlabelled (segmentations the
+  user drew or loaded are reviewed unless the user unticks them);
 * volumes without a segmentation are **unlabelled** (the semi-supervised pool);
 * the user can leave any row out;
 * fine-tuning needs at least one labelled case; without unlabelled volumes a semi-supervised method
@@ -40,11 +44,13 @@ class SegmentInfo:
 
 class SegmentationInfo:
     def __init__(self, nodeId: str, name: str, referenceVolumeId: Optional[str],
-                 segments: Sequence[SegmentInfo]) -> None:
+                 segments: Sequence[SegmentInfo], reviewed: bool = True, automatic: bool = False) -> None:
         self.id = nodeId
         self.name = name
         self.referenceVolumeId = referenceVolumeId
         self.segments = list(segments)
+        self.reviewed = reviewed  # the user's "Corrected" mark (see nodes.isReviewed)
+        self.automatic = automatic  # produced by SemiSegLA
 
     def leftAtriumSegment(self) -> Optional[SegmentInfo]:
         return findLeftAtriumSegment(self.segments)
@@ -67,6 +73,8 @@ class CaseRow:
         self.status = ""
         self.caseId = ""
         self.paired = "auto"  # "auto" or "user"
+        self.reviewed = False  # the paired segmentation carries the user's "Corrected" mark
+        self.automatic = False  # the paired segmentation is SemiSegLA's own result
 
     @property
     def included(self) -> bool:
@@ -113,12 +121,20 @@ def buildCaseTable(volumes: Sequence[VolumeInfo], segmentations: Sequence[Segmen
         if chosen is not None:
             row.segmentationId = chosen.id
             row.segmentationName = chosen.name
+            row.reviewed, row.automatic = chosen.reviewed, chosen.automatic
             segment = chosen.leftAtriumSegment()
             if segment is None:
                 row.role = INVALID
                 names = ", ".join(f"'{s.name}'" for s in chosen.segments) or "none"
                 row.status = (f"Segmentation '{chosen.name}' has no '{LEFT_ATRIUM_NAME}' segment (it has "
                               f"{names}); rename the atrium segment in Segment Editor.")
+            elif not chosen.reviewed:
+                # an unreviewed automatic result is not a label: the volume joins the unlabelled pool
+                row.role = UNLABELLED
+                row.segmentId = segment.id
+                what = "SemiSegLA's automatic result" if chosen.automatic else "not marked as reviewed"
+                row.status = (f"'{chosen.name}' is {what}: used as an unlabelled scan until you correct it in "
+                              "Segment Editor and tick Corrected.")
             else:
                 row.role = LABELLED
                 row.segmentId = segment.id
@@ -149,10 +165,15 @@ def validateCases(rows: Sequence[CaseRow], method: str) -> Tuple[List[str], List
     labelled, unlabelled = counts(rows)
     if labelled == 0:
         errors.append("Fine-tuning needs at least one labelled case: segment a volume, correct the result in "
-                      f"Segment Editor (segment '{LEFT_ATRIUM_NAME}'), then fine-tune.")
+                      f"Segment Editor (segment '{LEFT_ATRIUM_NAME}'), tick Corrected for it in the case table, "
+                      "then fine-tune.")
     if isSemiSupervised(method) and unlabelled == 0 and labelled:
         warnings.append(f"No unlabelled volume: the semi-supervised '{method}' method will learn from the "
                         "labelled cases only. Load scans without segmentation to use them.")
+    unreviewed = [r.volumeName for r in rows if r.role == UNLABELLED and r.segmentationId and not r.reviewed]
+    if unreviewed:
+        warnings.append(f"Not marked as corrected, so used as unlabelled scans: {', '.join(unreviewed)}. Tick "
+                        "Corrected once a result has been reviewed in Segment Editor.")
     invalid = [r for r in rows if r.role == INVALID]
     for row in invalid:
         warnings.append(f"{row.volumeName}: {row.status} This volume is not used.")

@@ -34,6 +34,8 @@ class ModelEntry:
         self.labeledCases = _int_or_none(record.get("labeled_cases"))
         self.unlabeledCases = _int_or_none(record.get("unlabeled_cases"))
         self.dice = _float_or_none(record.get("dice"))
+        # what the Dice was measured on: "validation", "site hold-out", "training fit" (optimistic) or "none"
+        self.diceKind = str(record.get("dice_kind") or ("validation" if self.dice is not None else "none"))
         parent = record.get("parent")
         self.parent = str(parent) if parent else None
         self.created = record.get("created") or ""
@@ -54,6 +56,27 @@ class ModelEntry:
 
     def __repr__(self) -> str:
         return f"ModelEntry({self.id!r}, source={self.source!r})"
+
+
+def diceText(entry: ModelEntry) -> str:
+    """The Dice with what it was measured on, so a fit on training cases never reads as validation."""
+    if entry.dice is None:
+        return "Dice: n/a"
+    if entry.diceKind == "training fit":
+        return f"Dice {entry.dice:.3f} on its own training cases (optimistic)"
+    return f"{entry.diceKind} Dice {entry.dice:.3f}"
+
+
+def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
+    """The message when the core's parent/child check found the fine-tuned model worse, else None."""
+    if not isinstance(guard, dict) or guard.get("verdict") != "worse":
+        return None
+    child, parent = _float_or_none(guard.get("child_dice")), _float_or_none(guard.get("parent_dice"))
+    figures = f" (Dice {child:.3f} vs {parent:.3f})" if child is not None and parent is not None else ""
+    parentId = str(guard.get("parent") or parentId)
+    return (f"The fine-tuned model is worse than its parent {parentId} on your held-out case{figures}, so "
+            f"{parentId} stays selected. The new model is kept in the list. Check the labels, or annotate more "
+            "cases, and fine-tune again.")
 
 
 def methodLabel(method: str) -> str:
@@ -169,7 +192,7 @@ class Catalog:
                   else "labelled cases: n/a")
         if entry.unlabeledCases is not None:
             labels += f" + {entry.unlabeledCases} unlabelled"
-        dice = f"validation Dice {entry.dice:.3f}" if entry.dice is not None else "validation Dice: n/a"
+        dice = diceText(entry)
         parent = f"parent: {entry.parent}" if entry.parent else "parent: none (base model)"
         line1 = f"Method: {methodLabel(entry.method)} | {labels} | {dice} | {parent}"
         extra = []

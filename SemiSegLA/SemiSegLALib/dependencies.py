@@ -2,7 +2,9 @@
 
 * The **core** (``semiseg-la``, import ``semiseg_la``) ships inside the module
   (``Resources/semiseg-la/training``, copied there by CMake; a source checkout's ``training/`` also
-  works). It is pip-installed from that folder with ``--no-deps``: no download of the core itself.
+  works). It is pip-installed with ``--no-deps`` (no download of the core itself) from a copy in a short
+  temporary folder: pip builds a local folder in place (``build/``, ``*.egg-info``), which inside the
+  extension folder fails when that folder is read-only and can exceed Windows' 260-character path limit.
 * Its third-party requirements (``Resources/requirements.txt``: scikit-image, safetensors, ...) are
   pip-installed with a constraints file that pins Slicer's own numpy, SimpleITK and vtk (and an existing
   torch) to their installed versions, so pip can never replace them.
@@ -16,12 +18,18 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import tempfile
 from typing import Callable, List, Optional, Sequence, Tuple
+
+from .paths import shortAsciiTempRoot
 
 CORE_DISTRIBUTION = "semiseg-la"
 CORE_PACKAGE = "semiseg_la"
 TORCH_REQUIREMENT = ">=2.1"
+
+# what pip, setuptools and Python leave in a source folder: never copied into the build copy
+BUILD_LEFTOVERS = ("build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache")
 
 # Slicer ships numpy, SimpleITK and vtk (with custom builds/plugins): replacing them breaks Slicer.
 # torch (and its companions) must come from PyTorch Utils, which picks the right CUDA build.
@@ -150,6 +158,28 @@ def locateBundledCore(moduleDir: str) -> Optional[str]:
                 and os.path.isfile(os.path.join(folder, CORE_PACKAGE, "__init__.py"))):
             return os.path.normpath(folder)
     return None
+
+
+def copyCoreForBuild(coreDir: str, buildRoot: str) -> str:
+    """Copy the core's source (without build leftovers) to ``<buildRoot>/training`` and return that folder.
+
+    Files are copied without their permission bits, so the copy is writable even when the extension folder
+    is read-only. A README beside the core folder comes along (a pyproject may name ``../README.md``)."""
+    import fnmatch
+
+    target = os.path.join(buildRoot, "training")
+    for folder, dirs, files in os.walk(coreDir):
+        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(d, pattern) for pattern in BUILD_LEFTOVERS)]
+        relative = os.path.relpath(folder, coreDir)
+        destination = os.path.normpath(os.path.join(target, relative))
+        os.makedirs(destination, exist_ok=True)
+        for name in files:
+            if not any(fnmatch.fnmatch(name, pattern) for pattern in BUILD_LEFTOVERS):
+                shutil.copyfile(os.path.join(folder, name), os.path.join(destination, name))
+    readme = os.path.join(coreDir, os.pardir, "README.md")
+    if os.path.isfile(readme):
+        shutil.copyfile(readme, os.path.join(buildRoot, "README.md"))
+    return target
 
 
 def bundledCoreVersion(coreDir: Optional[str]) -> Optional[str]:
@@ -332,12 +362,21 @@ class DependencyManager:
 
     def installCore(self) -> None:
         self.log(f"Installing the SemiSegLA core from {self.coreDir}...")
-        base = ["--no-deps", "--force-reinstall"]
-        try:  # offline first: build with the setuptools Slicer already has
-            self.pipInstall(base + ["--no-build-isolation", self.coreDir])
-        except Exception as exc:
-            self.log(f"Offline build of the core failed ({exc}); retrying with an isolated build...")
-            self.pipInstall(base + [self.coreDir])
+        buildRoot = tempfile.mkdtemp(prefix="ssla_core_", dir=self.tempRoot())
+        try:
+            source = copyCoreForBuild(self.coreDir, buildRoot)
+            base = ["--no-deps", "--force-reinstall"]
+            try:  # offline first: build with the setuptools Slicer already has
+                self.pipInstall(base + ["--no-build-isolation", source])
+            except Exception as exc:
+                self.log(f"Offline build of the core failed ({exc}); retrying with an isolated build...")
+                self.pipInstall(base + [source])
+        finally:
+            shutil.rmtree(buildRoot, ignore_errors=True)
+
+    def tempRoot(self) -> str:
+        """A short, ASCII-only, writable folder for the build copy (short paths for Windows)."""
+        return shortAsciiTempRoot()
 
     def _writeConstraints(self) -> str:
         lines = []

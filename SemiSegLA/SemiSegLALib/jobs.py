@@ -5,13 +5,21 @@ and three callables for the Slicer-facing parts: ``prepare`` (write the inputs t
 (turn the result files into nodes) and ``cleanup`` (remove the temp folder). So the same class runs in
 Slicer, under the test stand-in, and in scripts (``wait()``).
 
+``prepare`` may return an iterator: the job then stays Initializing and writes one piece per ``poll()``
+(one case of a fine-tuning dataset per QTimer tick), so the panel stays responsive and Cancel works while
+the files are written. MRML nodes are only touched on the main thread.
+
 Nothing is added to the scene before ``finalize``; a cancelled or failed run leaves the scene as it was.
+
+``BackgroundCall`` runs a short blocking call (``models list``, ``remove``, ``import``) in a worker thread;
+the main thread polls it and gets its result or error through ``finished``.
 """
 
 import logging
 import subprocess
+import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 from .commands import CommandSpec, normalizeDevice
 from .events import Signal
@@ -53,6 +61,7 @@ class Job:
         self.logLines: List[str] = []
         self.startedAt: Optional[float] = None
         self.finishedAt: Optional[float] = None
+        self._preparing: Optional[Iterator] = None  # the remaining steps of an incremental prepare
 
         self.stateChanged = Signal("stateChanged")  # (job, state)
         self.progress = Signal("progress")  # (job, ProgressEvent)
@@ -102,14 +111,33 @@ class Job:
         self.startedAt = time.monotonic()
         self._setState(State.INITIALIZING)
         try:
-            if self.prepare is not None:
-                self.prepare(self)
+            steps = self.prepare(self) if self.prepare is not None else None
         except Exception as exc:
             logging.debug("SemiSegLA: prepare failed", exc_info=True)
             self._fail(_reason(exc))
             return self
+        if steps is not None and hasattr(steps, "__next__"):
+            self._preparing = steps  # advanced by poll(), one step at a time
+            return self
         self._launch(self.device)
         return self
+
+    @property
+    def isPreparing(self) -> bool:
+        return self.state is State.INITIALIZING and self._preparing is not None
+
+    def _prepareStep(self) -> None:
+        try:
+            next(self._preparing)
+            return
+        except StopIteration:
+            self._preparing = None
+        except Exception as exc:
+            self._preparing = None
+            logging.debug("SemiSegLA: prepare failed", exc_info=True)
+            self._fail(_reason(exc))
+            return
+        self._launch(self.device)
 
     def _launch(self, device: str) -> None:
         try:
@@ -123,7 +151,10 @@ class Job:
         self._setState(self.runningState)
 
     def poll(self) -> bool:
-        """Read what the child wrote, advance the state; True while the job is busy."""
+        """Write the next input piece, or read what the child wrote; advance the state; True while busy."""
+        if self.isPreparing:
+            self._prepareStep()
+            return self.isBusy
         if self.state is not self.runningState or self.child is None:
             return self.isBusy
         for line in self.child.readLines():
@@ -147,6 +178,13 @@ class Job:
 
     def cancel(self) -> None:
         """Kill the child's process tree; the job ends Cancelled and the scene stays as it was."""
+        if self.isPreparing:  # the core has not started: stop writing the inputs
+            self._setState(State.CANCELLING)
+            steps, self._preparing = self._preparing, None
+            if hasattr(steps, "close"):
+                steps.close()
+            self._end(State.CANCELLED)
+            return
         if self.state is not self.runningState:
             return
         self._setState(State.CANCELLING)
@@ -167,7 +205,7 @@ class Job:
         if event is None:
             return
         if event.stage == "log" and event.message:
-            self.notice.emit(self, oneLine(event.message))
+            self.addNotice(oneLine(event.message))  # kept in ``notices`` too (e.g. the core's time estimate)
         self.progress.emit(self, event)
 
     def _onExit(self) -> None:
@@ -237,3 +275,58 @@ class Job:
 def _reason(exc: BaseException) -> str:
     text = oneLine(str(exc))
     return text or type(exc).__name__
+
+
+class BackgroundCall:
+    """A short blocking call (a ``models`` command) in a worker thread, so the panel never freezes.
+
+    The worker only runs ``function`` (child processes and JSON; no Qt, no MRML); the main thread calls
+    ``poll()`` (from a QTimer) and ``finished`` is emitted there, once, with ``result`` or ``error`` set.
+    """
+
+    def __init__(self, description: str, function: Callable[[], Any]) -> None:
+        self.description = description
+        self.function = function
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.finished = Signal("finished")  # (call), on the thread that polls
+        self._done = threading.Event()
+        self._reported = False
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "BackgroundCall":
+        self._thread = threading.Thread(target=self._work, name=f"SemiSegLA-{self.description}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _work(self) -> None:
+        try:
+            self.result = self.function()
+        except BaseException as exc:  # reported on the main thread
+            self.error = exc
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def busy(self) -> bool:
+        return not self._reported
+
+    def poll(self) -> bool:
+        """True while the call runs; emits ``finished`` once when it is over."""
+        if not self._done.is_set():
+            return True
+        if not self._reported:
+            self._reported = True
+            self.finished.emit(self)
+        return False
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block (scripts and tests) until it ends, then report; False on timeout."""
+        if not self._done.wait(timeout):
+            return False
+        self.poll()
+        return True

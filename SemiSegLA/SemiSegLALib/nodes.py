@@ -3,16 +3,21 @@
 * volume node -> uncompressed NRRD through a storage node that is never added to the scene (the scene's
   own storage nodes and file names stay untouched);
 * label NRRD -> ``vtkMRMLSegmentationNode`` "<volume> segmentation" with one segment "Left atrium"
-  (SNOMED CT 82471001, fixed colour), the input as reference geometry, the input's transform and its
-  subject-hierarchy folder;
+  (SNOMED CT 82471001, the terminology's recommended colour), the input as reference geometry, the input's
+  parent transform and its subject-hierarchy folder; marked as SemiSegLA's automatic (not yet corrected)
+  result;
 * segmentation -> uint8 label NRRD on a volume's own grid (for fine-tuning);
 * the scene -> the records the case table is built from.
+
+Every temporary node is removed with the display, storage and colour-table nodes that Slicer created for
+it (``vtkMRMLScene::RemoveNode`` removes only the node itself), so nothing stray is left in the user's
+scene.
 
 ``slicer`` is imported inside the functions: this file imports cleanly without Slicer, and the tests give
 it an explicit stand-in (Testing/slicer_fake) that implements only the calls made here.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from .cases import (
     LEFT_ATRIUM_NAME,
@@ -30,8 +35,20 @@ LEFT_ATRIUM_TERMINOLOGY = (
     "~Anatomic codes - DICOM master list"
     "~^^~^^"
 )
-LEFT_ATRIUM_COLOR = (206 / 255.0, 110 / 255.0, 84 / 255.0)
+# Used only where Slicer's terminology module cannot be asked: the recommendedDisplayRGBValue of SCT 82471001
+# in "Segmentation category and type - DICOM master list" (Slicer's SegmentationCategoryTypeModifier-
+# DICOM-Master.json). ``terminologyColor`` reads the colour from the loaded terminology.
+LEFT_ATRIUM_RGB = (203, 108, 81)
+LEFT_ATRIUM_COLOR = tuple(v / 255.0 for v in LEFT_ATRIUM_RGB)
 TEMPORARY_LABEL_NAME = "SemiSegLA temporary label"
+
+# Node attributes (saved with the scene): a segmentation SemiSegLA produced carries AUTOMATIC_ATTRIBUTE; it
+# counts as a labelled case only once REVIEWED_ATTRIBUTE is "true" (the user's "Corrected" mark).
+AUTOMATIC_ATTRIBUTE = "SemiSegLA.AutomaticResult"
+REVIEWED_ATTRIBUTE = "SemiSegLA.Reviewed"
+# the volume classes that are cases: exactly the input selector's (nodeTypes vtkMRMLScalarVolumeNode with
+# showChildNodeTypes false): label maps, diffusion-weighted, tensor and vector volumes are subclasses
+CASE_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
 
 
 def _slicer():
@@ -54,29 +71,114 @@ def writeVolumeNode(volumeNode, path: str) -> str:
     return path
 
 
+def terminologyColor(terminology: str = LEFT_ATRIUM_TERMINOLOGY,
+                     fallback: Sequence[float] = LEFT_ATRIUM_COLOR) -> Tuple[float, float, float]:
+    """The recommended display colour (0-1 RGB) of a serialized terminology entry, from the terminology
+    Slicer has loaded; ``fallback`` when the terminology module or the entry is not available."""
+    slicer = _slicer()
+    try:
+        logic = slicer.modules.terminologies.logic()
+        entry = slicer.vtkSlicerTerminologyEntry()
+        if not logic.DeserializeTerminologyEntry(terminology, entry):
+            return tuple(fallback)
+        context, category, wanted = entry.GetTerminologyContextName(), entry.GetCategoryObject(), entry.GetTypeObject()
+        found = slicer.vtkSlicerTerminologyEntry()  # its type object receives each type of the category
+        for index in range(logic.GetNumberOfTypesInTerminologyCategory(context, category)):
+            logic.GetNthTypeInTerminologyCategory(context, category, index, found.GetTypeObject())
+            candidate = found.GetTypeObject()
+            if (candidate.GetCodingSchemeDesignator() == wanted.GetCodingSchemeDesignator()
+                    and candidate.GetCodeValue() == wanted.GetCodeValue()):
+                rgb = candidate.GetRecommendedDisplayRGBValue()
+                return (rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0)
+    except (AttributeError, TypeError, ValueError):  # no terminology module (or an older API): the fallback
+        pass
+    return tuple(fallback)
+
+
+def removeNodeAndHelpers(node, removeColorNodes: bool = False) -> None:
+    """Remove ``node`` with the display and storage nodes Slicer created for it (and, for a label map made by
+    ``ExportSegmentsToLabelmapNode``, its own colour table). Never a shared colour table: only when asked."""
+    if node is None:
+        return
+    scene = _slicer().mrmlScene
+    helpers = []
+    displayable, storable = node.IsA("vtkMRMLDisplayableNode"), node.IsA("vtkMRMLStorableNode")
+    for index in range(node.GetNumberOfDisplayNodes() if displayable else 0):
+        display = node.GetNthDisplayNode(index)
+        if display is None:
+            continue
+        color = display.GetColorNode() if removeColorNodes and display.IsA("vtkMRMLVolumeDisplayNode") else None
+        # only a user colour table (as ExportSegmentsToLabelmapNode creates): never one of Slicer's defaults
+        if color is not None and color.IsA("vtkMRMLColorTableNode") and color.GetType() == color.User:
+            helpers.append(color)
+        helpers.append(display)
+    for index in range(node.GetNumberOfStorageNodes() if storable else 0):
+        helpers.append(node.GetNthStorageNode(index))
+    if node.GetScene() is not None:
+        scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is not None:
+            scene.RemoveNode(helper)
+
+
+def isAutomaticResult(segmentationNode) -> bool:
+    return (segmentationNode.GetAttribute(AUTOMATIC_ATTRIBUTE) or "").lower() == "true"
+
+
+def isReviewed(segmentationNode) -> bool:
+    """The user's "Corrected" mark; without one, SemiSegLA's own results are not reviewed and every other
+    segmentation (drawn or loaded by the user) is."""
+    value = (segmentationNode.GetAttribute(REVIEWED_ATTRIBUTE) or "").lower()
+    if value in ("true", "false"):
+        return value == "true"
+    return not isAutomaticResult(segmentationNode)
+
+
+def setReviewed(segmentationNode, reviewed: bool) -> None:
+    segmentationNode.SetAttribute(REVIEWED_ATTRIBUTE, "true" if reviewed else "false")
+
+
+def loadTemporaryLabel(labelPath: str):
+    """The label NRRD as a hidden label-map node; OSError naming the file when Slicer cannot read it."""
+    slicer = _slicer()
+    try:  # slicer.util.loadNodeFromFile raises RuntimeError on failure (Slicer 5); older ones returned None
+        labelNode = slicer.util.loadLabelVolume(labelPath, {"show": False, "name": TEMPORARY_LABEL_NAME})
+    except RuntimeError as exc:
+        # its first line repeats the path; the next one (Slicer's reader message), if any, says why
+        reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        detail = f": {reasons[0][:200]}" if reasons else ""
+        raise OSError(f"Slicer could not read the result {labelPath}{detail}") from exc
+    if not labelNode:
+        raise OSError(f"Slicer could not read the result {labelPath}")
+    return labelNode
+
+
 def importLabelAsSegmentation(labelPath: str, referenceVolume, name: Optional[str] = None,
                               segmentName: str = LEFT_ATRIUM_NAME,
-                              color: Sequence[float] = LEFT_ATRIUM_COLOR,
+                              color: Optional[Sequence[float]] = None,
                               terminology: str = LEFT_ATRIUM_TERMINOLOGY) -> Tuple[object, bool]:
     """(segmentation node, empty): a new segmentation from a label map (1 = left atrium) on the input's
-    grid. On any error every node created here is removed again, so the scene is unchanged."""
+    grid, under the input's parent transform. On any error every node created here (display and storage
+    nodes included) is removed again, so the scene is unchanged."""
     slicer = _slicer()
     scene = slicer.mrmlScene
     created: List[object] = []
-    labelNode = slicer.util.loadLabelVolume(labelPath, {"show": False, "name": TEMPORARY_LABEL_NAME})
-    if not labelNode:
-        raise OSError(f"Slicer could not read the result {labelPath}")
+    labelNode = loadTemporaryLabel(labelPath)
     try:
         segNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                           name or f"{referenceVolume.GetName()} segmentation")
         created.append(segNode)
         segNode.CreateDefaultDisplayNodes()
-        # geometry first: the label map is imported onto the input's grid
-        segNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
-        segNode.SetNodeReferenceID(segNode.GetReferenceImageGeometryReferenceRole(), referenceVolume.GetID())
+        # Transforms first. SetReferenceImageGeometryParameterFromVolumeNode folds the transform between the
+        # volume and the segmentation into the stored geometry, and ImportLabelmapToSegmentationNode moves
+        # the label map through the transform between its parent and the segmentation's. With the volume's
+        # parent transform on all three, both are the identity: the segment lies exactly where the volume is.
         transformId = referenceVolume.GetTransformNodeID()
         if transformId:
             segNode.SetAndObserveTransformNodeID(transformId)
+            labelNode.SetAndObserveTransformNodeID(transformId)
+        segNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+        segNode.SetNodeReferenceID(segNode.GetReferenceImageGeometryReferenceRole(), referenceVolume.GetID())
         if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segNode):
             raise RuntimeError("Slicer could not import the result label map into a segmentation")
         segmentation = segNode.GetSegmentation()
@@ -84,21 +186,20 @@ def importLabelAsSegmentation(labelPath: str, referenceVolume, name: Optional[st
         empty = count == 0
         if count > 1:
             raise RuntimeError(f"The result holds {count} labels; SemiSegLA expects one (1 = left atrium)")
-        if empty:
-            segmentId = segmentation.AddEmptySegment("", segmentName, list(color))
-        else:
-            segmentId = segmentation.GetNthSegmentID(0)
+        rgb = list(color) if color is not None else list(terminologyColor(terminology))
+        segmentId = segmentation.AddEmptySegment("", segmentName, rgb) if empty else segmentation.GetNthSegmentID(0)
         segment = segmentation.GetSegment(segmentId)
         segment.SetName(segmentName)
-        segment.SetColor(*color)
+        segment.SetColor(*rgb)
         segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        segNode.SetAttribute(AUTOMATIC_ATTRIBUTE, "true")  # not a labelled case until marked as corrected
         placeBesideInSubjectHierarchy(segNode, referenceVolume)
         created.clear()
         return segNode, empty
     finally:
-        scene.RemoveNode(labelNode)
+        removeNodeAndHelpers(labelNode)  # its display and storage nodes too; not the shared colour table
         for node in created:
-            scene.RemoveNode(node)
+            removeNodeAndHelpers(node)
 
 
 def placeBesideInSubjectHierarchy(node, referenceNode) -> None:
@@ -138,15 +239,23 @@ def writeLabelOnVolumeGrid(segmentationNode, segmentId: str, volumeNode, path: s
         writeVolumeNode(labelNode, path)
         return count
     finally:
-        scene.RemoveNode(labelNode)
+        # as slicer.util.arrayFromSegmentBinaryLabelmap does: the export made a display node and its own
+        # colour table for this label map; both go with it
+        removeNodeAndHelpers(labelNode, removeColorNodes=True)
+
+
+def isCaseVolume(node) -> bool:
+    """A plain scalar volume: not a label map, nor a diffusion-weighted, tensor or vector volume (all
+    subclasses of vtkMRMLScalarVolumeNode)."""
+    return node is not None and node.GetClassName() == CASE_VOLUME_CLASS
 
 
 def scanScene() -> Tuple[List[VolumeInfo], List[SegmentationInfo]]:
-    """The scene's scalar volumes (not label maps) and segmentations, as case-table records."""
+    """The scene's plain scalar volumes and its segmentations, as case-table records."""
     slicer = _slicer()
     volumes = []
     for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-        if node.IsA("vtkMRMLLabelMapVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode"):
+        if not isCaseVolume(node):
             continue
         volumes.append(VolumeInfo(node.GetID(), node.GetName()))
     segmentations = []
@@ -158,7 +267,8 @@ def scanScene() -> Tuple[List[VolumeInfo], List[SegmentationInfo]]:
             segments.append(SegmentInfo(segmentation.GetNthSegmentID(index),
                                         segmentation.GetNthSegment(index).GetName()))
         segmentations.append(SegmentationInfo(node.GetID(), node.GetName(),
-                                              reference.GetID() if reference else None, segments))
+                                              reference.GetID() if reference else None, segments,
+                                              reviewed=isReviewed(node), automatic=isAutomaticResult(node)))
     return volumes, segmentations
 
 
@@ -169,9 +279,9 @@ def getNode(nodeId: str, what: str = "node"):
     return node
 
 
-def writeDataset(plan: DatasetPlan, log=None) -> None:
-    """Write the nnU-Net-style folder (images, labels on the image grids, dataset.json) and the
-    unlabelled folder the plan describes."""
+def iterWriteDataset(plan: DatasetPlan, log=None) -> Iterator[str]:
+    """Write the nnU-Net-style folder (images, labels on the image grids, dataset.json) and the unlabelled
+    folder the plan describes, one case per step (the job advances it from the panel's timer)."""
     log = log or (lambda text: None)
     plan.makeFolders()
     for row, imagePath, labelPath in plan.labelled:
@@ -180,7 +290,15 @@ def writeDataset(plan: DatasetPlan, log=None) -> None:
         writeVolumeNode(volume, imagePath)
         voxels = writeLabelOnVolumeGrid(segmentation, row.segmentId, volume, labelPath)
         log(f"Labelled case {row.caseId}: '{row.volumeName}' with '{row.segmentationName}' ({voxels} voxels)")
+        yield row.caseId
     for row, path in plan.unlabelled:
         writeVolumeNode(getNode(row.volumeId, "volume"), path)
         log(f"Unlabelled case {row.caseId}: '{row.volumeName}'")
+        yield row.caseId
     plan.writeDatasetJson()
+
+
+def writeDataset(plan: DatasetPlan, log=None) -> None:
+    """``iterWriteDataset`` in one go (scripts)."""
+    for _ in iterWriteDataset(plan, log):
+        pass

@@ -5,6 +5,7 @@
   callback, so Qt is never touched from the reader thread.
 * Cancel kills the process tree, the children first (psutil when it is importable), then the process
   group on POSIX (the child is started in its own session) or ``taskkill /T`` on Windows without psutil.
+  Slicer does not ship psutil (not in 5.6, 5.8 or 5.10), so the fallback is the normal path inside Slicer.
   This matters inside Slicer, where ``PythonSlicer`` is a launcher whose child is the real Python.
 * Exit status: SUCCESS, FAILED or CANCELLED (RUNNING while it runs).
 
@@ -63,7 +64,7 @@ def _popen_kwargs() -> Dict[str, object]:
 
 
 def _psutil():
-    """psutil when importable (Slicer ships it in recent versions), else None."""
+    """psutil when the user installed it (Slicer does not ship it), else None: the fallback needs nothing."""
     try:
         import psutil
     except ImportError:

@@ -76,8 +76,9 @@ def uiState(state: State, kind: Optional[str] = None) -> UiState:
         return UiState(False, SEGMENT_TEXT, True, FINETUNE_TEXT, True, True,
                        "" if state is State.IDLE else state.value)
     own = CANCELLING_TEXT if state is State.CANCELLING else CANCEL_TEXT
-    # a Cancel button is live while the child runs; preparing and importing run on the main thread
-    ownEnabled = state in (State.SEGMENTING, State.FINETUNING)
+    # a Cancel button is live while the child runs, and while a fine-tuning dataset is written case by case;
+    # writing a segmentation input and importing the result are single main-thread steps
+    ownEnabled = state in (State.SEGMENTING, State.FINETUNING) or (state is State.INITIALIZING and kind == "finetune")
     if kind == "finetune":
         return UiState(True, SEGMENT_TEXT, False, own, ownEnabled, False, state.value)
     return UiState(True, own, ownEnabled, FINETUNE_TEXT, False, False, state.value)

@@ -15,6 +15,8 @@ JSON-lines progress. Behaviour switches come from the environment:
   empty           write an all-zero label
   noise           interleave warnings and non-JSON text
   no-presets      ``models presets`` is an unknown command (as in an older core)
+  guard-worse     ``finetune`` ends with the core's parent/child check saying the child is worse
+  slow-list       ``models list`` takes a second (for the background-call tests)
 ``SEMISEG_FAKE_CALLS``: a file where every invocation appends {"argv", "cuda_visible_devices"}.
 ``SEMISEG_LA_HOME``: where local models live (``models/<id>/card.json``).
 """
@@ -177,6 +179,9 @@ def cmd_finetune(args):
     delay = 0.05 if "slow" in MODES else 0.0
     if "slow" in MODES:
         total = max(total, 200)
+    # the core's budget plan, logged before training (semiseg_la.engine.budget)
+    emit({"stage": "log", "message": f"time estimate on CPU (2 threads): 0.01 s per iteration, 0.0 s per "
+                                     f"validation; {total} iterations fit in the 600 s budget"})
     for step in range(1, total + 1):
         time.sleep(delay)
         emit({"stage": "train", "step": step, "total": total, "eta_s": (total - step) * delay,
@@ -187,18 +192,26 @@ def cmd_finetune(args):
     model_id = f"{args.name or 'finetuned'}-v0.0.{len(local_models()) + 1}"
     folder = os.path.join(home(), model_id)
     os.makedirs(folder, exist_ok=True)
-    card = {"id": model_id, "method": args.method, "labeled_cases": labeled, "unlabeled_cases": unlabeled,
-            "dice": 0.8, "parent": args.base, "created": datetime.now(timezone.utc).isoformat()}
+    held_out = 1 if labeled >= 3 else 0  # the core holds one labelled case out from 3 on
+    card = {"id": model_id, "method": args.method, "labeled_cases": labeled - held_out,
+            "unlabeled_cases": unlabeled, "dice": 0.8, "dice_kind": "site hold-out" if held_out else "training fit",
+            "parent": args.base, "created": datetime.now(timezone.utc).isoformat()}
     with open(os.path.join(folder, "card.json"), "w", encoding="utf-8") as f:
         json.dump(card, f)
     if "no-done" in MODES:
         return 0
-    emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}})
+    worse = "guard-worse" in MODES
+    guard = {"verdict": "worse" if worse else ("better or equal" if held_out else "unchecked: fewer than 3"),
+             "parent": args.base, "parent_dice": 0.85 if held_out or worse else None,
+             "child_dice": (0.61 if worse else 0.8) if held_out or worse else None}
+    emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard})
     return 0
 
 
 def cmd_models(args):
     if args.action == "list":
+        if "slow-list" in MODES:
+            time.sleep(1.0)
         print(json.dumps(BUNDLED + local_models()))
         return 0
     if args.action == "presets":

@@ -6,9 +6,15 @@ numpy arrays (KJI order, as ``slicer.util.arrayFromVolume`` returns them) and an
 (spacing, origin and axis directions in RAS, as MRML stores them). Files on disk are NRRD in LPS, written
 and read with SimpleITK, as Slicer's NRRD IO does; the tests check that conversion against SimpleITK.
 
-What it cannot show: real MRML behaviour (resampling on import, display nodes, terminology lookup,
-subject-hierarchy plugins, Qt widgets). Where the real Slicer would resample, this stand-in raises, so
-a grid mismatch can never pass silently.
+Where Slicer's own behaviour decides whether the module is right, the stand-in copies that behaviour (each
+such place names the Slicer source it mirrors): parent transforms folded into the reference geometry and
+applied on label-map import and export; node IDs reused after ``vtkMRMLScene::Clear``; the display,
+storage and colour-table nodes that loading and exporting add to the scene (and that ``RemoveNode`` leaves
+behind); ``RuntimeError`` from a failed load; the volume class tree, diffusion-weighted volumes included;
+the terminology's recommended colours.
+
+What it cannot show: voxel resampling, display pipelines, subject-hierarchy plugins, Qt widgets. Where the
+real Slicer would resample, this stand-in raises, so a grid mismatch can never pass silently.
 """
 
 import sys
@@ -20,6 +26,7 @@ import numpy as np
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
+# the class tree of Libs/MRML/Core (vtkTypeMacro of each header)
 CLASS_PARENTS = {
     "vtkMRMLNode": None,
     "vtkMRMLStorableNode": "vtkMRMLNode",
@@ -28,12 +35,28 @@ CLASS_PARENTS = {
     "vtkMRMLVolumeNode": "vtkMRMLDisplayableNode",
     "vtkMRMLScalarVolumeNode": "vtkMRMLVolumeNode",
     "vtkMRMLLabelMapVolumeNode": "vtkMRMLScalarVolumeNode",
+    "vtkMRMLDiffusionWeightedVolumeNode": "vtkMRMLScalarVolumeNode",
     "vtkMRMLTensorVolumeNode": "vtkMRMLScalarVolumeNode",
+    "vtkMRMLDiffusionImageVolumeNode": "vtkMRMLTensorVolumeNode",
+    "vtkMRMLDiffusionTensorVolumeNode": "vtkMRMLDiffusionImageVolumeNode",
     "vtkMRMLVectorVolumeNode": "vtkMRMLTensorVolumeNode",
     "vtkMRMLSegmentationNode": "vtkMRMLDisplayableNode",
+    "vtkMRMLTransformNode": "vtkMRMLDisplayableNode",
+    "vtkMRMLLinearTransformNode": "vtkMRMLTransformNode",
     "vtkMRMLStorageNode": "vtkMRMLNode",
     "vtkMRMLVolumeArchetypeStorageNode": "vtkMRMLStorageNode",
+    "vtkMRMLDisplayNode": "vtkMRMLNode",
+    "vtkMRMLVolumeDisplayNode": "vtkMRMLDisplayNode",
+    "vtkMRMLScalarVolumeDisplayNode": "vtkMRMLVolumeDisplayNode",
+    "vtkMRMLLabelMapVolumeDisplayNode": "vtkMRMLVolumeDisplayNode",
+    "vtkMRMLSegmentationDisplayNode": "vtkMRMLDisplayNode",
+    "vtkMRMLColorNode": "vtkMRMLStorableNode",
+    "vtkMRMLColorTableNode": "vtkMRMLColorNode",
+    "vtkMRMLScriptedModuleNode": "vtkMRMLNode",
 }
+
+# vtkSlicerColorLogic::GetDefaultLabelMapColorNodeID(): the colour table every loaded label map shows with
+DEFAULT_LABEL_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileGenericAnatomyColors.txt"
 
 
 class FakeGeometryMismatch(NotImplementedError):
@@ -84,6 +107,16 @@ class Geometry:
     def close(self, other: "Geometry", tol: float = 1e-5) -> bool:
         return bool(np.allclose(self.ijkToRas(), other.ijkToRas(), atol=tol))
 
+    @classmethod
+    def fromMatrix(cls, matrix: np.ndarray) -> "Geometry":
+        """The geometry of an IJK-to-RAS matrix (after a linear transform: columns keep their lengths)."""
+        matrix = np.asarray(matrix, dtype=float)
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        return cls(spacing, matrix[:3, 3], matrix[:3, :3] / spacing)
+
+    def transformed(self, matrix: np.ndarray) -> "Geometry":
+        return Geometry.fromMatrix(np.asarray(matrix, dtype=float) @ self.ijkToRas())
+
 
 def writeNrrd(array: np.ndarray, geometry: Geometry, path: str, compress: bool) -> None:
     import SimpleITK as sitk
@@ -105,6 +138,19 @@ def readNrrd(path: str):
     return sitk.GetArrayFromImage(image), geometry
 
 
+class FakeMatrix4x4:
+    """vtkMatrix4x4 (only what the module's self-test uses)."""
+
+    def __init__(self) -> None:
+        self.array = np.eye(4)
+
+    def GetElement(self, row, column):
+        return float(self.array[row, column])
+
+    def SetElement(self, row, column, value):
+        self.array[row, column] = float(value)
+
+
 # -- nodes --------------------------------------------------------------------------------------------------
 class FakeNode:
     className = "vtkMRMLNode"
@@ -113,6 +159,9 @@ class FakeNode:
         self._id: Optional[str] = None
         self._name = ""
         self._references: Dict[str, str] = {}
+        self._displayIds: List[str] = []
+        self._storageIds: List[str] = []
+        self._attributes: Dict[str, str] = {}
         self._transformId: Optional[str] = None
         self._scene: Optional[FakeScene] = None
 
@@ -126,26 +175,89 @@ class FakeNode:
         RECORDER.record(f"{self.className}.SetName", name)
         self._name = str(name)
 
+    def GetScene(self):
+        return self._scene
+
     def IsA(self, className):
         return _isA(self.className, className)
 
     def GetClassName(self):
         return self.className
 
+    def SetAttribute(self, name, value):
+        RECORDER.record(f"{self.className}.SetAttribute", name, value)
+        if value is None:
+            self._attributes.pop(str(name), None)
+        else:
+            self._attributes[str(name)] = str(value)
+
+    def GetAttribute(self, name):
+        return self._attributes.get(str(name))
+
     def SetNodeReferenceID(self, role, nodeId):
         RECORDER.record(f"{self.className}.SetNodeReferenceID", role, nodeId)
-        self._references[role] = nodeId
+        if nodeId:
+            self._references[role] = nodeId
+        else:
+            self._references.pop(role, None)
 
     def GetNodeReference(self, role):
         nodeId = self._references.get(role)
         return self._scene.GetNodeByID(nodeId) if (nodeId and self._scene) else None
 
+    # vtkMRMLTransformableNode
     def GetTransformNodeID(self):
         return self._transformId
 
     def SetAndObserveTransformNodeID(self, transformId):
         RECORDER.record(f"{self.className}.SetAndObserveTransformNodeID", transformId)
-        self._transformId = transformId
+        self._transformId = transformId or None
+
+    def GetParentTransformNode(self):
+        # vtkMRMLTransformableNode::GetParentTransformNode: None for a missing or non-transform node
+        node = self._scene.GetNodeByID(self._transformId) if (self._transformId and self._scene) else None
+        return node if node is not None and node.IsA("vtkMRMLTransformNode") else None
+
+    # vtkMRMLDisplayableNode
+    def _referenced(self, ids: List[str]):
+        return [self._scene.GetNodeByID(i) if self._scene else None for i in ids]
+
+    def SetAndObserveDisplayNodeID(self, displayNodeId):
+        self._displayIds = [displayNodeId] if displayNodeId else []
+
+    def AddAndObserveDisplayNodeID(self, displayNodeId):
+        if displayNodeId and displayNodeId not in self._displayIds:
+            self._displayIds.append(displayNodeId)
+
+    def GetDisplayNode(self):
+        nodes = [n for n in self._referenced(self._displayIds) if n is not None]
+        return nodes[0] if nodes else None
+
+    def GetNumberOfDisplayNodes(self):
+        return len(self._displayIds)
+
+    def GetNthDisplayNode(self, index):
+        return self._referenced(self._displayIds)[index] if 0 <= index < len(self._displayIds) else None
+
+    # vtkMRMLStorableNode
+    def SetAndObserveStorageNodeID(self, storageNodeId):
+        self._storageIds = [storageNodeId] if storageNodeId else []
+
+    def GetStorageNode(self):
+        nodes = [n for n in self._referenced(self._storageIds) if n is not None]
+        return nodes[0] if nodes else None
+
+    def GetNumberOfStorageNodes(self):
+        return len(self._storageIds)
+
+    def GetNthStorageNode(self, index):
+        return self._referenced(self._storageIds)[index] if 0 <= index < len(self._storageIds) else None
+
+    def _dropReferencesTo(self, nodeId: str) -> None:
+        # vtkMRMLScene::RemoveNode -> RemoveReferencesToNode: references to a removed node are cleared
+        self._references = {role: i for role, i in self._references.items() if i != nodeId}
+        self._displayIds = [i for i in self._displayIds if i != nodeId]
+        self._storageIds = [i for i in self._storageIds if i != nodeId]
 
 
 class FakeVolumeNode(FakeNode):
@@ -154,6 +266,89 @@ class FakeVolumeNode(FakeNode):
         self.className = className
         self.array: Optional[np.ndarray] = None
         self.geometry = Geometry([1, 1, 1], [0, 0, 0], np.eye(3))
+
+    def GetIJKToRASMatrix(self, matrix):
+        matrix.array = self.geometry.ijkToRas()
+
+    def SetIJKToRASMatrix(self, matrix):
+        self.geometry = Geometry.fromMatrix(matrix.array)
+
+    def CreateDefaultDisplayNodes(self):
+        # vtkMRMLLabelMapVolumeNode/vtkMRMLScalarVolumeNode::CreateDefaultDisplayNodes: one display node,
+        # added to the scene, with the default colour table
+        RECORDER.record(f"{self.className}.CreateDefaultDisplayNodes")
+        if self.GetDisplayNode() is not None:
+            return
+        if self._scene is None:
+            raise RuntimeError("fake: CreateDefaultDisplayNodes needs the node in a scene")
+        labelMap = self.IsA("vtkMRMLLabelMapVolumeNode")
+        display = self._scene.AddNewNodeByClass(
+            "vtkMRMLLabelMapVolumeDisplayNode" if labelMap else "vtkMRMLScalarVolumeDisplayNode")
+        if labelMap:
+            display.SetAndObserveColorNodeID(DEFAULT_LABEL_COLOR_NODE_ID)
+        self.SetAndObserveDisplayNodeID(display.GetID())
+
+
+class FakeDisplayNode(FakeNode):
+    def __init__(self, className: str) -> None:
+        super().__init__()
+        self.className = className
+        self._colorNodeId: Optional[str] = None
+
+    def SetAndObserveColorNodeID(self, colorNodeId):
+        self._colorNodeId = colorNodeId or None
+
+    def GetColorNodeID(self):
+        return self._colorNodeId
+
+    def GetColorNode(self):
+        return self._scene.GetNodeByID(self._colorNodeId) if (self._scene and self._colorNodeId) else None
+
+    def _dropReferencesTo(self, nodeId: str) -> None:
+        super()._dropReferencesTo(nodeId)
+        if self._colorNodeId == nodeId:
+            self._colorNodeId = None
+
+
+class FakeColorTableNode(FakeNode):
+    className = "vtkMRMLColorTableNode"
+    User, File = 13, 14  # vtkMRMLColorTableNode type constants
+
+    def __init__(self, colorType: int = 13) -> None:
+        super().__init__()
+        self._type = colorType
+
+    def GetType(self):
+        return self._type
+
+
+class FakeTransformNode(FakeNode):
+    className = "vtkMRMLLinearTransformNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matrixToParent = np.eye(4)
+
+    def SetMatrixTransformToParent(self, matrix):
+        RECORDER.record("vtkMRMLLinearTransformNode.SetMatrixTransformToParent")
+        self.matrixToParent = np.array(matrix.array, dtype=float)
+
+
+def worldFromNode(node: Optional[FakeNode]) -> np.ndarray:
+    """The node's local (RAS) -> world matrix: its chain of parent linear transforms."""
+    matrix = np.eye(4)
+    transform = node.GetParentTransformNode() if node is not None else None
+    seen = set()
+    while transform is not None and transform.GetID() not in seen:
+        seen.add(transform.GetID())
+        matrix = transform.matrixToParent @ matrix
+        transform = transform.GetParentTransformNode()
+    return matrix
+
+
+def transformBetweenNodes(source: FakeNode, target: FakeNode) -> np.ndarray:
+    # vtkMRMLTransformNode::GetMatrixTransformBetweenNodes(source parent, target parent)
+    return np.linalg.inv(worldFromNode(target)) @ worldFromNode(source)
 
 
 class FakeSegment:
@@ -187,7 +382,10 @@ class FakeSegment:
 
 
 class FakeSegmentation:
-    """vtkSegmentation: ordered segments whose masks lie on ``geometry`` with ``shape`` (KJI)."""
+    """vtkSegmentation: ordered segments whose masks lie on ``geometry`` with ``shape`` (KJI).
+
+    ``geometry`` is the reference image geometry in the segmentation node's own coordinates (under its
+    parent transform), as the conversion parameter stores it."""
 
     def __init__(self) -> None:
         self._segments: Dict[str, FakeSegment] = {}
@@ -229,19 +427,26 @@ class FakeSegmentationNode(FakeNode):
         self.closedSurface = False
 
     def CreateDefaultDisplayNodes(self):
+        # vtkMRMLSegmentationNode::CreateDefaultDisplayNodes: a vtkMRMLSegmentationDisplayNode in the scene
         RECORDER.record("vtkMRMLSegmentationNode.CreateDefaultDisplayNodes")
         self.displayNodesCreated = True
+        if self.GetDisplayNode() is None and self._scene is not None:
+            display = self._scene.AddNewNodeByClass("vtkMRMLSegmentationDisplayNode")
+            self.SetAndObserveDisplayNodeID(display.GetID())
 
     def GetSegmentation(self):
         return self._segmentation
 
-    def GetReferenceImageGeometryReferenceRole(self):
+    @staticmethod
+    def GetReferenceImageGeometryReferenceRole():
         return "referenceImageGeometryRef"
 
     def SetReferenceImageGeometryParameterFromVolumeNode(self, volumeNode):
         RECORDER.record("vtkMRMLSegmentationNode.SetReferenceImageGeometryParameterFromVolumeNode",
                         volumeNode.GetID())
-        self._segmentation.geometry = volumeNode.geometry.copy()
+        # vtkMRMLSegmentationNode::SetReferenceImageGeometryParameterFromVolumeNode: the transform between
+        # the volume's and the segmentation's parent transforms is folded into the stored geometry
+        self._segmentation.geometry = volumeNode.geometry.transformed(transformBetweenNodes(volumeNode, self))
         self._segmentation.shape = tuple(volumeNode.array.shape)
         self._references[self.GetReferenceImageGeometryReferenceRole()] = volumeNode.GetID()
 
@@ -251,10 +456,11 @@ class FakeSegmentationNode(FakeNode):
         return True
 
 
-class FakeStorageNode:
+class FakeStorageNode(FakeNode):
     className = "vtkMRMLVolumeArchetypeStorageNode"
 
     def __init__(self) -> None:
+        super().__init__()
         self._fileName = ""
         self._compress = True
         self.unregistered = False
@@ -262,6 +468,9 @@ class FakeStorageNode:
     def SetFileName(self, fileName):
         RECORDER.record("vtkMRMLVolumeArchetypeStorageNode.SetFileName", fileName)
         self._fileName = str(fileName)
+
+    def GetFileName(self):
+        return self._fileName
 
     def UseCompressionOff(self):
         RECORDER.record("vtkMRMLVolumeArchetypeStorageNode.UseCompressionOff")
@@ -271,6 +480,7 @@ class FakeStorageNode:
         RECORDER.record("vtkMRMLVolumeArchetypeStorageNode.WriteData", node.GetID(), self._fileName)
         if not isinstance(node, FakeVolumeNode) or node.array is None:
             return 0
+        # vtkMRMLVolumeArchetypeStorageNode writes the node's own IJK-to-RAS; parent transforms are not applied
         writeNrrd(node.array, node.geometry, self._fileName, self._compress)
         return 1
 
@@ -278,6 +488,24 @@ class FakeStorageNode:
         if obj is not None:
             raise TypeError("fake: UnRegister expects None")
         self.unregistered = True
+
+
+class FakeScriptedModuleNode(FakeNode):
+    className = "vtkMRMLScriptedModuleNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parameters: Dict[str, str] = {}
+
+    def SetParameter(self, name, value):
+        RECORDER.record("vtkMRMLScriptedModuleNode.SetParameter", name, value)
+        self._parameters[str(name)] = str(value)
+
+    def GetParameter(self, name):
+        return self._parameters.get(str(name), "")
+
+    def UnsetParameter(self, name):
+        self._parameters.pop(str(name), None)
 
 
 # -- scene and subject hierarchy -----------------------------------------------------------------------------
@@ -311,29 +539,50 @@ class FakeSubjectHierarchy:
 
 
 class FakeScene:
+    StartCloseEvent, EndCloseEvent, NodeAddedEvent, NodeRemovedEvent = 66000, 66001, 66002, 66003
+
     def __init__(self) -> None:
         self._nodes: Dict[str, FakeNode] = {}
         self._counters: Dict[str, int] = {}
         self.subjectHierarchy = FakeSubjectHierarchy()
+        # Slicer's default colour tables live in every scene; the module must never remove them
+        self._builtins: Dict[str, FakeNode] = {}
+        default = FakeColorTableNode(FakeColorTableNode.File)
+        default._id, default._name, default._scene = DEFAULT_LABEL_COLOR_NODE_ID, "GenericAnatomyColors", self
+        self._builtins[default._id] = default
 
     def _create(self, className: str):
         if className == "vtkMRMLVolumeArchetypeStorageNode":
             return FakeStorageNode()
-        if className in ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode"):
+        if _isA(className, "vtkMRMLVolumeNode"):
             return FakeVolumeNode(className)
         if className == "vtkMRMLSegmentationNode":
             return FakeSegmentationNode()
+        if className in ("vtkMRMLScalarVolumeDisplayNode", "vtkMRMLLabelMapVolumeDisplayNode",
+                         "vtkMRMLSegmentationDisplayNode"):
+            return FakeDisplayNode(className)
+        if className == "vtkMRMLColorTableNode":
+            return FakeColorTableNode()
+        if className == "vtkMRMLLinearTransformNode":
+            return FakeTransformNode()
+        if className == "vtkMRMLScriptedModuleNode":
+            return FakeScriptedModuleNode()
         raise AttributeError(f"fake slicer: node class {className} is not part of the stand-in")
 
     def _add(self, node: FakeNode, name: str = "") -> FakeNode:
+        # vtkMRMLScene::GenerateUniqueID: <class name><n>, n from a per-class counter (reset by Clear)
         count = self._counters.get(node.className, 0) + 1
+        while f"{node.className}{count}" in self._nodes:
+            count += 1
         self._counters[node.className] = count
         node._id = f"{node.className}{count}"
         node._name = name or node._name or node._id
         node._scene = self
         self._nodes[node._id] = node
-        sh = self.subjectHierarchy
-        sh.itemOfNode[node._id] = sh._newItem(sh.SCENE_ITEM, node._name)
+        if node.IsA("vtkMRMLDisplayableNode") or node.IsA("vtkMRMLColorTableNode"):
+            # the subject hierarchy holds data nodes (and visible colour tables), never display/storage nodes
+            sh = self.subjectHierarchy
+            sh.itemOfNode[node._id] = sh._newItem(sh.SCENE_ITEM, node._name)
         return node
 
     def AddNewNodeByClass(self, className, nodeName=""):
@@ -349,17 +598,36 @@ class FakeScene:
 
     def RemoveNode(self, node):
         RECORDER.record("vtkMRMLScene.RemoveNode", node.GetID() if node is not None else None)
+        if node is not None and node.GetID() in self._builtins:
+            raise AssertionError(f"fake: {node.GetID()} is one of Slicer's default colour tables; removing it "
+                                 "breaks every label map in the scene")
         if node is not None and node.GetID() in self._nodes:
+            # vtkMRMLScene::RemoveNode removes this node only: its display and storage nodes stay in the scene
             del self._nodes[node.GetID()]
             item = self.subjectHierarchy.itemOfNode.pop(node.GetID(), None)
             self.subjectHierarchy.parentOf.pop(item, None)
             node._scene = None
+            for other in self._nodes.values():
+                other._dropReferencesTo(node.GetID())
+
+    def Clear(self, removeSingletons=0):
+        RECORDER.record("vtkMRMLScene.Clear", removeSingletons)
+        # vtkMRMLScene::Clear: every node is removed and the unique-ID counters are reset, so the next node of
+        # a class gets the ID an old node had (vtkMRMLScalarVolumeNode1 again)
+        for node in list(self._nodes.values()):
+            self.RemoveNode(node)
+        self._counters.clear()
+        self.subjectHierarchy = FakeSubjectHierarchy()
 
     def GetNodeByID(self, nodeId):
-        return self._nodes.get(nodeId)
+        return self._nodes.get(nodeId) or self._builtins.get(nodeId)
+
+    def GetNumberOfNodesByClass(self, className):
+        return sum(1 for node in [*self._nodes.values(), *self._builtins.values()] if node.IsA(className))
 
     # not Slicer API: for assertions only
     def fakeNodes(self) -> List[FakeNode]:
+        """The scene's nodes in the order they were added (without Slicer's built-in colour tables)."""
         return list(self._nodes.values())
 
 
@@ -369,10 +637,16 @@ class FakeSegmentationsLogic:
         RECORDER.record("vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode",
                         labelmapNode.GetID(), segmentationNode.GetID())
         segmentation = segmentationNode.GetSegmentation()
+        # vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode: display nodes are created when
+        # missing, and the label map is brought into the segmentation's coordinates through the transform
+        # between their parent transforms (GetTransformBetweenRepresentationAndSegmentation)
+        if segmentationNode.GetDisplayNode() is None:
+            segmentationNode.CreateDefaultDisplayNodes()
+        labelGeometry = labelmapNode.geometry.transformed(transformBetweenNodes(labelmapNode, segmentationNode))
         if segmentation.geometry is None:
-            segmentation.geometry = labelmapNode.geometry.copy()
+            segmentation.geometry = labelGeometry
             segmentation.shape = tuple(labelmapNode.array.shape)
-        if (not segmentation.geometry.close(labelmapNode.geometry)
+        if (not segmentation.geometry.close(labelGeometry)
                 or tuple(labelmapNode.array.shape) != segmentation.shape):
             raise FakeGeometryMismatch("fake: label map and segmentation reference geometry differ "
                                        "(real Slicer would resample)")
@@ -384,8 +658,16 @@ class FakeSegmentationsLogic:
         ids = [segmentIds.GetValue(i) for i in range(segmentIds.GetNumberOfValues())]
         RECORDER.record("vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode",
                         segmentationNode.GetID(), ids, labelmapNode.GetID(), referenceVolumeNode.GetID())
+        scene = segmentationNode.GetScene()
+        if scene is None or labelmapNode.GetScene() is None:
+            return False
+        # vtkSlicerSegmentationsModuleLogic::ExportSegmentsToLabelmapNode: the label map goes under the
+        # reference volume's parent transform, and the reference grid is compared in segmentation coordinates
+        labelmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
         segmentation = segmentationNode.GetSegmentation()
-        if (segmentation.geometry is None or not segmentation.geometry.close(referenceVolumeNode.geometry)
+        reference = referenceVolumeNode.geometry.transformed(transformBetweenNodes(referenceVolumeNode,
+                                                                                   segmentationNode))
+        if (segmentation.geometry is None or not segmentation.geometry.close(reference)
                 or segmentation.shape != tuple(referenceVolumeNode.array.shape)):
             raise FakeGeometryMismatch("fake: export onto a different grid is not modelled")
         out = np.zeros(segmentation.shape, dtype=np.int16)  # Slicer exports as short
@@ -396,6 +678,104 @@ class FakeSegmentationsLogic:
             out[segment.mask] = index + 1
         labelmapNode.array = out
         labelmapNode.geometry = referenceVolumeNode.geometry.copy()
+        # ... then display nodes for both, and a new user colour table "<segmentation>_ColorTable" added to the
+        # scene (AddColorTableNodeForSegmentation) unless the label map already shows with a user table
+        if labelmapNode.GetDisplayNode() is None:
+            labelmapNode.CreateDefaultDisplayNodes()
+        if segmentationNode.GetDisplayNode() is None:
+            segmentationNode.CreateDefaultDisplayNodes()
+        display = labelmapNode.GetDisplayNode()
+        color = display.GetColorNode()
+        if color is None or color.GetType() != FakeColorTableNode.User:
+            table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{segmentationNode.GetName()}_ColorTable")
+            display.SetAndObserveColorNodeID(table.GetID())
+        sh = scene.subjectHierarchy
+        segItem, labelItem = sh.GetItemByDataNode(segmentationNode), sh.GetItemByDataNode(labelmapNode)
+        if segItem and labelItem:
+            sh.parentOf[labelItem] = sh.GetItemParent(segItem)
+        return True
+
+
+# Segmentation category and type - DICOM master list (Modules/Loadable/Terminologies/Resources/
+# SegmentationCategoryTypeModifier-DICOM-Master.json): a few types of "Anatomical Structure" with their
+# recommendedDisplayRGBValue, enough for the lookups the module makes
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+TERMINOLOGY_TYPES = {
+    ("SCT", "123037004"): [  # Anatomical Structure
+        ("SCT", "7742001", "Right atrium", (209, 131, 107)),
+        ("SCT", "82471001", "Left atrium", (203, 108, 81)),
+        ("SCT", "15825003", "Aorta", (224, 97, 76)),
+    ],
+}
+
+
+class FakeTerminologyType:
+    def __init__(self) -> None:
+        self.scheme, self.value, self.meaning, self.rgb = "", "", "", (127, 127, 127)
+
+    def GetCodingSchemeDesignator(self):
+        return self.scheme
+
+    def GetCodeValue(self):
+        return self.value
+
+    def GetCodeMeaning(self):
+        return self.meaning
+
+    def GetRecommendedDisplayRGBValue(self):
+        return self.rgb
+
+
+class FakeTerminologyEntry:
+    """vtkSlicerTerminologyEntry: context name and category/type/modifier objects."""
+
+    def __init__(self) -> None:
+        self.context = ""
+        self.category, self.type, self.modifier = FakeTerminologyType(), FakeTerminologyType(), FakeTerminologyType()
+
+    def GetTerminologyContextName(self):
+        return self.context
+
+    def GetCategoryObject(self):
+        return self.category
+
+    def GetTypeObject(self):
+        return self.type
+
+    def GetTypeModifierObject(self):
+        return self.modifier
+
+
+class FakeTerminologiesLogic:
+    def __init__(self) -> None:
+        self.types = {key: list(value) for key, value in TERMINOLOGY_TYPES.items()}
+
+    def DeserializeTerminologyEntry(self, serialized, entry):
+        RECORDER.record("vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry", serialized)
+        # vtkSlicerTerminologiesModuleLogic::DeserializeTerminologyEntry: 7 '~' parts, codes as scheme^value^meaning
+        parts = str(serialized).split("~")
+        if len(parts) != 7 or parts[1] == "^^":
+            return False
+        entry.context = parts[0]
+        for target, text in ((entry.category, parts[1]), (entry.type, parts[2]), (entry.modifier, parts[3])):
+            codes = text.split("^")
+            if len(codes) == 3:
+                target.scheme, target.value, target.meaning = codes
+        return True
+
+    def _types(self, contextName, category):
+        if contextName != TERMINOLOGY_CONTEXT:
+            return []
+        return self.types.get((category.GetCodingSchemeDesignator(), category.GetCodeValue()), [])
+
+    def GetNumberOfTypesInTerminologyCategory(self, contextName, category):
+        return len(self._types(contextName, category))
+
+    def GetNthTypeInTerminologyCategory(self, contextName, category, index, typeObject):
+        types = self._types(contextName, category)
+        if not 0 <= index < len(types):
+            return False
+        typeObject.scheme, typeObject.value, typeObject.meaning, typeObject.rgb = types[index]
         return True
 
 
@@ -430,6 +810,7 @@ class FakeSlicer:
         self.qt = types.ModuleType("qt")  # the module file imports qt; the logic never uses it
         self.vtk = types.ModuleType("vtk")
         self.vtk.vtkStringArray = FakeStringArray
+        self.vtk.vtkMatrix4x4 = FakeMatrix4x4
         self.reset()
 
     # -- the fake modules ---------------------------------------------------------------------------------
@@ -439,16 +820,31 @@ class FakeSlicer:
         slicer.__path__ = []  # a package, so "from slicer.util import ..." works
 
         util = types.ModuleType("slicer.util")
+        segmentationsLogic = FakeSegmentationsLogic()
 
         def loadLabelVolume(filename, properties=None):
             RECORDER.record("slicer.util.loadLabelVolume", filename, dict(properties or {}))
             unknown = set(properties or {}) - {"show", "name"}
             if unknown:
                 raise TypeError(f"fake: unexpected loadLabelVolume properties {sorted(unknown)}")
-            array, geometry = readNrrd(filename)
+            # slicer.util.loadNodeFromFile raises RuntimeError when the file cannot be loaded (never returns None)
+            try:
+                array, geometry = readNrrd(filename)
+            except Exception as exc:
+                raise RuntimeError(f"Failed to load node from file: {filename}\n{exc}") from None
+            # vtkSlicerVolumesLogic::AddArchetypeVolume adds a display node (with the default label colour
+            # table) and a storage node to the scene with the volume
+            scene = fake.scene
+            display = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
+            display.SetAndObserveColorNodeID(DEFAULT_LABEL_COLOR_NODE_ID)
+            storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+            storage.SetFileName(filename)
             node = FakeVolumeNode("vtkMRMLLabelMapVolumeNode")
             node.array, node.geometry = array, geometry
-            return fake.scene._add(node, (properties or {}).get("name", ""))
+            scene._add(node, (properties or {}).get("name", ""))
+            node.SetAndObserveDisplayNodeID(display.GetID())
+            node.SetAndObserveStorageNodeID(storage.GetID())
+            return node
 
         def arrayFromVolume(volumeNode):
             RECORDER.record("slicer.util.arrayFromVolume", volumeNode.GetID())
@@ -459,6 +855,42 @@ class FakeSlicer:
             if tuple(narray.shape) != tuple(volumeNode.array.shape):
                 raise ValueError("fake: updateVolumeFromArray with another shape is not modelled")
             volumeNode.array = np.array(narray, copy=True)
+
+        def vtkMatrixFromArray(narray):
+            matrix = FakeMatrix4x4()
+            matrix.array = np.array(narray, dtype=float).reshape(4, 4)
+            return matrix
+
+        def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
+            RECORDER.record("slicer.util.addVolumeFromArray", name, nodeClassName)
+            # slicer.util.addVolumeFromArray: a new node of that class, the array, the geometry, display nodes
+            node = fake.scene.AddNewNodeByClass(nodeClassName or "vtkMRMLScalarVolumeNode", name or "")
+            node.array = np.array(narray, copy=True)
+            if ijkToRAS is not None:
+                matrix = ijkToRAS if isinstance(ijkToRAS, FakeMatrix4x4) else vtkMatrixFromArray(ijkToRAS)
+                node.SetIJKToRASMatrix(matrix)
+            node.CreateDefaultDisplayNodes()
+            return node
+
+        def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
+            RECORDER.record("slicer.util.arrayFromSegmentBinaryLabelmap", segmentationNode.GetID(), segmentId)
+            # slicer.util.arrayFromSegmentBinaryLabelmap: export through a temporary label map, then remove its
+            # colour table and the label map (its display node stays in the scene, as in Slicer)
+            if referenceVolumeNode is None:
+                referenceVolumeNode = segmentationNode.GetNodeReference(
+                    segmentationNode.GetReferenceImageGeometryReferenceRole())
+            ids = FakeStringArray()
+            ids.InsertNextValue(segmentId)
+            labelmap = fake.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__temp__")
+            try:
+                if not segmentationsLogic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap,
+                                                                      referenceVolumeNode):
+                    raise RuntimeError("Export of segment failed.")
+                return np.array(labelmap.array, copy=True)
+            finally:
+                if labelmap.GetDisplayNode():
+                    fake.scene.RemoveNode(labelmap.GetDisplayNode().GetColorNode())
+                fake.scene.RemoveNode(labelmap)
 
         def getNodesByClass(className):
             RECORDER.record("slicer.util.getNodesByClass", className)
@@ -484,7 +916,7 @@ class FakeSlicer:
                 self._observations = []
 
         for fn in (loadLabelVolume, arrayFromVolume, updateVolumeFromArray, getNodesByClass, pip_install,
-                   confirmOkCancelDisplay):
+                   confirmOkCancelDisplay, vtkMatrixFromArray, addVolumeFromArray, arrayFromSegmentBinaryLabelmap):
             setattr(util, fn.__name__, fn)
         util.VTKObservationMixin = VTKObservationMixin
         slicer.util = util
@@ -504,6 +936,17 @@ class FakeSlicer:
             def __init__(self, parent=None):
                 pass
 
+            def getParameterNode(self):
+                # ScriptedLoadableModuleLogic.getParameterNode: one vtkMRMLScriptedModuleNode per module in the
+                # scene (singleton tag = module name), created on first use and saved with the scene
+                scene = fake.slicer.mrmlScene
+                for node in scene.fakeNodes():
+                    if node.IsA("vtkMRMLScriptedModuleNode") and node.GetAttribute("ModuleName") == "SemiSegLA":
+                        return node
+                node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SemiSegLA")
+                node.SetAttribute("ModuleName", "SemiSegLA")
+                return node
+
         class ScriptedLoadableModuleWidget:
             def __init__(self, parent=None):
                 self.parent = parent
@@ -519,10 +962,13 @@ class FakeSlicer:
 
         modules = types.ModuleType("slicer.modules")
         segmentations = types.ModuleType("slicer.modules.segmentations")
-        segmentationsLogic = FakeSegmentationsLogic()
         segmentations.logic = lambda: segmentationsLogic
         modules.segmentations = segmentations
+        terminologies = types.ModuleType("slicer.modules.terminologies")
+        terminologies.logic = lambda: fake.terminologiesLogic
+        modules.terminologies = terminologies
         slicer.modules = modules
+        slicer.vtkSlicerTerminologyEntry = FakeTerminologyEntry
 
         class vtkMRMLSubjectHierarchyNode:
             @staticmethod
@@ -533,6 +979,7 @@ class FakeSlicer:
         return slicer
 
     def reset(self) -> None:
+        self.terminologiesLogic = FakeTerminologiesLogic()
         self.scene = FakeScene()
         self.slicer.mrmlScene = self.scene
         RECORDER.calls.clear()
@@ -552,15 +999,31 @@ class FakeSlicer:
 
     # -- test-side helpers (not Slicer API) -------------------------------------------------------------
     def addVolume(self, name: str, array: np.ndarray, spacing=(1, 1, 1), origin=(0, 0, 0), directions=None,
-                  className: str = "vtkMRMLScalarVolumeNode") -> FakeVolumeNode:
+                  className: str = "vtkMRMLScalarVolumeNode", transform: Optional[FakeTransformNode] = None
+                  ) -> FakeVolumeNode:
         node = FakeVolumeNode(className)
         node.array = np.asarray(array)
         node.geometry = Geometry(spacing, origin, np.eye(3) if directions is None else directions)
+        self.scene._add(node, name)
+        if transform is not None:
+            node._transformId = transform.GetID()
+        return node
+
+    def addTransform(self, matrixToParent, name: str = "") -> FakeTransformNode:
+        node = FakeTransformNode()
+        node.matrixToParent = np.asarray(matrixToParent, dtype=float).reshape(4, 4)
         return self.scene._add(node, name)
 
     def addSegmentation(self, name: str, referenceVolume: FakeVolumeNode, segments: Dict[str, np.ndarray],
-                        setReference: bool = True) -> FakeSegmentationNode:
+                        setReference: bool = True, attributes: Optional[Dict[str, str]] = None
+                        ) -> FakeSegmentationNode:
+        """A segmentation on the volume's grid, under the volume's transform, with its display node (as the
+        Segment Editor leaves it)."""
         node = self.scene._add(FakeSegmentationNode(), name)
+        node._transformId = referenceVolume._transformId
+        display = self.scene._add(FakeDisplayNode("vtkMRMLSegmentationDisplayNode"))
+        node.SetAndObserveDisplayNodeID(display.GetID())
+        node._attributes.update(attributes or {})
         seg = node.GetSegmentation()
         seg.geometry = referenceVolume.geometry.copy()
         seg.shape = tuple(referenceVolume.array.shape)
