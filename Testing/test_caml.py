@@ -352,3 +352,24 @@ def test_cli_trains_caml_preset_exports_and_segments(tmp_path):
     proc = run_cli(["segment", str(scan), "-o", str(out), "--model", done["model_id"], "--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file()
+
+
+@pytest.mark.parametrize("rows", ["agreeing", "selected"])
+def test_one_agreeing_unlabelled_voxel_gives_no_correlation_loss_instead_of_an_error(rows):
+    """BatchNorm1d in the heads needs 2 rows: with exactly one agreeing voxel the heads return no query."""
+    from semiseg_la.methods import Batch as StepBatch
+    from semiseg_la.methods import build_method
+
+    method = build_method("caml", {"memory_slots": 2, "occ_head_rows": rows}, 10)
+    method.train(True)
+    shape = (4, 2, 4, 4, 4)
+    prob_v = torch.zeros(shape)
+    prob_v[:, 0] = 1.0  # V: background everywhere
+    prob_a = torch.zeros(shape)
+    prob_a[:, 1] = 1.0  # A: foreground everywhere ...
+    prob_a[2, :, 1, 1, 1] = torch.tensor([1.0, 0.0])  # ... but one unlabelled voxel where both agree
+    emb = torch.randn(4, 16, 4, 4, 4, requires_grad=True)
+    batch = StepBatch(torch.zeros(4, 1, 4, 4, 4), torch.zeros(4, 4, 4, 4, dtype=torch.long), 2)
+    loss, logs = method.omni_correlation(batch, prob_v, prob_a, emb, emb)
+    assert float(loss) == 0.0 and logs["occ_available"] == 0.0
+    loss.backward()  # still part of the graph

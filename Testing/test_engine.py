@@ -108,3 +108,40 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, method):
     for (name, a), (_, b) in zip(straight.method.inference_network().state_dict().items(),
                                  resumed.method.inference_network().state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_freeze_keeps_named_parameters_fixed_and_names_unknown_prefixes():
+    import torch
+
+    from semiseg_la.engine.loop import freeze_parameters
+    from semiseg_la.methods import build_method
+
+    method = build_method("mean_teacher", {}, 10)
+    freeze_parameters(method, ["encoder.block_five", "decoder.block_six"])
+    frozen = {n for n, p in method.student.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("encoder.block_five", "decoder.block_six")) for n in frozen)
+    assert any(p.requires_grad for p in method.student.parameters())
+    with pytest.raises(ConfigError, match="'encoder.block_ten'"):
+        freeze_parameters(build_method("supervised", {}, 10), ["encoder.block_ten"])
+    with pytest.raises(ConfigError, match="nothing to train"):
+        freeze_parameters(build_method("supervised", {}, 10), ["encoder", "decoder"])
+    assert torch.is_tensor(next(method.student.parameters()))
+
+
+def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_with_a_scaler(monkeypatch):
+    import torch
+
+    from semiseg_la.engine.precision import amp_dtype, grad_scaler
+
+    assert amp_dtype(torch.device("cpu")) is None
+    assert amp_dtype(torch.device("cuda", 0), enabled=False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert amp_dtype(torch.device("cuda", 0)) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert amp_dtype(torch.device("cuda", 0)) is torch.float16
+    assert not grad_scaler(torch.bfloat16).is_enabled() and not grad_scaler(None).is_enabled()
+
+
+def test_compile_is_refused_until_it_is_implemented():
+    with pytest.raises(ConfigError, match="compile"):
+        build_config({"data": "x", "compile": True})

@@ -26,16 +26,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictions", default=None, help="also write each predicted label map into this folder")
     p.add_argument("--legacy", action="store_true", help="LA papers' inference (stride 18/18/4, uniform)")
     p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--postprocess", choices=("auto", "largest", "none"), default="auto",
+                   help="keep the largest connected component (largest) or every voxel (none); auto: none with "
+                        "--legacy, as the LA papers evaluate (CAML and MC-Net nms=0, CRLN post-processing off), "
+                        "largest otherwise, as `segment` does")
     add_device_flag(p)
     add_progress_flag(p)
     p.set_defaults(handler=run)
 
 
+def postprocessing(args: argparse.Namespace) -> str:
+    """"largest" or "none": the papers' legacy evaluation keeps every voxel; `segment` keeps the largest."""
+    if args.postprocess != "auto":
+        return args.postprocess
+    return "none" if args.legacy else "largest"
+
+
 def run(args: argparse.Namespace) -> int:
     reporter = reporter_for(args)
     network, card, model_id = load_catalog_model(args.model)
+    postprocess = postprocessing(args)
     predictor = Predictor(network, inference_spec(card), device=args.device, overlap=args.overlap,
-                          mode="legacy" if args.legacy else "fast")
+                          mode="legacy" if args.legacy else "fast", largest_component=postprocess == "largest")
     records = [r for r in open_dataset(args.data, args.case_list) if r.label_path is not None]
     cases: Dict[str, Dict[str, Any]] = {}
     reporter.start("evaluate", len(records), f"model {model_id}")
@@ -49,11 +61,15 @@ def run(args: argparse.Namespace) -> int:
     reporter.end()
     summary = summarize(cases)
     report = {"model": model_id, "data": str(args.data), "list": args.case_list, "n_cases": len(cases),
-              "inference": "legacy" if args.legacy else "fast", "mean": summary["mean"], "std": summary["std"],
+              "inference": "legacy" if args.legacy else "fast", "postprocess": postprocess,
+              "mean": summary["mean"], "std": summary["std"],
               "summary": summary, "definitions": METRIC_DEFINITIONS, "cases": cases}
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(_finite(report), indent=2) + "\n")
-    print(format_table(summary), file=sys.stdout if args.progress != "json" else sys.stderr)
+    out = sys.stdout if args.progress != "json" else sys.stderr
+    print(f"inference: {report['inference']}; post-processing: "
+          + ("largest connected component" if postprocess == "largest" else "none (every predicted voxel)"), file=out)
+    print(format_table(summary), file=out)
     reporter.done(json=args.json_out, mean=_finite(summary["mean"]), n_cases=len(cases))
     return 0
 

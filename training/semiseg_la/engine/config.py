@@ -68,6 +68,7 @@ class TrainConfig:
     iteration_cap: Optional[int] = None  # the preset's max_iterations, kept when the plan resizes the run
     output: str = ""
     init_from: Optional[str] = None
+    freeze: List[str] = dataclasses.field(default_factory=list)  # parameter-name prefixes kept fixed
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -87,6 +88,8 @@ class TrainConfig:
             problems.append(f"lr_policy={self.lr_policy!r} must be constant, step or poly")
         if self.labeled_num < 1:
             problems.append("labeled_num must be >= 1")
+        if self.compile:
+            problems.append("compile=true is not implemented yet (torch.compile of the training networks)")
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 

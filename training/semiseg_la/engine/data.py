@@ -126,7 +126,7 @@ class Augmentation:
             scale = float(np.exp(rng.uniform(low, high)))
             shift = float(rng.uniform(*self.intensity_shift))
             image = image * scale + shift
-        return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.int64)
+        return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8)
 
 
 def _rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):

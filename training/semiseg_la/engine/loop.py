@@ -41,6 +41,7 @@ from .distributed import (
     init_distributed,
     ranks_where,
 )
+from .precision import amp_dtype, grad_scaler
 from .state import load_state, rng_state, save_state, set_rng_state
 
 #: validate(network, channel=None) -> {"dice": mean, ...}; injected by the caller (inference sits above
@@ -106,6 +107,7 @@ class Trainer:
         if initial_weights is not None:
             self.method.load_initial_weights(initial_weights)
         self.method.to(self.device)
+        freeze_parameters(self.method, config.freeze)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -114,7 +116,10 @@ class Trainer:
                 self.method.wrap_trainable(nn.SyncBatchNorm.convert_sync_batchnorm)
             unused = bool(getattr(self.method, "ddp_find_unused_parameters", False))
             self.method.wrap_trainable(lambda m: DDP(m, device_ids=ids, find_unused_parameters=unused))
-        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=config.base_lr, momentum=config.momentum,
+        self.amp_dtype = amp_dtype(self.device, config.amp)
+        self.scaler = grad_scaler(self.amp_dtype)
+        trained = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trained, lr=config.base_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, nesterov=config.nesterov)
         self.sampler = TwoStreamSampler(len(labeled), len(unlabeled) if config.use_unlabeled else 0,
                                         config.batch_size, config.labeled_bs, config.seed + 7919 * self.ctx.rank)
@@ -206,8 +211,12 @@ class Trainer:
             image, label = self.augment(case.image, case.label, self.aug_rng)
             images.append(image)
             labels.append(label)
-        image = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
-        label = torch.from_numpy(np.stack(labels)).to(self.device, non_blocking=True)
+        image, label = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+        if self.device.type == "cuda":  # page-locked memory lets the copy overlap the previous step
+            image, label = image.pin_memory(), label.pin_memory()
+        image = image.to(self.device, non_blocking=True)
+        # labels travel as uint8 (an eighth of int64) and widen on the device
+        label = label.to(self.device, non_blocking=True).long()
         return Batch(image, label, self.sampler.labeled_bs)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -218,7 +227,7 @@ class Trainer:
         elif self.ctx.is_main:
             self._write_run_files()
         c = self.config
-        use_amp = c.amp and self.device.type == "cuda"
+        use_amp = self.amp_dtype is not None
         self.reporter.start("train", c.max_iterations, f"{c.method} on {self.device}")
         self.reporter.update(self.iteration)
         last_metrics: Dict[str, float] = {}
@@ -269,7 +278,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.next_batch()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=use_amp):
             result = self.method.training_step(batch, self.iteration)
         finite = bool(torch.isfinite(result.loss)) and not _injected_fault(self.ctx.rank, self.iteration)
         failed = ranks_where(self.ctx, not finite)
@@ -283,8 +292,9 @@ class Trainer:
             error.report_on_this_rank = self.ctx.rank == failed[0]
             raise error
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(result.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.method.after_optimizer_step(self.iteration)
         self._score_gate_networks()
         return lr, result
@@ -294,7 +304,7 @@ class Trainer:
 
         It trains this Trainer's method, so measure on a throwaway Trainer and build the real one after
         (the real one re-seeds everything). Under torchrun every rank takes rank 0's figure."""
-        use_amp = self.config.amp and self.device.type == "cuda"
+        use_amp = self.amp_dtype is not None
         times = []
         for i in range(steps + 1):
             start = time.perf_counter()
@@ -417,6 +427,28 @@ class Trainer:
         atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
         for name in ("train_log.csv", "validation.csv"):
             (self.run_dir / name).unlink(missing_ok=True)
+
+
+def freeze_parameters(method: Method, prefixes) -> None:
+    """Keep the trainable networks' parameters whose names start with one of `prefixes` fixed (fine-tuning
+    fewer layers on a few site cases). BatchNorm running statistics still follow the site's data."""
+    if not prefixes:
+        return
+    from ..errors import ConfigError
+    from ..methods.base import unwrap
+
+    matched = set()
+    for name in method.trainable:
+        for param_name, param in unwrap(getattr(method, name)).named_parameters():
+            hits = [p for p in prefixes if param_name.startswith(p)]
+            if hits:
+                param.requires_grad_(False)
+                matched.update(hits)
+    missing = [p for p in prefixes if p not in matched]
+    if missing:
+        raise ConfigError(f"freeze: no parameter name starts with {', '.join(map(repr, missing))}")
+    if not any(p.requires_grad for p in method.parameters()):
+        raise ConfigError("freeze leaves nothing to train")
 
 
 #: "RANK:ITERATION": make that rank's loss count as non-finite at that iteration (tests of the stop path)

@@ -18,6 +18,8 @@ from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..engine.precision import amp_dtype as precision_dtype
+
 Tensor = torch.Tensor
 Window = Tuple[slice, ...]
 ProgressCallback = Callable[[int, int], None]
@@ -224,9 +226,7 @@ def _window_weight(mode: str, n_windows: int, patch: Sequence[int], sigma_scale:
 
 def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype on CUDA only (CPU autocast is slow); bf16 where supported, else fp16."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return precision_dtype(device)
 
 
 def _autocast(device_type: str, dtype: Optional[torch.dtype]) -> ContextManager:

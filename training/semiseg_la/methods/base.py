@@ -113,7 +113,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float, iteration: int) -> None:
     """Mean-teacher EMA with the usual warm start: alpha = min(1 - 1/(t+1), decay)."""
     alpha = min(1.0 - 1.0 / (iteration + 1), decay)
-    for t_param, s_param in zip(teacher.parameters(), unwrap(student).parameters()):
-        t_param.mul_(alpha).add_(s_param.detach(), alpha=1.0 - alpha)
-    for t_buf, s_buf in zip(teacher.buffers(), unwrap(student).buffers()):
-        t_buf.copy_(s_buf)
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in unwrap(student).parameters()]
+    torch._foreach_mul_(t_params, alpha)  # one fused kernel per list instead of two per tensor
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
+    t_bufs, s_bufs = list(teacher.buffers()), list(unwrap(student).buffers())
+    if t_bufs:
+        torch._foreach_copy_(t_bufs, s_bufs)

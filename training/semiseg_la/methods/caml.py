@@ -300,9 +300,12 @@ class Caml(Method):
             query_v, query_a = self.heads(voxel_rows(emb_v[unl], index), voxel_rows(emb_a[unl], index))
         else:
             query_v, query_a = self.heads(voxel_rows(emb_v[unl], agree), voxel_rows(emb_a[unl], agree))
-            query_v, query_a = query_v[chosen], query_a[chosen]
-        loss = occ_loss(query_v, query_a, labels[chosen], memory, float(p["occ_temperature"]),
-                        bool(p["detach_correlation_target"]))
+            if query_v.shape[0]:  # the heads return no query for fewer than 2 rows (BatchNorm1d)
+                query_v, query_a = query_v[chosen], query_a[chosen]
+        loss = None
+        if query_v.shape[0]:
+            loss = occ_loss(query_v, query_a, labels[chosen], memory, float(p["occ_temperature"]),
+                            bool(p["detach_correlation_target"]))
         logs = {"occ_rows": float(chosen.numel()), "memory_rows": float(self.memory.stored_rows()),
                 "occ_available": float(loss is not None)}
         if loss is None:  # zero, but keeps the heads in the graph (DDP sees every parameter used)

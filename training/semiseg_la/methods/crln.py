@@ -365,7 +365,9 @@ class Crln(Method):
                  else supervised * 0.0)
         cps = self.cps(out_l, out_u, label_l, pseudo_s, conf_s, prototypes)
         loss = supervised + p["unsup_weight"] * unsup + p["cps_weight"] * cps
-        self._op_batch = (x_l.detach(), label_l, torch.is_autocast_enabled(batch.image.device.type))
+        device_type = batch.image.device.type
+        amp = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        self._op_batch = (x_l.detach(), label_l, amp)
         logs = {"loss_sup": float(supervised.detach()), "loss_unsup": float(unsup.detach()),
                 "loss_cps": float(cps.detach()), "loss_rectifier": self._op_loss,
                 "alpha": float(self.rectifier.alpha.detach()), "rectify": float(rectify)}
@@ -458,7 +460,7 @@ class Crln(Method):
         was_training = student.training
         student.eval()
         try:
-            with torch.no_grad(), torch.autocast(x_l.device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.no_grad(), torch.autocast(x_l.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 out, _ = student(x_l)
         finally:
             student.train(was_training)

@@ -3,7 +3,7 @@
 Student: 0.5 (CE + Dice) on labelled samples plus an MSE between its softmax and the EMA teacher's
 softmax on a noisy copy of every sample, weighted by `consistency` x sigmoid ramp-up
 (iteration // `rampup_unit` over `consistency_rampup`; the LA family counts in units of 150 iterations,
-a short fine-tune in single iterations). Teacher: EMA of the student (decay 0.99).
+or over `rampup_fraction` of the run). Teacher: EMA of the student (decay 0.99).
 
 `consistency_on: unlabeled` computes the teacher and the consistency on the unlabelled samples only:
 the labelled ones already have a label, and the teacher pass costs half as much (fine-tuning on a CPU).
@@ -22,8 +22,8 @@ from ..models import VNet
 from .base import Batch, Method, StepResult, ema_update
 from .losses import consistency_weight, supervised_ce_dice
 
-DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "ema_decay": 0.99,
-            "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all"}
+DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "rampup_fraction": None,
+            "ema_decay": 0.99, "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all"}
 
 
 class MeanTeacher(Method):
@@ -33,6 +33,10 @@ class MeanTeacher(Method):
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
         super().__init__({**DEFAULTS, **params}, max_iterations)
+        fraction = self.params["rampup_fraction"]
+        # (length, unit): a fraction of the run (a budget-fitted fine-tune) or the LA family's units
+        self.rampup = ((max(float(fraction) * max_iterations, 1.0), 1) if fraction is not None else
+                       (float(self.params["consistency_rampup"]), int(self.params["rampup_unit"])))
         if self.params["consistency_on"] not in ("all", "unlabeled"):
             raise ConfigError(f"mean_teacher consistency_on must be 'all' or 'unlabeled', "
                               f"got {self.params['consistency_on']!r}")
@@ -54,8 +58,7 @@ class MeanTeacher(Method):
             teacher_prob = torch.softmax(self.teacher(image + noise).float(), dim=1)
         student_prob = torch.softmax(logits[rows].float(), dim=1)
         consistency = torch.mean((student_prob - teacher_prob) ** 2) if image.shape[0] else logits.sum() * 0
-        weight = consistency_weight(self.params["consistency"], iteration, self.params["consistency_rampup"],
-                                    int(self.params["rampup_unit"]))
+        weight = consistency_weight(self.params["consistency"], iteration, *self.rampup)
         loss = supervised + weight * consistency
         return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),
                                  "loss_consistency": float(consistency.detach()), "consistency_weight": weight})

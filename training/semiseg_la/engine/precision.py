@@ -1,0 +1,22 @@
+"""Mixed precision on GPUs: bf16 where the card has it (Ampere and newer), else fp16 with loss scaling.
+
+CPU autocast is slower than float32 on most CPUs, so the CPU always runs float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtype]:
+    """The autocast dtype for `device`, or None for float32."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def grad_scaler(dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and float32 need none (a pass-through scaler)."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
