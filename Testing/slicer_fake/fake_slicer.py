@@ -13,16 +13,21 @@ storage and colour-table nodes that loading and exporting add to the scene (and 
 behind); ``RuntimeError`` from a failed load; the volume class tree, diffusion-weighted volumes included;
 the terminology's recommended colours.
 
-What it cannot show: voxel resampling, display pipelines, subject-hierarchy plugins, Qt widgets. Where the
-real Slicer would resample, this stand-in raises, so a grid mismatch can never pass silently.
+What it cannot show: voxel resampling, display pipelines, subject-hierarchy plugins, Qt rendering (the
+widget's Qt calls are in fake_qt.py). Where the real Slicer would resample, this stand-in raises, so a grid
+mismatch can never pass silently.
 """
 
+import os
 import sys
+import tempfile
 import types
 import unittest
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from . import fake_qt
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -539,9 +544,10 @@ class FakeSubjectHierarchy:
 
 
 class FakeScene:
-    StartCloseEvent, EndCloseEvent, NodeAddedEvent, NodeRemovedEvent = 66000, 66001, 66002, 66003
+    StartCloseEvent, EndCloseEvent, NodeAddedEvent, NodeRemovedEvent, EndImportEvent = 66000, 66001, 66002, 66003, 66004
 
     def __init__(self) -> None:
+        self._observers: List[tuple] = []  # (tag, event, callback): vtkObject::AddObserver
         self._nodes: Dict[str, FakeNode] = {}
         self._counters: Dict[str, int] = {}
         self.subjectHierarchy = FakeSubjectHierarchy()
@@ -596,6 +602,19 @@ class FakeScene:
         RECORDER.record("vtkMRMLScene.CreateNodeByClass", className)
         return self._create(className)
 
+    def AddObserver(self, event, callback):
+        tag = len(self._observers) + 1
+        self._observers.append((tag, event, callback))
+        return tag
+
+    def RemoveObserver(self, tag):
+        self._observers = [o for o in self._observers if o[0] != tag]
+
+    def InvokeEvent(self, event, callData=None):
+        for _, observed, callback in list(self._observers):
+            if observed == event:
+                callback(self, event)
+
     def RemoveNode(self, node):
         RECORDER.record("vtkMRMLScene.RemoveNode", node.GetID() if node is not None else None)
         if node is not None and node.GetID() in self._builtins:
@@ -609,15 +628,18 @@ class FakeScene:
             node._scene = None
             for other in self._nodes.values():
                 other._dropReferencesTo(node.GetID())
+            self.InvokeEvent(self.NodeRemovedEvent, node)
 
     def Clear(self, removeSingletons=0):
         RECORDER.record("vtkMRMLScene.Clear", removeSingletons)
+        self.InvokeEvent(self.StartCloseEvent)  # vtkMRMLScene::Clear sets, then unsets, the CloseState
         # vtkMRMLScene::Clear: every node is removed and the unique-ID counters are reset, so the next node of
         # a class gets the ID an old node had (vtkMRMLScalarVolumeNode1 again)
         for node in list(self._nodes.values()):
             self.RemoveNode(node)
         self._counters.clear()
         self.subjectHierarchy = FakeSubjectHierarchy()
+        self.InvokeEvent(self.EndCloseEvent)
 
     def GetNodeByID(self, nodeId):
         return self._nodes.get(nodeId) or self._builtins.get(nodeId)
@@ -806,8 +828,10 @@ class FakeSlicer:
         self.confirmAnswer = True
         self.pipCalls: List[list] = []
         self.dialogs: List[tuple] = []
+        self.moduleDir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                      "SemiSegLA")
         self.slicer = self._buildSlicer()
-        self.qt = types.ModuleType("qt")  # the module file imports qt; the logic never uses it
+        self.qt = fake_qt.buildModule(types.ModuleType)  # the widget's Qt calls (fake_qt.py)
         self.vtk = types.ModuleType("vtk")
         self.vtk.vtkStringArray = FakeStringArray
         self.vtk.vtkMatrix4x4 = FakeMatrix4x4
@@ -905,19 +929,38 @@ class FakeSlicer:
             fake.dialogs.append(("confirmOkCancel", text, windowTitle))
             return fake.confirmAnswer
 
+        def errorDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+            RECORDER.record("slicer.util.errorDisplay", text)
+            fake.dialogs.append(("error", text, windowTitle))
+
+        def warningDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+            RECORDER.record("slicer.util.warningDisplay", text)
+            fake.dialogs.append(("warning", text, windowTitle))
+
+        def showStatusMessage(message, duration=0):
+            RECORDER.record("slicer.util.showStatusMessage", message)
+
         class VTKObservationMixin:
+            # slicer.util.VTKObservationMixin: addObserver puts a vtk observer on the object (callback(caller,
+            # event)); removeObservers takes them all off
             def __init__(self):
                 self._observations = []
 
             def addObserver(self, obj, event, method):
-                self._observations.append((obj, event, method))
+                self._observations.append((obj, event, method, obj.AddObserver(event, method)))
 
             def removeObservers(self, method=None):
-                self._observations = []
+                for obj, _, observed, tag in list(self._observations):
+                    if method is None or observed == method:
+                        obj.RemoveObserver(tag)
+                        self._observations.remove((obj, _, observed, tag))
 
         for fn in (loadLabelVolume, arrayFromVolume, updateVolumeFromArray, getNodesByClass, pip_install,
-                   confirmOkCancelDisplay, vtkMatrixFromArray, addVolumeFromArray, arrayFromSegmentBinaryLabelmap):
+                   confirmOkCancelDisplay, vtkMatrixFromArray, addVolumeFromArray, arrayFromSegmentBinaryLabelmap,
+                   errorDisplay, warningDisplay, showStatusMessage):
             setattr(util, fn.__name__, fn)
+        util.loadUI = fake_qt.loadUI
+        util.childWidgetVariables = fake_qt.childWidgetVariables
         util.VTKObservationMixin = VTKObservationMixin
         slicer.util = util
 
@@ -948,8 +991,19 @@ class FakeSlicer:
                 return node
 
         class ScriptedLoadableModuleWidget:
+            # ScriptedLoadableModule.py: the panel's layout; without a parent a panel is made and set up
             def __init__(self, parent=None):
-                self.parent = parent
+                self.parent = parent or fake_qt.FakeModulePanel()
+                self.layout = self.parent.layout()
+                self.moduleName = type(self).__name__[:-len("Widget")]
+                if parent is None:
+                    self.setup()
+
+            def setup(self):
+                pass  # the Reload & Test section appears in developer mode only
+
+            def resourcePath(self, filename):
+                return os.path.join(fake.moduleDir, "Resources", filename)
 
         class ScriptedLoadableModuleTest(unittest.TestCase):
             def delayDisplay(self, message, msec=1000):
@@ -976,6 +1030,18 @@ class FakeSlicer:
                 return scene.subjectHierarchy
 
         slicer.vtkMRMLSubjectHierarchyNode = vtkMRMLSubjectHierarchyNode
+
+        class FakeApp:
+            # qSlicerApplication: processEvents runs what the event loop has queued (fake_qt.EVENT_LOOP)
+            temporaryPath = tempfile.gettempdir()
+
+            def processEvents(self):
+                fake_qt.EVENT_LOOP.processEvents()
+
+            def commandOptions(self):
+                return types.SimpleNamespace(testingEnabled=True)
+
+        slicer.app = FakeApp()
         return slicer
 
     def reset(self) -> None:
@@ -986,6 +1052,7 @@ class FakeSlicer:
         self.pipCalls.clear()
         self.dialogs.clear()
         self.confirmAnswer = True
+        fake_qt.reset()
 
     def install(self, monkeypatch=None) -> None:
         mods = {"slicer": self.slicer, "slicer.util": self.slicer.util, "slicer.i18n": self.slicer.i18n,
