@@ -62,3 +62,30 @@ def fake(monkeypatch):
     stand_in.reset()
     stand_in.install(monkeypatch)
     return stand_in
+
+
+@pytest.fixture(scope="module")
+def module():
+    """The SemiSegLA scripted module, loaded against the `slicer` stand-in."""
+    import slicer_fake
+
+    return slicer_fake.loadModule()
+
+
+@pytest.fixture
+def make_logic(module, tmp_path):
+    """make_logic(mode, **env): a module logic whose core is the fake core in that mode."""
+    import slicer_fake
+
+    def make(mode="", **env):
+        factory = slicer_fake.fakeCommandFactory(mode, env)
+        return module.SemiSegLALogic(commandFactory=factory, tempRoot=str(tmp_path / "tmp"))
+    return make
+
+
+def rotation(axis, degrees):
+    """The 3x3 rotation by `degrees` about `axis` (Rodrigues)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)

@@ -125,7 +125,14 @@ def test_freeze_keeps_named_parameters_fixed_and_names_unknown_prefixes():
         freeze_parameters(build_method("supervised", {}, 10), ["encoder.block_ten"])
     with pytest.raises(ConfigError, match="nothing to train"):
         freeze_parameters(build_method("supervised", {}, 10), ["encoder", "decoder"])
-    assert torch.is_tensor(next(method.student.parameters()))
+    norm_only = build_method("supervised", {}, 10)
+    freeze_parameters(norm_only, [], train_only="norm")
+    trained = {n for n, p in norm_only.net.named_parameters() if p.requires_grad}
+    bn_names = {f"{m}.{k}" for m, mod in norm_only.net.named_modules() if isinstance(mod, torch.nn.BatchNorm3d)
+                for k in ("weight", "bias")}
+    assert trained == bn_names
+    with pytest.raises(ConfigError, match="train_only"):
+        freeze_parameters(build_method("supervised", {}, 10), [], train_only="decoder")
 
 
 def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_with_a_scaler(monkeypatch):

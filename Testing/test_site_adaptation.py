@@ -189,7 +189,7 @@ def test_fine_tune_presets_exist_for_every_method_and_ramp_up_in_iterations():
         config = build_config(dict(preset, data="x"))
         assert config.method == method and config.fit_to_budget and config.time_budget_s == 600
     default = load_preset("finetune")["method_params"]
-    assert default["rampup_unit"] == 1 and default["consistency_rampup"] <= 50
+    assert 0 < default["rampup_fraction"] < 1  # the ramp-up completes inside any fitted run
 
 
 def test_mean_teacher_consistency_reaches_its_weight_in_a_short_run():
@@ -208,6 +208,9 @@ def test_mean_teacher_consistency_reaches_its_weight_in_a_short_run():
     assert late == pytest.approx(1.0) and early < 0.5
     legacy = build_method("mean_teacher", {"consistency": 1.0, "consistency_rampup": 5}, 150)
     assert legacy.training_step(Batch(image, label, 2), 149).logs["consistency_weight"] < 0.01
+    fraction = build_method("mean_teacher", {"consistency": 1.0, "rampup_fraction": 0.5}, 150)
+    assert fraction.training_step(Batch(image, label, 2), 20).logs["consistency_weight"] < 0.2
+    assert fraction.training_step(Batch(image, label, 2), 75).logs["consistency_weight"] == pytest.approx(1.0)
 
 
 def test_legacy_evaluation_keeps_every_component_as_the_papers_do(parent_models, tmp_path):

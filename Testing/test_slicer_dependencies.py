@@ -140,7 +140,7 @@ def test_first_use_installs_everything_after_one_confirmation(fake, core_dir, tm
     text = fake.dialogs[0][1]
     assert "SemiSegLA core 0.3.0" in text and "scikit-image>=0.20" in text and "PyTorch" in text
     assert "numpy, SimpleITK and VTK are not changed" in text
-    assert torch.calls == [(False, ">=2.1")]  # torch through PyTorch Utils, confirmed once above
+    assert torch.calls == [(False, ">=2.4")]  # torch through PyTorch Utils, confirmed once above
     # requirements with a constraints file pinning Slicer's own packages; the core with --no-deps
     reqCall, coreCall = fake.pipCalls
     assert reqCall[0] == "-c" and reqCall[2:] == ["scikit-image>=0.20", "safetensors>=0.4"]
@@ -191,7 +191,7 @@ def test_missing_pytorch_extension_is_an_actionable_error(fake, core_dir, tmp_pa
 def test_old_torch_asks_for_a_reinstall_through_pytorch_utils(fake, core_dir, tmp_path):
     deps = manager(fake, core_dir, tmp_path, {"semiseg-la": "0.3.0", "torch": "1.13.1"}, requirements="",
                    torchLogic=FakePyTorchLogic({}))
-    with pytest.raises(DependencyError, match=r"PyTorch 1.13.1 is too old .*torch>=2.1.*PyTorch Utils"):
+    with pytest.raises(DependencyError, match=r"PyTorch 1.13.1 is too old .*torch>=2.4.*PyTorch Utils"):
         deps.ensure()
 
 

@@ -8,17 +8,10 @@ import pytest
 import SimpleITK as sitk
 
 import slicer_fake
+from conftest import rotation
 
 # isort: split
 from SemiSegLALib.geometry import GridError, checkSameGrid, compareGrids, gridFromNrrd
-
-
-def rotation(axis, degrees):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
-
 
 DIRS_RAS = rotation([0.3, -1.0, 2.0], 33)
 SPACING = (0.625, 0.9, 2.5)

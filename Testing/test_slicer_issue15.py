@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 import slicer_fake
+from conftest import rotation
 from slicer_fake.fake_slicer import FakeGeometryMismatch, worldFromNode
 
 # isort: split
@@ -24,26 +25,6 @@ from SemiSegLALib.state import State
 
 BASE = "la-caml-v1.0.0"
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def module():
-    return slicer_fake.loadModule()
-
-
-@pytest.fixture
-def make_logic(module, tmp_path):
-    def make(mode="", **env):
-        factory = slicer_fake.fakeCommandFactory(mode, env)
-        return module.SemiSegLALogic(commandFactory=factory, tempRoot=str(tmp_path / "tmp"))
-    return make
-
-
-def rotation(axis, degrees):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
 
 
 def rigid(axis, degrees, translation):

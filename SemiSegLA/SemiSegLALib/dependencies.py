@@ -26,7 +26,7 @@ from .paths import shortAsciiTempRoot
 
 CORE_DISTRIBUTION = "semiseg-la"
 CORE_PACKAGE = "semiseg_la"
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_REQUIREMENT = ">=2.4"  # the core's pyproject: CRLN uses torch.is_autocast_enabled(device_type)
 
 # what pip, setuptools and Python leave in a source folder: never copied into the build copy
 BUILD_LEFTOVERS = ("build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache")

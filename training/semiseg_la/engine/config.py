@@ -69,6 +69,7 @@ class TrainConfig:
     output: str = ""
     init_from: Optional[str] = None
     freeze: List[str] = dataclasses.field(default_factory=list)  # parameter-name prefixes kept fixed
+    train_only: Optional[str] = None  # "norm": train the normalisation layers' parameters only
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:

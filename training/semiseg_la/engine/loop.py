@@ -107,7 +107,7 @@ class Trainer:
         if initial_weights is not None:
             self.method.load_initial_weights(initial_weights)
         self.method.to(self.device)
-        freeze_parameters(self.method, config.freeze)
+        freeze_parameters(self.method, config.freeze, config.train_only)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -429,22 +429,32 @@ class Trainer:
             (self.run_dir / name).unlink(missing_ok=True)
 
 
-def freeze_parameters(method: Method, prefixes) -> None:
-    """Keep the trainable networks' parameters whose names start with one of `prefixes` fixed (fine-tuning
-    fewer layers on a few site cases). BatchNorm running statistics still follow the site's data."""
-    if not prefixes:
-        return
+NORM_TYPES = (nn.BatchNorm3d, nn.BatchNorm1d, nn.GroupNorm, nn.InstanceNorm3d, nn.LayerNorm)
+
+
+def freeze_parameters(method: Method, prefixes, train_only: Optional[str] = None) -> None:
+    """Keep the trainable networks' parameters whose names start with one of `prefixes` fixed, or (with
+    `train_only: norm`) every parameter outside the normalisation layers (fine-tuning fewer parameters on a
+    few site cases). BatchNorm running statistics still follow the site's data."""
     from ..errors import ConfigError
     from ..methods.base import unwrap
 
+    if train_only not in (None, "norm"):
+        raise ConfigError(f"train_only must be 'norm' or unset, got {train_only!r}")
     matched = set()
     for name in method.trainable:
-        for param_name, param in unwrap(getattr(method, name)).named_parameters():
-            hits = [p for p in prefixes if param_name.startswith(p)]
+        network = unwrap(getattr(method, name))
+        if train_only == "norm":
+            for module in network.modules():
+                if not isinstance(module, NORM_TYPES):
+                    for param in module.parameters(recurse=False):
+                        param.requires_grad_(False)
+        for param_name, param in network.named_parameters():
+            hits = [p for p in prefixes or () if param_name.startswith(p)]
             if hits:
                 param.requires_grad_(False)
                 matched.update(hits)
-    missing = [p for p in prefixes if p not in matched]
+    missing = [p for p in prefixes or () if p not in matched]
     if missing:
         raise ConfigError(f"freeze: no parameter name starts with {', '.join(map(repr, missing))}")
     if not any(p.requires_grad for p in method.parameters()):
