@@ -642,7 +642,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.currentIndex = DEVICE_CHOICES.index(device) if device in DEVICE_CHOICES else 0
         self.ui.show3DCheckBox.checked = str(self._setting("show3D", "false")).lower() == "true"
         try:
-            self.ui.iterationsSpinBox.value = int(self._setting("iterations", 1000))
+            self.ui.iterationsSpinBox.value = int(self._setting("iterations", 0))  # 0: the preset's limit
             self.ui.timeBudgetSpinBox.value = int(self._setting("timeBudgetMinutes", 10)) or 10
         except (TypeError, ValueError):
             pass

@@ -25,7 +25,7 @@ from .data import TrainCase
 from .loop import Trainer, Validator
 
 #: seconds kept for writing the model folder and the process's own exit, beyond the measured evaluations
-EXPORT_OVERHEAD_S = 5.0
+EXPORT_OVERHEAD_S = 8.0
 
 
 @dataclasses.dataclass
