@@ -58,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"base model {base['model']}: Dice {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site "
           f"(shift costs {100 * (base['unshifted'] - base['shifted']):.2f} points)", flush=True)
     rows: List[Dict] = []
-    header = (f"{'fine-tune':12s} {'iters':>5s} {'s/it':>5s} {'wall s':>6s} {'site Dice':>9s} {'recovered':>9s} "
-              f"{'unshifted':>9s} {'d unshift':>9s}  guard")
+    print(f"{'fine-tune':12s} {'iters':>5s} {'s/it':>5s} {'wall s':>6s} {'site Dice':>9s} {'recovered':>9s} "
+          f"{'unshifted':>9s} {'d unshift':>9s}  guard", flush=True)
     for method in args.methods:
         run = run_finetune(method, args, work, site_dir, unlabeled_dir)
         if run.get("error"):
@@ -73,7 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
                "shifted_cases": scores["shifted_cases"]}
         rows.append(row)
-        print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
         print(format_row(row), flush=True)
     print_summary(base, rows)
     if args.json:

@@ -14,6 +14,7 @@ from ..checkpoints.card import default_classes, default_inference, utc_now_iso, 
 from ..engine.config import TrainConfig
 from ..engine.data import Split
 from ..engine.loop import TrainResult, build_for_export
+from ..engine.precision import device_name
 from ..engine.state import load_state
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
@@ -73,7 +74,7 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
         "parent": card_get(parent_card, "id"),
         "labeled_cases": len(split.labeled), "held_out_cases": len(held_out),
         "unlabeled_cases": len(split.unlabeled),
-        "time_budget_s": config.time_budget_s, "device": _device_name(config),
+        "time_budget_s": config.time_budget_s, "device": device_name(config.device),
         "parent_reference": {"dice": parent_validation.get("dice"),
                              "measured_on": parent_validation.get("split", "unknown")},
     }
@@ -153,7 +154,7 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
         "patch_size": list(config.patch_size), "spacing": list(config.spacing), "batch_size": config.batch_size,
         "labeled_bs": config.labeled_bs, "base_lr": config.base_lr, "lr_policy": config.lr_policy,
         "time_s": round(result.elapsed_s, 1), "stopped_early": result.stopped_early,
-        "hardware": f"{_device_name(config)} ({platform.machine()})",
+        "hardware": f"{device_name(config.device)} ({platform.machine()})",
         "config": config.to_dict(),
     }
     lineage = {"parent": None, "parent_sha256": None, "created": utc_now_iso(),
@@ -178,9 +179,3 @@ def _description(config: TrainConfig, split: Split, parent_card) -> str:
     origin = f"fine-tuned from {card_get(parent_card, 'id')}" if parent_card is not None else "trained"
     return (f"{config.method} V-Net {origin} on {len(split.labeled)} labelled + {len(split.unlabeled)} "
             f"unlabelled cases at {config.spacing[0]:g} mm, patch {'x'.join(map(str, config.patch_size))}")
-
-
-def _device_name(config: TrainConfig) -> str:
-    if torch.cuda.is_available() and config.device != "cpu":
-        return torch.cuda.get_device_name(0)
-    return f"CPU x{torch.get_num_threads()} threads"

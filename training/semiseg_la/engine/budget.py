@@ -23,6 +23,7 @@ from ..progress import ProgressReporter
 from .config import TrainConfig
 from .data import TrainCase
 from .loop import Trainer, Validator
+from .precision import device_name
 
 #: seconds kept for writing the model folder and the process's own exit, beyond the measured evaluations
 EXPORT_OVERHEAD_S = 8.0
@@ -74,7 +75,7 @@ def plan_to_budget(config: TrainConfig, labeled: List[TrainCase], unlabeled: Lis
     iterations = min(fit, config.max_iterations)
     plan = BudgetPlan(step_s, validation_s, spent, export_s, loop_s, iterations, capped=fit > config.max_iterations)
     if reporter is not None:
-        reporter.log(plan.message(budget, str(_device_name(config))))
+        reporter.log(plan.message(budget, device_name(config.device)))
     return dataclasses.replace(config, max_iterations=iterations, loop_budget_s=round(loop_s, 1),
                                iteration_cap=config.max_iterations)
 
@@ -87,9 +88,3 @@ def _time_validation(trainer: Trainer, validator: Optional[Validator]) -> float:
     start = time.perf_counter()
     validator(network)
     return time.perf_counter() - start
-
-
-def _device_name(config: TrainConfig) -> str:
-    if config.device == "cpu" or not torch.cuda.is_available():
-        return f"CPU ({torch.get_num_threads()} threads)"
-    return torch.cuda.get_device_name(0)

@@ -117,6 +117,7 @@ class Trainer:
             unused = bool(getattr(self.method, "ddp_find_unused_parameters", False))
             self.method.wrap_trainable(lambda m: DDP(m, device_ids=ids, find_unused_parameters=unused))
         self.amp_dtype = amp_dtype(self.device, config.amp)
+        self.fault_iteration = _injected_fault(self.ctx.rank)
         self.scaler = grad_scaler(self.amp_dtype)
         trained = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(trained, lr=config.base_lr, momentum=config.momentum,
@@ -227,7 +228,6 @@ class Trainer:
         elif self.ctx.is_main:
             self._write_run_files()
         c = self.config
-        use_amp = self.amp_dtype is not None
         self.reporter.start("train", c.max_iterations, f"{c.method} on {self.device}")
         self.reporter.update(self.iteration)
         last_metrics: Dict[str, float] = {}
@@ -238,7 +238,7 @@ class Trainer:
         loop_started, first_iteration = time.monotonic(), self.iteration
         replan_at = self._replan_iteration(budget_s)
         while self.iteration < c.max_iterations:
-            lr, result = self.train_step(use_amp)
+            lr, result = self.train_step()
             self.iteration += 1
             record = {"iteration": self.iteration, "lr": lr, "loss": float(result.loss.detach()), **result.logs}
             self._log_iteration(record)
@@ -271,16 +271,17 @@ class Trainer:
         cleanup(self.ctx)
         return result
 
-    def train_step(self, use_amp: bool) -> tuple:
+    def train_step(self) -> tuple:
         """One optimiser step at `self.iteration` (which the caller advances): (learning rate, StepResult)."""
         self.method.train(True)
         lr = self.learning_rate(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.next_batch()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=use_amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
             result = self.method.training_step(batch, self.iteration)
-        finite = bool(torch.isfinite(result.loss)) and not _injected_fault(self.ctx.rank, self.iteration)
+        finite = bool(torch.isfinite(result.loss)) and self.iteration != self.fault_iteration
         failed = ranks_where(self.ctx, not finite)
         if failed:  # every rank stops here, before a gradient all-reduce could die of it elsewhere
             from ..errors import SemiSegError
@@ -304,11 +305,10 @@ class Trainer:
 
         It trains this Trainer's method, so measure on a throwaway Trainer and build the real one after
         (the real one re-seeds everything). Under torchrun every rank takes rank 0's figure."""
-        use_amp = self.amp_dtype is not None
         times = []
         for i in range(steps + 1):
             start = time.perf_counter()
-            self.train_step(use_amp)
+            self.train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             if i:
@@ -465,9 +465,11 @@ def freeze_parameters(method: Method, prefixes, train_only: Optional[str] = None
 FAULT_ENV = "SEMISEG_LA_INJECT_NONFINITE"
 
 
-def _injected_fault(rank: int, iteration: int) -> bool:
+def _injected_fault(rank: int) -> Optional[int]:
+    """The iteration at which this rank's loss is to count as non-finite, or None."""
     spec = os.environ.get(FAULT_ENV, "")
-    return bool(spec) and spec == f"{rank}:{iteration}"
+    fault_rank, _, iteration = spec.partition(":")
+    return int(iteration) if fault_rank == str(rank) and iteration.isdigit() else None
 
 
 def _csv_header(path: Path) -> List[str]:

@@ -20,3 +20,10 @@ def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtyp
 def grad_scaler(dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; bf16 and float32 need none (a pass-through scaler)."""
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def device_name(device: str) -> str:
+    """The device a run uses, for people: the GPU's name, or the CPU with its thread count."""
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_name(0)
+    return f"CPU x{torch.get_num_threads()} threads"

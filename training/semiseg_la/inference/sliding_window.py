@@ -122,7 +122,7 @@ def sliding_window_inference(image: Tensor, network: Callable[[Tensor], Tensor],
         windows = _windows(padded.shape[2:], patch, steps)
         weight = _window_weight(mode, len(windows), patch, sigma_scale, image.device)
         probs = _accumulate(padded, network, windows, weight, int(sw_batch_size), acc_device,
-                            _amp_dtype(image.device) if amp else None, on_window)
+                            precision_dtype(image.device) if amp else None, on_window)
         return _crop(probs, pads)
 
 
@@ -222,11 +222,6 @@ def _window_weight(mode: str, n_windows: int, patch: Sequence[int], sigma_scale:
     if mode == "constant" or n_windows == 1:
         return None
     return gaussian_importance_map(patch, sigma_scale).to(device)
-
-
-def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype on CUDA only (CPU autocast is slow); bf16 where supported, else fp16."""
-    return precision_dtype(device)
 
 
 def _autocast(device_type: str, dtype: Optional[torch.dtype]) -> ContextManager:
