@@ -288,3 +288,63 @@ def test_default_export_is_the_rectified_inference_and_round_trips_through_the_c
     got, _, _ = Predictor(loaded, spec, device="cpu", mode="fast").probabilities(volume)
     assert windows > 1  # training-size windows even in fast mode: the DIM is tied to the patch
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# --- reproduction options (docs/methods/crln.md "Reproduction") -------------------------------------------
+
+def test_r7_mlp_drop_path_drops_the_level_one_mlp_branch_per_sample():
+    torch.manual_seed(0)
+    q, message = torch.randn(64, 6, 8), torch.zeros(64, 6, 8)  # no message: Q'' = Q, Q''' = Q + branch
+    for official in (False, True):
+        update = PrototypeUpdate(8, drop_path=0.5, official_update=False, mlp_drop_path=official)
+        branch = update.mlp(update.norm(q)).detach()
+        out = update.train()(q, message).detach()
+        kept = torch.isclose(out, q + branch / 0.5, atol=1e-5).flatten(1).all(1)
+        dropped = torch.isclose(out, q, atol=1e-6).flatten(1).all(1)
+        if official:  # every sample either loses the branch or keeps it scaled by 1 / keep
+            assert bool((kept | dropped).all()) and 10 < int(dropped.sum()) < 54
+        else:
+            assert torch.allclose(out, q + branch, atol=1e-5)
+        assert torch.allclose(update.eval()(q, message), q + branch, atol=1e-5)  # identity in eval mode
+    net = CrlnNet(n_prototypes=4, patch_size=(32, 32, 32), mlp_drop_path=True)
+    assert net.config["mlp_drop_path"] and net.dim.update1.mlp_drop_path
+
+
+def test_r8_unsupervised_denominator_counts_unweighted_positive_voxels():
+    logits = torch.zeros(2, 2, 2, 1, 1)
+    logits[:, 1] = math.log(3.0)  # p(class 1) = 0.75
+    target = torch.tensor([[1, 0], [0, 1]]).view(2, 2, 1, 1)
+    conf = torch.tensor([[0.99, 0.99], [0.5, 0.6]]).view(2, 2, 1, 1)  # sample 1 has no confident voxel: w = 0
+    sample0 = torch.tensor([-math.log(0.75), -math.log(0.25)])  # w = 1
+    assert torch.allclose(unsupervised_ce(logits, target, conf, 0.97), sample0.mean())
+    # official: the mean runs over every voxel with CE > 0, so sample 1's two zero-weighted voxels count
+    assert torch.allclose(unsupervised_ce(logits, target, conf, 0.97, "unweighted"), sample0.sum() / 4)
+
+
+def test_minmax_volume_input_space_keeps_the_volume_scale():
+    """With whole-volume [0, 1] input the loader's brightness multiplies the patch's values as they are (the
+    official loader); the per-patch min-max space rescales every patch to [0, 1] first."""
+    patch = (torch.rand(2, 1, 8, 8, 8) * 0.4 + 0.2)  # a patch of a [0, 1] volume that spans [0.2, 0.6]
+    outputs = {}
+    for space in ("minmax_volume", "minmax"):
+        method = build_method("crln", {**SMALL, "input_space": space}, 10)
+        torch.manual_seed(3)
+        outputs[space] = method.loader_view(patch)
+    ratio = outputs["minmax_volume"] / patch
+    assert torch.allclose(ratio, ratio.flatten(1)[:, :1, None, None, None].expand_as(ratio), atol=1e-5)
+    assert float(ratio.min()) >= 0.75 and float(ratio.max()) <= 1.25
+    assert float(outputs["minmax"].min()) == 0.0  # the per-patch view starts at 0
+    assert not torch.allclose(outputs["minmax"], outputs["minmax_volume"])
+    with pytest.raises(ConfigError, match="minmax_volume"):  # the engine must feed [0, 1] volumes
+        build_config({"method": "crln", "data": "x", "method_params": {"input_space": "minmax_volume"}})
+    with pytest.raises(ConfigError, match="minmax_volume"):
+        build_config({"method": "crln", "data": "x", "normalization": "minmax-volume"})
+
+
+def test_rectifier_schedule_per_epoch_with_floor():
+    method = build_method("crln", {**SMALL, "rectifier_schedule": "epoch"}, 40000)
+    lr = method.rectifier_lr
+    assert lr(0) == lr(199) == pytest.approx(2.5e-3) and lr(200) == pytest.approx(2.5e-3 * (1 - 1 / 200) ** 0.9)
+    assert lr(39999) == pytest.approx(2.5e-3 * (1 / 200) ** 0.9) and lr(40000) == pytest.approx(1e-6)
+    default = build_method("crln", SMALL, 40000).rectifier_lr
+    assert default(199) < default(0)  # per iteration

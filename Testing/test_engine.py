@@ -152,3 +152,25 @@ def test_mixed_precision_is_bf16_where_the_gpu_has_it_else_fp16_with_a_scaler(mo
 def test_compile_is_refused_until_it_is_implemented():
     with pytest.raises(ConfigError, match="compile"):
         build_config({"data": "x", "compile": True})
+
+
+def test_anchor_weight_keeps_a_fine_tune_near_its_parent(tmp_path):
+    """L2-SP: with a strong anchor the trained weights move less from the parent's than without."""
+    from semiseg_la.methods import build_method
+
+    parent = build_method("supervised", {}, 4)
+    initial = {k: v.clone() for k, v in parent.net.state_dict().items()}
+    cases = synthetic_cases(2, True)
+
+    def drift(anchor):
+        trainer = Trainer(tiny_config(tmp_path / f"a{anchor}", max_iterations=4, base_lr=0.05, anchor_weight=anchor),
+                          cases, [], initial_weights=initial)
+        trainer.run()
+        after = trainer.method.net.state_dict()
+        return sum(float(((after[k].float() - initial[k].float()) ** 2).sum())
+                   for k in initial if k.endswith(".weight"))
+
+    free, anchored = drift(0.0), drift(5.0)
+    assert anchored < 0.5 * free
+    with pytest.raises(ConfigError, match="anchor_weight"):
+        tiny_config(tmp_path, anchor_weight=-1)

@@ -78,3 +78,23 @@ def test_rejects_bad_images_before_running():
     bad[1, 1, 1] = np.inf
     with pytest.raises(InputError, match="infinite"):
         Predictor(Threshold(), SPEC, device="cpu").predict(Volume(bad))
+
+
+def test_flip_tta_and_ensemble_average_probabilities():
+    from semiseg_la.inference.predictor import combine_networks
+
+    torch.manual_seed(0)
+    net_a, net_b = VNet().eval(), VNet().eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        pa, pb = torch.softmax(net_a(x), 1), torch.softmax(net_b(x), 1)
+        ensemble = torch.softmax(combine_networks(net_a, [net_b])(x), 1)
+        assert torch.allclose(ensemble, (pa + pb) / 2, atol=1e-5)
+        flips = [torch.flip(torch.softmax(net_a(torch.flip(x, d)), 1), d) if d else pa
+                 for d in ((), (2,), (3,), (2, 3))]
+        tta = torch.softmax(combine_networks(net_a, tta="flip")(x), 1)
+        assert torch.allclose(tta, sum(flips) / 4, atol=1e-5)
+        assert not torch.allclose(tta, pa, atol=1e-3)  # the flips do change an asymmetric network's answer
+    assert combine_networks(net_a) is net_a
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        combine_networks(net_a, tta="rotate")

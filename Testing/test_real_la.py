@@ -54,6 +54,22 @@ def bundled_default():
     return model_id
 
 
+def test_bundled_default_model_meets_its_card_on_the_validation_split(la_root, tmp_path, bundled_default):
+    """The default model's card states its validation Dice; `evaluate` on those 8 cases must reproduce it."""
+    from semiseg_la.checkpoints import ModelCard, resolve_model
+
+    card = ModelCard.load(resolve_model(bundled_default))
+    ids = list((card.validation or {}).get("cases", {})) or VALIDATION_IDS
+    (tmp_path / "val.list").write_text("\n".join(ids) + "\n")
+    out = tmp_path / "metrics.json"
+    proc = run_cli(["evaluate", "--data", str(la_root), "--list", str(tmp_path / "val.list"), "--json", str(out),
+                    "--device", "cpu", "--progress", "none"], timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    measured = json.loads(out.read_text())["mean"]["dice"]
+    assert measured == pytest.approx(card.validation_dice, abs=0.005)
+    assert measured > 0.85  # the default model's floor (0.851 for v0.1.0, trained further since)
+
+
 def test_bundled_default_model_segments_validation_cases_well(la_root, tmp_path, bundled_default):
     """Cropped NRRD input (the same voxels as the h5 crop) gives the same Dice as the h5 input."""
     ids = VALIDATION_IDS[:2]

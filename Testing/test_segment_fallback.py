@@ -27,14 +27,14 @@ def _args():
 
 @pytest.mark.parametrize("failures,expected_device,fell_back", [
     (0, "cuda", False),   # fits on the GPU
-    (1, "cuda", False),   # fits once accumulation moves to the CPU
+    (1, "cuda", False),   # fits with training-size windows, accumulation on the CPU
     (2, "cpu", True),     # runs on the CPU, and says so
 ])
 def test_oom_falls_back_step_by_step(monkeypatch, failures, expected_device, fell_back):
     attempts = []
 
-    def fake_predictor(network, spec, args, device, accumulate_on_cpu):
-        attempts.append((device, accumulate_on_cpu))
+    def fake_predictor(network, spec, args, device, accumulate_on_cpu, mode):
+        attempts.append((device, accumulate_on_cpu, mode))
 
         def predict(image, roi=None, want_probability=False, reporter=None):
             if len(attempts) <= failures:
@@ -49,14 +49,15 @@ def test_oom_falls_back_step_by_step(monkeypatch, failures, expected_device, fel
     reporter = Recorder()
     _, device, fell = segment.predict_with_fallback(None, None, object(), _args(), None, reporter)
     assert (device, fell) == (expected_device, fell_back)
-    assert attempts[: failures + 1] == [("auto", False), ("cuda", True), ("cpu", False)][: failures + 1]
+    expected = [("auto", False, "fast"), ("cuda", True, "sliding"), ("cpu", False, "fast")]
+    assert attempts[: failures + 1] == expected[: failures + 1]
     assert len(reporter.messages) == failures
     if fell_back:
         assert reporter.messages[-1] == "CUDA out of memory: retrying on the CPU"
 
 
 def test_oom_everywhere_is_reported(monkeypatch):
-    def always_oom(network, spec, args, device, accumulate_on_cpu):
+    def always_oom(network, spec, args, device, accumulate_on_cpu, mode):
         def predict(*a, **k):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 

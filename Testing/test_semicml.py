@@ -220,7 +220,9 @@ def test_model_trained_on_two_modalities_segments_from_one(multimodal_run):
     network = method.inference_network()
     assert isinstance(network, VNet) and network.config["in_channels"] == 1
     assert method.exported_channel == 0 and method.exported_modality == "channel 0 (T1)"  # the better contrast
-    assert method.exported_network == "teacher (BMA of net_a)"
+    # PReL ran: the export is the T1 student (the teacher's source; this run has no validation split to choose)
+    assert method.prel_started and method.exported_network == "net_a (student, PReL)"
+    assert network is method.net_a
 
     case = make_two_contrast_case("unseen", (48, 48, 32), seed=100)
     spec = InferenceSpec(tuple(PATCH), (1.0, 1.0, 1.0))
@@ -288,3 +290,103 @@ def test_gate_follows_validation_scores_scored_by_the_engine(tmp_path):
     assert gate_calls and set(gate_calls) == {0, 1}  # each student on its own modality
     assert method.exported_index == 1 and method.gate.ready
     assert method.exported_channel == 1
+
+
+# --- PReL: the export follows the students, the frozen teacher stays fixed ----------------------------------
+
+def _teacher_state(method):
+    return {k: v.detach().clone() for k, v in method.teacher.state_dict().items()}
+
+
+@pytest.mark.parametrize("teacher_bn", ["running", "batch"])
+def test_prel_changes_the_exported_weights_and_keeps_the_frozen_teacher_fixed(tmp_path, teacher_bn):
+    """The bug: the export was the gated teacher, frozen from prel_start, so PReL never changed it while its BN
+    statistics drifted. Now PReL exports the student the validation split prefers, and the teacher (weights and
+    BN running statistics) stays as the gate left it."""
+    from conftest import synthetic_cases
+
+    config = _config(tmp_path, "semicml_la", 10, [1.0, 1.0, 1.0], gate_pool=1, prel_start=0.4,
+                     source_teach_start=0.9, teacher_bn=teacher_bn)
+    trainer_ref = []
+
+    def validator(network, channel=None):
+        method = trainer_ref[0].method
+        if method.prel_started:  # during PReL the validation split prefers net_b ...
+            return {"dice": 0.8 if network is method.net_b else 0.3}
+        return {"dice": 0.6 if network is method.net_a else 0.4}  # ... before it, net_a (the teacher's source)
+
+    trainer = Trainer(config, synthetic_cases(2, True), synthetic_cases(2, False, 10), validator)
+    trainer_ref.append(trainer)
+    method = trainer.method
+
+    def run_to(iteration):
+        while trainer.iteration < iteration:
+            trainer.train_step()
+            trainer.iteration += 1
+
+    run_to(method.prel_start_it)
+    assert not method.prel_started and method.gate.ready and int(method.gate.source) == 0
+    assert method.inference_network() is method.teacher  # before PReL: the BMA teacher
+    run_to(method.prel_start_it + 1)  # the first PReL step, then its export scoring
+    assert method.prel_started and method.exported_index == 1 and method.inference_network() is method.net_b
+    assert method.exported_network == "net_b (student, PReL)"
+    exported_before, teacher_before = _params(method.inference_network()), _teacher_state(method)
+
+    run_to(config.max_iterations)
+    assert not _same(_params(method.inference_network()), exported_before)  # PReL trained the exported network
+    for key, value in method.teacher.state_dict().items():  # weights and BN running statistics unchanged
+        assert torch.equal(value, teacher_before[key]), key
+
+    # the checkpointed networks restore the same choice (the gate buffers carry the PReL state)
+    params = {"in_channels": 1, **config.method_params}
+    restored = build_for_export("semicml_la", params, method.state_dict())
+    assert _same(_params(restored), _params(method.net_b))
+    # a gate state written before these fields existed still loads (PReL then counts as not started)
+    old = method.state_dict()
+    old["gate"] = {k: v for k, v in old["gate"].items() if k not in ("prel_started", "export_scores")}
+    again = build_method("semicml_la", params, 10)
+    again.load_state_dict(old)
+    assert not again.prel_started and again.inference_network() is again.teacher
+
+
+def test_frozen_teacher_bn_modes_differ_and_leave_running_statistics_alone():
+    method = _tiny("semicml_la", teacher_passes=2)
+    method.train(True)
+    before = _teacher_state(method)
+    image = torch.randn(2, 1, 16, 16, 16) * 3 + 1
+    results = {}
+    for mode in ("running", "batch"):
+        method.params["teacher_bn"] = mode
+        torch.manual_seed(0)
+        results[mode] = method.pseudo_label(image)
+        for key, value in method.teacher.state_dict().items():
+            assert torch.equal(value, before[key]), (mode, key)
+        assert method.teacher.training and all(m.training for m in method.teacher.modules())  # modes restored
+    assert not torch.allclose(results["running"], results["batch"])  # running vs batch statistics
+
+
+def test_paper_preset_adam_warmup_and_milestones(tmp_path):
+    from conftest import synthetic_cases
+
+    preset = load_preset("semicml-la-8-paper")
+    config = build_config(preset, {"data": "x", "device": "cpu", "output": str(tmp_path / "run"),
+                                   "patch_size": PATCH, "method_params": {"base": 4}})
+    assert (config.method, config.optimizer, config.base_lr, config.weight_decay) == ("semicml_la", "adam", 0.006,
+                                                                                      0.0004)
+    assert (config.lr_epochs, config.lr_warmup, config.lr_milestones) == (81, 8, [12, 28, 44, 56])
+    assert (config.seed, config.amp, config.deterministic, config.normalization) == (1111, False, True, "stored")
+    assert config.intensity_prob == 0.0 == build_config(load_preset("semicml-la-8"), {"data": "x"}).intensity_prob
+    p = config.method_params
+    assert (p["loss_scale"], p["teacher_noise"], p["teacher_bn"]) == (1.0, "official", "batch")
+    trainer = Trainer(config, synthetic_cases(1, True), synthetic_cases(1, False, 5))
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+
+    def start(epoch):  # the first iteration of a paper epoch: epochs are 6000 / 81 iterations long
+        return math.ceil(epoch * 6000 / 81)
+
+    lr = trainer.learning_rate
+    assert lr(0) == pytest.approx(0.006 / 8) and lr(start(1) - 1) == pytest.approx(0.006 / 8)
+    assert lr(start(1)) == pytest.approx(0.006 * 2 / 8) and lr(start(7)) == pytest.approx(0.006)
+    assert lr(start(12) - 1) == pytest.approx(0.006) and lr(start(12)) == pytest.approx(6e-4)
+    assert lr(start(28)) == pytest.approx(6e-5) and lr(start(44)) == pytest.approx(6e-6)
+    assert lr(start(56)) == pytest.approx(6e-7) and lr(5999) == pytest.approx(6e-7)

@@ -2,6 +2,8 @@
 
     python scripts/bundle_model.py MODEL_ID --data ../shared/data/LA [--note TEXT] [--no-default]
 
+A model whose card says role "localiser" becomes the bundled localiser (`default.json`'s "localiser") instead.
+
 The validation figures on the card are re-measured with the fp16 weights that ship (same validation
 split as the run: the card's `validation.cases`), so the card describes exactly what users get.
 """
@@ -50,7 +52,10 @@ def main() -> None:
             card_dict.setdefault("training", {})["note"] = args.note
         save_model(target, weights, ModelCard.coerce(card_dict), dtype="float16")
     if not args.no_default:
-        atomic_write_json(Path(BUNDLED_DIR) / "default.json", {"default": card.id})
+        default_file = Path(BUNDLED_DIR) / "default.json"
+        defaults = json.loads(default_file.read_text()) if default_file.is_file() else {}
+        defaults["localiser" if card.extra.get("role") == "localiser" else "default"] = card.id
+        atomic_write_json(default_file, defaults)
     print(json.dumps({k: validation.get(k) for k in ("dice", "jaccard", "hd95_mm", "asd_mm")}, indent=2))
     print(f"bundled {card.id} at {target}")
 

@@ -29,3 +29,10 @@ class ConfigError(SemiSegError):
 
     kind = "config"
     exit_code = 4
+
+
+class RegionError(SemiSegError):
+    """No left atrium found where one was looked for (or an implausible one): the user must give a region."""
+
+    kind = "region"
+    exit_code = 5

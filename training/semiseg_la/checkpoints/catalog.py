@@ -25,6 +25,7 @@ DEFAULT_FILE = "default.json"
 HOME_ENV = "SEMISEG_LA_HOME"
 SITE_ENV = "SEMISEG_LA_MODELS"
 DEFAULT_ENV = "SEMISEG_LA_DEFAULT_MODEL"
+LOCALISER_ENV = "SEMISEG_LA_LOCALISER"  # the localiser `segment --region auto` uses (a model id or folder)
 DEFAULT_ALIAS = "default"  # accepted wherever a model id is: the current default model
 NO_MODEL_MESSAGE = "no model installed; train one with `semiseg-la train` or pass --model"
 
@@ -46,6 +47,7 @@ class CatalogEntry:
     dice_kind: str = "none"  # what the Dice measures: validation | site hold-out | training fit | none
     parent: Optional[str] = None
     created: Optional[str] = None
+    role: str = "segmenter"  # "localiser": finds the atrium in whole scans for `segment --region auto`
     error: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
@@ -112,7 +114,7 @@ def read_entry(folder: Path, source: str) -> CatalogEntry:
                          method=card.method, description=card.description, labeled_cases=card.labeled_cases,
                          unlabeled_cases=(card.training or {}).get("unlabeled_cases"),
                          validation_dice=card.validation_dice, dice_kind=card.dice_kind, parent=card.parent,
-                         created=card.created or None)
+                         created=card.created or None, role=str(card.extra.get("role") or "segmenter"))
     missing = [name for name in card.weight_files if not (folder / name).is_file()]
     if source != "path" and card.id != folder.name:
         entry.error = f"{folder / CARD_FILE}: id {card.id!r} differs from the folder name {folder.name!r}"
@@ -144,6 +146,22 @@ def default_model_id() -> str:
     if usable:
         return usable[0].id
     raise CheckpointError(NO_MODEL_MESSAGE)
+
+
+def default_localiser_id() -> Optional[str]:
+    """`$SEMISEG_LA_LOCALISER`, else bundled default.json's "localiser", else the first usable model whose
+    card says role "localiser" (bundled, site, then local); None when no localiser is installed."""
+    env = os.environ.get(LOCALISER_ENV, "").strip()
+    if env:
+        return env
+    default_file = bundled_dir() / DEFAULT_FILE
+    if default_file.is_file():
+        data = parse_json_text(default_file.read_text(encoding="utf-8"), str(default_file))
+        named = data.get("localiser") if isinstance(data, dict) else None
+        if isinstance(named, str) and is_valid_model_id(named):
+            return named
+    found = [e.id for e in list_models() if e.error is None and e.role == "localiser"]
+    return found[0] if found else None
 
 
 def _read_default_file(path: Path) -> str:

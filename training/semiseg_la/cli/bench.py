@@ -11,6 +11,7 @@ import argparse
 import json
 import resource
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
@@ -38,10 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     seg.set_defaults(handler=run_segment)
     tr = bsub.add_parser("train", help="training-step speed and peak memory per method")
     tr.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher"])
-    tr.add_argument("--patch", type=int, nargs=3, default=(112, 112, 80))
-    tr.add_argument("--steps", type=int, default=3)
+    tr.add_argument("--presets", nargs="+", default=None,
+                    help="measure these presets instead (their method, parameters, patch and batch) and project "
+                         "every preset's full run from the matching measurement")
+    tr.add_argument("--patch", type=int, nargs=3, default=None, help="patch (default 112 112 80; with --presets, "
+                    "the preset's own)")
+    tr.add_argument("--steps", type=int, default=3, help="timed steps (at least this many)")
+    tr.add_argument("--seconds", type=float, default=None, help="time box per method: timed steps until it is spent")
     tr.add_argument("--warmup", type=int, default=1)
     tr.add_argument("--iterations", type=int, default=None, help="project a full run of this many iterations")
+    tr.add_argument("--json", dest="json_out", default=None, help="write the figures here as JSON")
     add_device_flag(tr)
     tr.set_defaults(handler=run_train)
 
@@ -98,40 +105,141 @@ def _model_grid_shape(shape, spacing, model_spacing):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    jobs = _preset_jobs(args) if args.presets else [
+        {"label": name, "method": name, "params": {}, "patch": list(args.patch or (112, 112, 80)),
+         "batch_size": 4, "labeled_bs": 2, "max_iterations": args.iterations} for name in args.methods]
+    what = "presets" if args.presets else "methods"
+    print(f"training-step benchmark on {device} ({what}; batch and patch per row)")
+    header = f"{'preset' if args.presets else 'method':20s} {'patch':>12s} {'it/s':>8s} {'s/it':>8s} {'peak MiB':>10s}"
+    print(header + "  projected run")
+    rows = []
+    for job in jobs:
+        try:
+            row = _measure(job, device, args)
+        except RuntimeError as exc:  # e.g. CUDA out of memory: one row fails, the others are still measured
+            row = {**_describe(job), "error": " ".join(str(exc).split())[:300]}
+            print(f"{job['label']:20s} failed: {row['error']}")
+        else:
+            print(f"{job['label']:20s} {'x'.join(map(str, job['patch'])):>12s} {row['it_per_s']:8.3f} "
+                  f"{row['s_per_it']:8.3f} {row['peak_mib']:10.0f}  {_projection_text(row)}")
+        rows.append(row)
+        _release(device)
+    if device.type == "cpu":
+        print("(CPU peak = process max RSS, cumulative over the rows above)")
+    projections = _project_presets(rows) if args.presets else []
+    for item in projections:
+        if item["measured_as"] != item["preset"]:
+            print(f"{item['preset']:20s} projected {item['projected_min']:.1f} min for {item['max_iterations']} "
+                  f"iterations (from {item['measured_as']})")
+    if args.json_out:
+        from ..engine.precision import device_name
+
+        report = {"device": str(device), "device_name": device_name(str(device)), "torch": torch.__version__,
+                  "autocast": "bfloat16" if device.type == "cuda" else None, "seconds": args.seconds,
+                  "rows": rows, "projections": projections}
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _preset_jobs(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    from ..engine.config import load_preset
+
+    jobs = []
+    for name in args.presets:
+        preset = load_preset(name)
+        patch = list(args.patch or preset.get("patch_size", (112, 112, 80)))
+        params = {"in_channels": int(preset.get("in_channels", 1)), **(preset.get("method_params") or {})}
+        if "patch_size" in params:  # CRLN's DIM grid follows the patch
+            params["patch_size"] = list(patch)
+        jobs.append({"label": name, "preset": name, "method": preset.get("method", "supervised"), "params": params,
+                     "patch": patch, "batch_size": int(preset.get("batch_size", 4)),
+                     "labeled_bs": int(preset.get("labeled_bs", 2)),
+                     "max_iterations": args.iterations or int(preset.get("max_iterations", 6000))})
+    return jobs
+
+
+def _describe(job: Dict[str, Any]) -> Dict[str, Any]:
+    return {"label": job["label"], "preset": job.get("preset"), "method": job["method"], "patch": job["patch"],
+            "batch_size": job["batch_size"], "labeled_bs": job["labeled_bs"], "max_iterations": job["max_iterations"]}
+
+
+def _measure(job: Dict[str, Any], device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
     from ..methods import Batch, build_method
 
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    print(f"training-step benchmark on {device}, patch {tuple(args.patch)}, batch 2 labelled + 2 unlabelled")
-    header = f"{'method':14s} {'it/s':>8s} {'s/it':>8s} {'peak MiB':>10s}"
-    print(header + ("  projected run" if args.iterations else ""))
-    for name in args.methods:
-        method = build_method(name, {}, 1000).to(device)
-        method.train(True)
-        optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-        image = torch.randn(4, 1, *args.patch, device=device)
-        label = (torch.rand(4, *args.patch, device=device) > 0.7).long()
+    method = build_method(job["method"], job["params"], job["max_iterations"] or 1000).to(device)
+    method.train(True)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    n, patch = job["batch_size"], job["patch"]
+    channels = int(job["params"].get("in_channels", 1))
+    image = torch.randn(n, channels, *patch, device=device)
+    label = (torch.rand(n, *patch, device=device) > 0.7).long()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times: List[float] = []
+    started = None
+    step = 0
+    while True:
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = method.training_step(Batch(image, label, job["labeled_bs"]), step).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for step in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = method.training_step(Batch(image, label, 2), step).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            method.after_optimizer_step(step)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        per_it = float(np.median(times))
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        line = f"{name:14s} {1 / per_it:8.3f} {per_it:8.3f} {peak:10.0f}"
-        if args.iterations:
-            line += f"  {args.iterations * per_it / 60:.1f} min for {args.iterations} iterations"
-        print(line)
-    if device.type == "cpu":
-        print("(CPU peak = process max RSS, cumulative over the methods above)")
-    return 0
+            torch.cuda.synchronize()
+        step += 1
+        if step <= args.warmup:
+            continue
+        times.append(time.perf_counter() - t0)
+        started = started or t0
+        spent = time.perf_counter() - started
+        if len(times) >= args.steps and (args.seconds is None or spent >= args.seconds):
+            break
+    per_it = float(np.median(times))
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row = {**_describe(job), "steps": len(times), "s_per_it": per_it, "it_per_s": 1.0 / per_it,
+           "s_per_it_mean": float(np.mean(times)), "peak_mib": float(peak), "loss_finite": bool(torch.isfinite(loss))}
+    if job["max_iterations"]:
+        row["projected_min"] = job["max_iterations"] * per_it / 60
+    del method, optimizer, image, label, loss
+    return row
+
+
+def _projection_text(row: Dict[str, Any]) -> str:
+    if "projected_min" not in row:
+        return ""
+    return f"{row['projected_min']:.1f} min for {row['max_iterations']} iterations"
+
+
+def _project_presets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every training preset's full run (its max_iterations) from the row of the same method, patch and batch
+    (the preset's own row when it was measured). Validation time is not included."""
+    from ..engine.config import load_preset, preset_names
+
+    measured = [r for r in rows if "s_per_it" in r]
+    out = []
+    for name in preset_names():
+        preset = load_preset(name)
+        key = (preset.get("method", "supervised"), list(preset.get("patch_size", (112, 112, 80))),
+               int(preset.get("batch_size", 4)))
+        match = next((r for r in measured if r.get("preset") == name), None) or next(
+            (r for r in measured if (r["method"], list(r["patch"]), r["batch_size"]) == key), None)
+        if match is None:
+            continue
+        iterations = int(preset.get("max_iterations", 6000))
+        out.append({"preset": name, "measured_as": match["label"], "max_iterations": iterations,
+                    "s_per_it": match["s_per_it"], "projected_min": iterations * match["s_per_it"] / 60})
+    return out
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

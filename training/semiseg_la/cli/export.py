@@ -13,7 +13,7 @@ from ..checkpoints import ModelCard, new_local_model_dir, save_model, unique_mod
 from ..checkpoints.card import default_classes, default_inference, utc_now_iso, weights_fingerprint
 from ..engine.config import TrainConfig
 from ..engine.data import Split
-from ..engine.loop import TrainResult, build_for_export
+from ..engine.loop import TrainResult, restore_method
 from ..engine.precision import device_name
 from ..engine.state import load_state
 from ..inference.predictor import InferenceSpec, Predictor
@@ -29,15 +29,20 @@ HOLDOUT_FROM = 3
 def export_run(config: TrainConfig, result: TrainResult, split: Split, validation_records: Sequence[CaseRecord],
                parent_card=None, name: Optional[str] = None, reporter: Optional[ProgressReporter] = None
                ) -> Tuple[str, Path, Dict[str, Any], Optional[Dict[str, Any]]]:
-    """Export the best-by-validation checkpoint (the last one when there is no validation split):
-    (model id, folder, validation figures, the fine-tune's parent/child record or None)."""
+    """Export the best-by-validation checkpoint (the last one when there is no validation split, or with
+    `export_checkpoint: last`): (model id, folder, validation figures, the fine-tune's parent/child record or None).
+    """
     reporter = reporter or ProgressReporter()
     ckpt_dir = Path(config.output) / "checkpoints"
-    use_best = bool(validation_records) and (ckpt_dir / "best.pt").is_file()
+    use_best = (config.export_checkpoint == "best" and bool(validation_records)
+                and (ckpt_dir / "best.pt").is_file())
     state = load_state(ckpt_dir / ("best.pt" if use_best else "last.pt"))
     params = {"in_channels": config.in_channels, **config.method_params}
-    network = build_for_export(config.method, params, state["networks"]).eval()
-    channel = getattr(result.method, "exported_channel", None)  # multi-modal training, one-modality model
+    # the method as the checkpoint left it: which network it exports (and, multi-modal, which channel that
+    # network takes) follows the checkpoint, not the run's last state
+    exported = restore_method(config.method, params, state["networks"])
+    network = exported.inference_network().eval()
+    channel = getattr(exported, "exported_channel", None)  # multi-modal training, one-modality model
     if validation_records:
         validation = evaluate_records(network, config, validation_records, reporter, channel)
     else:  # e.g. a site fine-tune on 2-3 cases: a figure, labelled for what it is (fit, not generalisation)
@@ -47,7 +52,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     validation["checkpoint"] = f"{'best' if use_best else 'last'} (iteration {int(state['iteration'])})"
     validation["figure"] = _figure_kind(validation_records, parent_card)
     model_id = unique_model_id(name or _default_name(config, parent_card))
-    card = make_card(model_id, config, result, split, validation, parent_card, int(state["iteration"]))
+    card = make_card(model_id, config, result, split, validation, parent_card, int(state["iteration"]), exported)
     if parent_card is not None:
         card.extra["finetune"] = finetune_record(config, split, validation, parent_card, validation_records,
                                                  reporter, channel)
@@ -112,7 +117,7 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
     """Full metrics on the input grid (mm and legacy conventions) of the validation records."""
     if not records:
         return {"split": "none (no validation cases): figures unavailable"}
-    spec = InferenceSpec(tuple(config.patch_size), tuple(config.spacing))
+    spec = InferenceSpec(tuple(config.patch_size), tuple(config.spacing), normalization=config.normalization)
     device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
     predictor = Predictor(network, spec, device=device)
     cases = {}
@@ -140,8 +145,10 @@ def _default_name(config: TrainConfig, parent_card) -> str:
 
 
 def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Split, validation: Dict[str, Any],
-              parent_card, iteration: int) -> ModelCard:
-    network = result.method.inference_network()
+              parent_card, iteration: int, exported=None) -> ModelCard:
+    """`exported`: the method restored from the exported checkpoint (default: the run's final method)."""
+    exported = exported if exported is not None else result.method
+    network = exported.inference_network()
     arch = dict(getattr(network, "config", {}))
     arch["has_dropout"] = False
     arch_name = getattr(network, "architecture_name", "vnet")
@@ -164,18 +171,23 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
         lineage["parent_sha256"] = weights_fingerprint(ModelCard.coerce(parent_card))
     name = model_id.rsplit("-v", 1)[0]
     inference = default_inference(config.patch_size, config.spacing)
-    modality = getattr(result.method, "exported_modality", None)
+    inference["normalization"] = config.normalization  # the Predictor normalises inputs the same way
+    modality = getattr(exported, "exported_modality", None)
     if modality:  # multi-modal training, one-modality inference: say which modality the model takes
         inference["channel_names"] = {"0": str(modality)}
         training["modalities"] = list(config.method_params.get("modality_names") or [])
-    return ModelCard(id=model_id, name=name, version=model_id.rsplit("-v", 1)[-1] if "-v" in model_id else "0.1.0",
+    card = ModelCard(id=model_id, name=name, version=model_id.rsplit("-v", 1)[-1] if "-v" in model_id else "0.1.0",
                      method=config.method, description=_description(config, split, parent_card),
                      architecture={"name": arch_name, "config": arch},
                      inference=inference, classes=default_classes(),
                      training=training, validation=validation, lineage=lineage, created=utc_now_iso())
+    if config.role != "segmenter":  # a localiser: `segment --region auto` finds the atrium with it
+        card.extra["role"] = config.role
+    return card
 
 
 def _description(config: TrainConfig, split: Split, parent_card) -> str:
     origin = f"fine-tuned from {card_get(parent_card, 'id')}" if parent_card is not None else "trained"
-    return (f"{config.method} V-Net {origin} on {len(split.labeled)} labelled + {len(split.unlabeled)} "
+    kind = "localiser (whole-scan atrium finder)" if config.role == "localiser" else "V-Net"
+    return (f"{config.method} {kind} {origin} on {len(split.labeled)} labelled + {len(split.unlabeled)} "
             f"unlabelled cases at {config.spacing[0]:g} mm, patch {'x'.join(map(str, config.patch_size))}")

@@ -53,7 +53,7 @@ def run_list(args: argparse.Namespace) -> int:
     for r in rows:
         dice = f"{r['dice']:.3f}" if isinstance(r.get("dice"), (int, float)) else "-"
         kind = r.get("dice_kind") if dice != "-" else "-"
-        mark = " *" if r["default"] else ""
+        mark = " *" if r["default"] else " (localiser)" if r.get("role") == "localiser" else ""
         line = (f"{r['id'] + mark:40s} {r['source']:8s} {str(r.get('method') or '-'):14s} "
                 f"{str(r.get('labeled_cases') or '-'):>6s} {dice:>6s} {str(kind or '-'):14s}  {r.get('parent') or '-'}")
         print(line + (f"  BROKEN: {r['error']}" if r.get("error") else ""))

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from ..errors import InputError
-from ..inference.predictor import Predictor
+from ..errors import InputError, RegionError
+from ..inference.localise import Localiser, Region, check_plausible_volume, settle_region, whole_region
+from ..inference.predictor import Predictor, combine_networks
+from ..io.atomic import atomic_write_json
 from ..io.validate import validate_image
 from ..io.volume import read_volume, write_volume
 from ..progress import ProgressReporter
 from .common import add_device_flag, add_progress_flag, inference_spec, load_catalog_model, reporter_for
+
+#: `--region auto` segments images no larger than this (mm, every axis) whole: the training crops were
+#: 92-152 x 82-100 x 55 mm, so such an image already is a region around the atrium
+AUTO_WHOLE_MAX_MM = 170.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--legacy", action="store_true",
                    help="the LA papers' procedure: stride 18/18/4 windows, uniform averaging (slow; comparison)")
     p.add_argument("--sw-batch-size", type=int, default=2, help="windows per network pass")
+    p.add_argument("--region", nargs="+", default=["auto"], metavar="auto|whole|X0 Y0 Z0 X1 Y1 Z1",
+                   help="where to segment: auto (default: a localiser finds the atrium in a whole scan; images no "
+                        f"larger than an atrium crop, {AUTO_WHOLE_MAX_MM:g} mm a side, are segmented whole), whole "
+                        "(the whole volume), or a voxel box of the input (upper bounds exclusive)")
     p.add_argument("--roi", type=int, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-                   help="segment only this voxel box of the input (upper bounds exclusive)")
+                   help="the same as --region X0 Y0 Z0 X1 Y1 Z1")
+    p.add_argument("--roi-out", default=None, help="write the region used (voxel box, LPS corners) as JSON here")
+    p.add_argument("--localiser", default=None,
+                   help="localiser model for --region auto (default: the catalog's, $SEMISEG_LA_LOCALISER)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average the in-plane flips (4 network passes; measured in docs/results.md)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                   help="average the probabilities of these catalog models with --model's (same spacing)")
     p.add_argument("--probabilities", default=None, help="also write the foreground probability map here")
     p.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     add_progress_flag(p)
@@ -50,8 +68,24 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     network, card, model_id = load_catalog_model(args.model)
     spec = inference_spec(card)
-    roi = check_roi(args.roi, image.shape) if args.roi else None
-    prediction, device, fell_back = predict_with_fallback(network, spec, image, args, roi, reporter)
+    network = with_ensemble_and_tta(network, spec, args)
+    region = choose_region(args, image, spec, reporter)
+
+    def segment_in(chosen: Region):
+        return predict_with_fallback(network, spec, image, args, None if chosen.source == "whole" else chosen.box,
+                                     reporter)
+
+    if region.source == "auto":
+        region, (prediction, device, fell_back) = segment_automatic(region, image, segment_in, reporter)
+    else:
+        prediction, device, fell_back = segment_in(region)
+    warnings = region.warnings + prediction.warnings
+    for warning in warnings:
+        reporter.log("warning: " + warning)
+    region_record = region.to_dict(image)
+    if args.roi_out:
+        atomic_write_json(args.roi_out, {"input": str(Path(args.input).resolve()), "model": model_id,
+                                         **region_record})
     t_write = time.perf_counter()
     reporter.start("write", 1)
     write_volume(prediction.label, args.output)
@@ -59,43 +93,66 @@ def run(args: argparse.Namespace) -> int:
         write_volume(prediction.probability, args.probabilities)
     reporter.update(1)
     reporter.end()
-    timings = {"load_s": round(load_s, 3), **{k: round(v, 3) for k, v in prediction.timings.items()},
+    timings = {"load_s": round(load_s, 3), "localise_s": round(region.seconds, 3),
+               **{k: round(v, 3) for k, v in prediction.timings.items()},
                "write_s": round(time.perf_counter() - t_write, 3), "total_s": round(time.perf_counter() - t0, 3)}
     reporter.log(f"wrote {args.output} ({int(prediction.label.array.sum())} LA voxels, {timings['total_s']} s)")
     reporter.done(output=str(Path(args.output).resolve()), model=model_id, device=device,
-                  fell_back_to_cpu=fell_back, voxels=int(prediction.label.array.sum()), timings=timings)
+                  fell_back_to_cpu=fell_back, voxels=int(prediction.label.array.sum()), timings=timings,
+                  region=region_record, warnings=warnings)
     return 0
 
 
 def predict_with_fallback(network, spec, image, args, roi, reporter: ProgressReporter):
-    """Run on the chosen device; on CUDA out-of-memory move accumulation to the CPU, then run on the CPU."""
+    """Run on the chosen device. On CUDA out-of-memory: retry on the GPU with training-size sliding windows
+    and the accumulation on the CPU (the whole-volume window is what most often does not fit), then on the
+    CPU. The failed attempt's tensors are released before the cache is emptied."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
-    attempts = [dict(device=device, accumulate_on_cpu=False)]
+    mode = "legacy" if getattr(args, "legacy", False) else getattr(args, "mode", "fast")
+    attempts = [dict(device=device, accumulate_on_cpu=False, mode=mode)]
     if device != "cpu" and torch.cuda.is_available():
-        attempts += [dict(device="cuda", accumulate_on_cpu=True), dict(device="cpu", accumulate_on_cpu=False)]
+        attempts += [dict(device="cuda", accumulate_on_cpu=True, mode="legacy" if mode == "legacy" else "sliding"),
+                     dict(device="cpu", accumulate_on_cpu=False, mode=mode)]
     for i, attempt in enumerate(attempts):
+        out_of_memory = False
         try:
             predictor = make_predictor(network, spec, args, **attempt)
             prediction = predictor.predict(image, roi=roi, want_probability=bool(args.probabilities),
                                            reporter=reporter)
             return prediction, prediction.device.split(":")[0], attempt["device"] == "cpu" and i > 0
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
             if i + 1 == len(attempts):
                 raise
+            out_of_memory = True
+        if out_of_memory:  # outside the handler: the traceback (and the tensors its frames hold) is gone
+            predictor = None
+            gc.collect()
+            torch.cuda.empty_cache()
             nxt = attempts[i + 1]
-            reporter.log("CUDA out of memory: " + ("retrying with accumulation on the CPU"
-                                                   if nxt["device"] == "cuda" else "retrying on the CPU"))
+            reporter.log("CUDA out of memory: " + ("retrying on the GPU with training-size windows, accumulating on "
+                                                   "the CPU" if nxt["device"] == "cuda" else "retrying on the CPU"))
     raise AssertionError("unreachable")
 
 
-def make_predictor(network, spec, args, device: str, accumulate_on_cpu: bool) -> Predictor:
-    mode = "legacy" if getattr(args, "legacy", False) else getattr(args, "mode", "fast")
+def make_predictor(network, spec, args, device: str, accumulate_on_cpu: bool, mode: str = "fast") -> Predictor:
     return Predictor(network, spec, device=device, overlap=args.overlap, mode=mode,
                      sw_batch_size=args.sw_batch_size, largest_component=not args.no_largest_component,
                      accumulate_on_cpu=accumulate_on_cpu)
+
+
+def with_ensemble_and_tta(network, spec, args):
+    """The network, averaged with --ensemble members (checked to share the spacing) and --tta flips."""
+    members = []
+    for model in getattr(args, "ensemble", None) or []:
+        member, card, member_id = load_catalog_model(model)
+        member_spec = inference_spec(card)
+        if tuple(member_spec.spacing) != tuple(spec.spacing):
+            raise InputError(f"--ensemble {member_id} works at {member_spec.spacing} mm, the model at "
+                             f"{spec.spacing} mm; ensemble members must share the spacing")
+        members.append(member)
+    return combine_networks(network, members, getattr(args, "tta", "none"))
 
 
 def check_output_path(path: str) -> None:
@@ -104,8 +161,97 @@ def check_output_path(path: str) -> None:
         raise InputError(f"{path}: unknown output format; use one of {', '.join(suffixes)}")
 
 
-def check_roi(roi, shape) -> Optional[Dict[str, Any]]:
+def check_roi(roi, shape) -> List[int]:
     lower, upper = roi[:3], roi[3:]
     if any(lo < 0 or hi > s or lo >= hi for lo, hi, s in zip(lower, upper, shape)):
-        raise InputError(f"--roi {roi} is outside the image of size {tuple(shape)} or empty")
-    return list(roi)
+        raise InputError(f"region {list(roi)} is outside the image of size {tuple(shape)} or empty")
+    return [int(v) for v in roi]
+
+
+def parse_region(args: argparse.Namespace) -> Tuple[str, Optional[List[int]]]:
+    """("auto" | "whole" | "box", the box or None) from --region / --roi."""
+    words = list(args.region or ["auto"])
+    if args.roi:
+        if words != ["auto"]:
+            raise InputError("give the region once: --region or --roi, not both")
+        return "box", list(args.roi)
+    if len(words) == 1 and words[0] in ("auto", "whole"):
+        return words[0], None
+    try:
+        box = [int(w) for w in words]
+    except ValueError:
+        box = []
+    if len(box) != 6:
+        raise InputError(f"--region {' '.join(words)}: expected auto, whole, or six integers X0 Y0 Z0 X1 Y1 Z1")
+    return "box", box
+
+
+def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressReporter) -> Region:
+    """The region to segment; for "auto", the localiser's (see inference/localise.py)."""
+    kind, box = parse_region(args)
+    if kind == "box":
+        box = check_roi(box, image.shape)
+        return Region(tuple(box[:3]), tuple(box[3:]), "box")
+    if kind == "whole":
+        return whole_region(image.shape)
+    extent = physical_extent_mm(image)
+    if max(extent) <= AUTO_WHOLE_MAX_MM:
+        region = whole_region(image.shape)
+        reporter.log(f"region: the whole image ({' x '.join(f'{e:.0f}' for e in extent)} mm is no larger than "
+                     "an atrium crop)")
+        return region
+    from ..checkpoints.catalog import default_localiser_id
+
+    localiser_id = args.localiser or default_localiser_id()
+    if localiser_id is None:
+        return search_whole(image, "no localiser model installed")
+    reporter.start("localise", 1)
+    network, card, used = load_catalog_model(localiser_id)
+    device = "cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    fine_size_mm = [p * s for p, s in zip(spec.patch_size, spec.spacing)]
+    try:
+        region = Localiser(network, inference_spec(card), device=device).find(image, min_size_mm=fine_size_mm)
+    except RegionError as exc:
+        reporter.log(f"localiser {used}: {exc}")
+        return search_whole(image, "the localiser found no atrium")
+    reporter.update(1)
+    reporter.log(f"region (auto, localiser {used}): voxels {region.box}, found atrium "
+                 f"{region.found_volume_ml:.0f} mL, {region.seconds:.2f} s")
+    return region
+
+
+def segment_automatic(region: Region, image, segment_in, reporter: ProgressReporter):
+    """The fine pass over an automatic region, settled around what it finds (see `settle_region`). When the
+    localiser's region holds no plausible atrium (it may have taken something else for one), the fine model
+    searches the whole scan instead; when that finds none either, RegionError says so."""
+    try:
+        return _settled(region, image, segment_in, reporter)
+    except RegionError as exc:
+        if region.searched_whole:
+            raise
+        reporter.log(f"the localiser's region held no plausible atrium ({exc})")
+    return _settled(search_whole(image, "the localiser's region held no plausible atrium"), image, segment_in,
+                    reporter)
+
+
+def _settled(region: Region, image, segment_in, reporter: ProgressReporter):
+    result = segment_in(region)
+    region, again = settle_region(region, result[0].label.array, image)
+    if again:  # a whole-scan search narrowed to its atrium, or a box the atrium reached: once more
+        reporter.log(f"region settled around the segmented atrium: voxels {region.box}")
+        result = segment_in(region)
+    check_plausible_volume(result[0].label.array, image)
+    return region, result
+
+
+def search_whole(image, why: str) -> Region:
+    """An automatic region that lets the fine model search the whole scan (then narrowed to what it finds)."""
+    region = Region((0, 0, 0), tuple(int(s) for s in image.shape[:3]), "auto", searched_whole=True)
+    region.warnings.append(f"{why}: the fine model searched the whole scan (slower, and other bright structures "
+                           "may be taken for the atrium); check the result, or give a region with --region")
+    return region
+
+
+def physical_extent_mm(image) -> List[float]:
+    """Size of the image along each index axis, in mm."""
+    return [float(n) * float(s) for n, s in zip(image.shape[:3], image.spacing)]

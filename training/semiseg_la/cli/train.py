@@ -93,7 +93,7 @@ def _default_run_name(cfg: Dict[str, Any]) -> str:
 
 def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     """Records -> (split, labelled cases, unlabelled cases, validation cases, validation records)."""
-    records = open_dataset(config.data, config.train_list if _is_la(config.data) else None)
+    records = open_dataset(config.data, config.train_list if _is_la(config.data, config.train_list) else None)
     extra = open_unlabeled_folder(config.unlabeled_dir) if config.unlabeled_dir else []
     split = split_cases(records, config.labeled_num, config.val_num, extra, config.use_unlabeled)
     total = len(split.labeled) + len(split.unlabeled) + len(split.validation)
@@ -104,7 +104,7 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
         nonlocal done
         out = []
         for record in group:
-            out.append(prepare_case(record, config.spacing, with_label=labels))
+            out.append(prepare_case(record, config.spacing, with_label=labels, normalization=config.normalization))
             done += 1
             reporter.update(done)
         return out
@@ -125,10 +125,14 @@ def _load_multimodal(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     return prepare_multimodal_split(config)
 
 
-def _is_la(root: str) -> bool:
+def _is_la(root: str, list_file: Optional[str] = None) -> bool:
+    """An LA h5 root, or a training cache that holds (or is given) its case list: the list applies."""
+    from ..io.la_cache import is_la_cache
     from ..io.la_h5 import is_la_root
 
-    return is_la_root(root)
+    if is_la_root(root):
+        return True
+    return bool(list_file) and is_la_cache(root) and ((Path(root) / list_file).is_file() or Path(list_file).is_file())
 
 
 def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Optional[Dict[str, Any]] = None
@@ -218,7 +222,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     arch = (card_get(card, "architecture") or {}).get("config", {})
     base = load_preset(args.preset or finetune_preset(args.method))
     base.update({"patch_size": info["patch_size"], "spacing": info["spacing"],
-                 "in_channels": int(arch.get("in_channels", 1))})
+                 "in_channels": int(arch.get("in_channels", 1)),
+                 "normalization": info.get("normalization", "zscore-volume")})  # inputs as the parent saw them
     if "patch_size" in (base.get("method_params") or {}):  # CRLN's DIM grid follows the parent's patch
         base["method_params"]["patch_size"] = list(info["patch_size"])
     if args.data and (args.labeled_num is None or args.val_num is None):

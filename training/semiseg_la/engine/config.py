@@ -39,21 +39,44 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    lr_policy: str = "step"  # constant | step | poly
+    optimizer: str = "sgd"  # sgd | adam (Adam takes base_lr and weight_decay; momentum/nesterov are SGD's)
+    lr_policy: str = "step"  # constant | step | poly | multistep
     lr_step: int = 2500
     lr_gamma: float = 0.1
     poly_power: float = 0.9
+    # the official per-epoch schedulers: with lr_epochs set, the LR changes once per max_iterations / lr_epochs
+    # iterations, and lr_warmup, lr_milestones (multistep) and poly count those epochs; else they count iterations
+    lr_epochs: Optional[int] = None
+    lr_warmup: int = 0  # linear warm-up: factor (e + 1) / lr_warmup for the first lr_warmup epochs (iterations)
+    lr_milestones: List[float] = dataclasses.field(default_factory=list)  # multistep: x lr_gamma at each
+    min_lr: float = 0.0  # floor of the schedule (CRLN's PolyLR: 1e-6)
     # augmentation
     rot_flip: bool = True
     intensity_scale: List[float] = dataclasses.field(default_factory=lambda: [0.6, 1.6])
     intensity_shift: List[float] = dataclasses.field(default_factory=lambda: [-0.3, 1.0])
     intensity_prob: float = 0.8
+    # wide field of view (preprocess/wide_fov.py): this share of labelled samples is placed in a whole-scan-
+    # sized canvas of other training cases' tissue (atria painted out); decoys add a mirrored atrium beside it
+    wide_fov_prob: float = 0.0
+    wide_fov_decoy_prob: float = 0.0
+    wide_fov_max_mm: float = 360.0
+    # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
+    # atrium in a whole scan; written into the model card
+    role: str = "segmenter"
+    # intensities of every training, validation and exported-model input (a volume as read):
+    # "zscore-volume" (default; what `segment` does with user scans), "stored" (as stored: the LA h5
+    # release is already z-scored over the whole uncropped scan, and the official code uses it as is) or
+    # "minmax-volume" (the whole volume min-max scaled to [0, 1], CRLN's LA loader); recorded in the model card
+    normalization: str = "zscore-volume"
     # run control
     seed: int = 1337
     deterministic: bool = False
     device: str = "auto"
     amp: bool = True
     compile: bool = False
+    # training batches made on the device: cases held there, augmentation and crops there (bit-identical draws);
+    # ignored with wide_fov_prob > 0 (those canvases are built on the host)
+    device_data: bool = False
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over every rank's batch
     validate_every: int = 200
     validate_from: int = 0
@@ -67,8 +90,14 @@ class TrainConfig:
     loop_budget_s: Optional[float] = None  # the training loop's share of the budget (set by the plan)
     iteration_cap: Optional[int] = None  # the preset's max_iterations, kept when the plan resizes the run
     output: str = ""
+    # which checkpoint the catalog model is exported from: "best" (best validation Dice; the last one without a
+    # validation split) or "last" (the final iteration, as the CAML paper reports)
+    export_checkpoint: str = "best"
     init_from: Optional[str] = None
     freeze: List[str] = dataclasses.field(default_factory=list)  # parameter-name prefixes kept fixed
+    # L2-SP: anchor_weight x the squared distance of the trained parameters from the initial (parent) ones is
+    # added to the loss, so a fine-tune on a few cases stays near what the parent learnt from many
+    anchor_weight: float = 0.0
     train_only: Optional[str] = None  # "norm": train the normalisation layers' parameters only
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -85,10 +114,38 @@ class TrainConfig:
             problems.append(f"spacing={self.spacing} must be 3 positive numbers (mm)")
         if self.max_iterations < 1:
             problems.append("max_iterations must be >= 1")
-        if self.lr_policy not in ("constant", "step", "poly"):
-            problems.append(f"lr_policy={self.lr_policy!r} must be constant, step or poly")
+        if self.lr_policy not in LR_POLICIES:
+            problems.append(f"lr_policy={self.lr_policy!r} must be one of {', '.join(LR_POLICIES)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        if self.lr_epochs is not None and int(self.lr_epochs) < 1:
+            problems.append(f"lr_epochs={self.lr_epochs} must be >= 1")
+        if self.lr_warmup < 0 or self.min_lr < 0:
+            problems.append("lr_warmup and min_lr must be >= 0")
+        if self.lr_policy == "multistep" and not self.lr_milestones:
+            problems.append("lr_policy=multistep needs lr_milestones")
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            problems.append(f"lr_milestones={self.lr_milestones} must be increasing")
+        if self.normalization not in NORMALIZATIONS:
+            problems.append(f"normalization={self.normalization!r} must be one of {', '.join(NORMALIZATIONS)}")
+        if self.normalization != "zscore-volume" and getattr(self, "wide_fov_prob", 0.0) > 0:
+            problems.append("wide_fov_prob > 0 z-scores its canvases: it needs normalization zscore-volume")
+        if self.export_checkpoint not in ("best", "last"):
+            problems.append(f"export_checkpoint={self.export_checkpoint!r} must be best or last")
+        volume_space = (self.method == "crln" and (self.method_params or {}).get("input_space") == "minmax_volume")
+        if volume_space != (self.method == "crln" and self.normalization == "minmax-volume"):
+            problems.append("CRLN: method_params.input_space minmax_volume and normalization minmax-volume go "
+                            "together (the network then sees whole-volume [0, 1] intensities)")
         if self.labeled_num < 1:
             problems.append("labeled_num must be >= 1")
+        if not 0.0 <= self.wide_fov_prob <= 1.0 or not 0.0 <= self.wide_fov_decoy_prob <= 1.0:
+            problems.append("wide_fov_prob and wide_fov_decoy_prob must be in [0, 1]")
+        if self.wide_fov_prob > 0 and self.in_channels != 1:
+            problems.append("wide_fov_prob > 0 needs single-channel images (in_channels 1)")
+        if self.anchor_weight < 0:
+            problems.append("anchor_weight must be >= 0")
+        if self.role not in ("segmenter", "localiser"):
+            problems.append(f"role={self.role!r} must be segmenter or localiser")
         if self.compile:
             problems.append("compile=true is not implemented yet (torch.compile of the training networks)")
         if problems:
@@ -96,6 +153,10 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+LR_POLICIES = ("constant", "step", "poly", "multistep")
+OPTIMIZERS = ("sgd", "adam")
+#: the same names as the model card's `inference.normalization` (engine/data.py normalize_volume)
+NORMALIZATIONS = ("zscore-volume", "stored", "minmax-volume")
 
 
 def preset_names() -> List[str]:

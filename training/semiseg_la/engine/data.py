@@ -1,8 +1,8 @@
 """Training data: case preparation, the two-stream sampler and the LA augmentation.
 
-Cases are prepared once (z-score over the case, canonical orientation, resampling to the model
-spacing) and held in memory; batches are drawn by a resumable sampler whose whole state is plain
-Python data, so a kill -9 + `--resume` continues with the same stream.
+Cases are prepared once (intensity normalisation over the case, by default a z-score; canonical
+orientation; resampling to the model spacing) and held in memory; batches are drawn by a resumable
+sampler whose whole state is plain Python data, so a kill -9 + `--resume` continues with the same stream.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from ..io.datasets import CaseRecord
 from ..io.volume import Volume
 from ..preprocess.normalize import zscore
 from ..preprocess.resample import to_model_grid
+from ..preprocess.wide_fov import Donor, build_wide_case, make_donor, random_canvas_shape
+from .config import NORMALIZATIONS
 
 
 @dataclasses.dataclass
@@ -28,10 +30,36 @@ class TrainCase:
     label: Optional[np.ndarray]
 
 
-def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True) -> TrainCase:
-    """Read, validate, z-score over the case and resample to the model spacing."""
+def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume") -> np.ndarray:
+    """One volume's intensities as a model expects them, float32:
+
+    * "zscore-volume": (x - mean) / std over the whole volume (the default, and what `segment` does);
+    * "stored": unchanged (the LA h5 release is z-scored over the whole uncropped scan already, and the
+      official LA code feeds it as is; re-z-scoring the stored crop changes every intensity slightly);
+    * "minmax-volume": (x - min) / (max - min) over the whole volume, [0, 1] (CRLN's LA loader; a constant
+      volume maps to zeros).
+    """
+    if normalization == "zscore-volume":
+        return zscore(array)
+    if normalization == "stored":
+        return np.asarray(array, dtype=np.float32)
+    if normalization == "minmax-volume":
+        data = np.asarray(array)
+        if data.size == 0:
+            return data.astype(np.float32)
+        low, high = float(np.min(data)), float(np.max(data))
+        out = data.astype(np.float64) - low
+        out *= 1.0 / max(high - low, 1e-8)
+        return out.astype(np.float32)
+    raise InputError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+
+
+def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True,
+                 normalization: str = "zscore-volume") -> TrainCase:
+    """Read, validate, normalise over the case (`normalize_volume`) and resample to the model spacing."""
     image, label = record.load()
-    resampled, _grid = to_model_grid(image.with_array(zscore(image.array)), spacing, interpolation="linear")
+    normalized = image.with_array(normalize_volume(image.array, normalization))
+    resampled, _grid = to_model_grid(normalized, spacing, interpolation="linear")
     label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
     return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array)
 
@@ -127,6 +155,26 @@ class Augmentation:
             shift = float(rng.uniform(*self.intensity_shift))
             image = image * scale + shift
         return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8)
+
+
+class WideFieldOfView:
+    """Places a labelled training case in a whole-scan-sized canvas of the other labelled cases' tissue
+    (with probability `prob`; a decoy atrium beside it with `decoy_prob`), then z-scores the canvas as
+    `segment` z-scores a whole scan. The rest of the samples stay the benchmark's own crops."""
+
+    def __init__(self, cases: Sequence[TrainCase], spacing: Sequence[float], prob: float,
+                 decoy_prob: float = 0.0, max_mm: float = 360.0) -> None:
+        self.spacing, self.prob, self.decoy_prob, self.max_mm = tuple(spacing), prob, decoy_prob, max_mm
+        self.donors: List[Donor] = [make_donor(c.image[0], c.label, spacing, seed=i)
+                                    for i, c in enumerate(cases) if c.label is not None]
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, index: int, rng: np.random.Generator):
+        if self.prob <= 0 or rng.random() >= self.prob:
+            return image, label
+        donors = [d for i, d in enumerate(self.donors) if i != index] or self.donors
+        shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
+        wide = build_wide_case(image[0], label, donors, shape, rng, decoy=rng.random() < self.decoy_prob)
+        return zscore(wide.image)[None].astype(np.float32), wide.label
 
 
 def _rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):

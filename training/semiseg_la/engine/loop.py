@@ -30,7 +30,7 @@ from ..io.atomic import atomic_write_text
 from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
 from .config import TrainConfig, dump_config
-from .data import Augmentation, TrainCase, TwoStreamSampler
+from .data import Augmentation, TrainCase, TwoStreamSampler, WideFieldOfView
 from .distributed import (
     DistContext,
     barrier,
@@ -108,6 +108,9 @@ class Trainer:
             self.method.load_initial_weights(initial_weights)
         self.method.to(self.device)
         freeze_parameters(self.method, config.freeze, config.train_only)
+        # L2-SP: the trained parameters' starting point (the parent's weights in a fine-tune)
+        self.anchor = ([(p, p.detach().clone()) for p in self.method.parameters() if p.requires_grad]
+                       if config.anchor_weight > 0 and initial_weights is not None else [])
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -119,14 +122,20 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.device, config.amp)
         self.fault_iteration = _injected_fault(self.ctx.rank)
         self.scaler = grad_scaler(self.amp_dtype)
-        trained = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(trained, lr=config.base_lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay, nesterov=config.nesterov)
+        self.optimizer = make_optimizer(config, [p for p in self.method.parameters() if p.requires_grad])
         self.sampler = TwoStreamSampler(len(labeled), len(unlabeled) if config.use_unlabeled else 0,
                                         config.batch_size, config.labeled_bs, config.seed + 7919 * self.ctx.rank)
         self.augment = Augmentation(config.patch_size, config.rot_flip, config.intensity_scale,
                                     config.intensity_shift, config.intensity_prob)
         self.aug_rng = np.random.default_rng(config.seed + 104729 * (self.ctx.rank + 1))
+        self.device_batcher = None
+        if config.device_data and config.wide_fov_prob <= 0:  # wide-FOV canvases are built on the host
+            from .device_data import DeviceBatcher
+
+            self.device_batcher = DeviceBatcher(labeled, unlabeled if config.use_unlabeled else [], self.augment,
+                                                self.device)
+        self.widen = (WideFieldOfView(labeled, config.spacing, config.wide_fov_prob, config.wide_fov_decoy_prob,
+                                      config.wide_fov_max_mm) if config.wide_fov_prob > 0 else None)
         self.iteration = 0
         self.history: List[Dict[str, float]] = []
         self.best = {"dice": -1.0, "iteration": None}
@@ -198,18 +207,38 @@ class Trainer:
 
     # -- schedule and batches ----------------------------------------------------------------------
     def learning_rate(self, iteration: int) -> float:
+        """The schedule at `iteration`. It counts iterations, or with `lr_epochs` the official per-epoch
+        schedulers' epochs (max_iterations / lr_epochs iterations each); a warm-up (factor (e + 1) / lr_warmup)
+        comes first, and `min_lr` floors the result."""
         c = self.config
-        if c.lr_policy == "step":
-            return c.base_lr * c.lr_gamma ** (iteration // c.lr_step)
-        if c.lr_policy == "poly":
-            return c.base_lr * (1 - iteration / c.max_iterations) ** c.poly_power
-        return c.base_lr
+        epoch, epochs = iteration, c.max_iterations
+        if c.lr_epochs:
+            epochs = int(c.lr_epochs)
+            epoch = iteration * epochs // c.max_iterations
+        if epoch < c.lr_warmup:
+            lr = c.base_lr * (epoch + 1) / c.lr_warmup
+        elif c.lr_policy == "step":
+            lr = c.base_lr * c.lr_gamma ** (epoch // c.lr_step)
+        elif c.lr_policy == "poly":
+            lr = c.base_lr * max(1 - epoch / epochs, 0.0) ** c.poly_power
+        elif c.lr_policy == "multistep":
+            lr = c.base_lr * c.lr_gamma ** sum(1 for m in c.lr_milestones if m <= epoch)
+        else:
+            lr = c.base_lr
+        return max(lr, c.min_lr)
 
     def next_batch(self) -> Batch:
         labeled_ids, unlabeled_ids = self.sampler.next()
+        if self.device_batcher is not None:  # cases already on the device: augment and crop there
+            image, label = self.device_batcher.batch(labeled_ids, unlabeled_ids, self.aug_rng)
+            return Batch(image, label, self.sampler.labeled_bs)
         images, labels = [], []
-        for case in [self.labeled[i] for i in labeled_ids] + [self.unlabeled[i] for i in unlabeled_ids]:
-            image, label = self.augment(case.image, case.label, self.aug_rng)
+        picked = [(i, self.labeled[i]) for i in labeled_ids] + [(None, self.unlabeled[i]) for i in unlabeled_ids]
+        for index, case in picked:
+            source, source_label = case.image, case.label
+            if self.widen is not None and index is not None:
+                source, source_label = self.widen(source, source_label, index, self.aug_rng)
+            image, label = self.augment(source, source_label, self.aug_rng)
             images.append(image)
             labels.append(label)
         image, label = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
@@ -293,7 +322,10 @@ class Trainer:
             error.report_on_this_rank = self.ctx.rank == failed[0]
             raise error
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(result.loss).backward()
+        loss = result.loss
+        if self.anchor:
+            loss = loss + self.config.anchor_weight * sum(((p - start) ** 2).sum() for p, start in self.anchor)
+        self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_optimizer_step(self.iteration)
@@ -510,8 +542,22 @@ def train(config: TrainConfig, labeled: List[TrainCase], unlabeled: List[TrainCa
     return Trainer(config, labeled, unlabeled, validator, reporter, initial_weights).run(resume=resume)
 
 
-def build_for_export(method_name: str, params: Mapping[str, Any], networks: Mapping[str, Any]) -> nn.Module:
-    """The exported network of a method, restored from checkpoint network states."""
+def make_optimizer(config: TrainConfig, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov, weight decay) or Adam (weight decay as its L2 term, default betas)."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.base_lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.base_lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=config.nesterov)
+
+
+def restore_method(method_name: str, params: Mapping[str, Any], networks: Mapping[str, Any]) -> Method:
+    """A method rebuilt from checkpoint network states: what it exports (and, for Semi-CML, which network and
+    input channel that is) follows the checkpoint, not the run's last state."""
     method = build_method(method_name, params, 1)
     method.load_state_dict(networks)
-    return method.inference_network()
+    return method
+
+
+def build_for_export(method_name: str, params: Mapping[str, Any], networks: Mapping[str, Any]) -> nn.Module:
+    """The exported network of a method, restored from checkpoint network states."""
+    return restore_method(method_name, params, networks).inference_network()

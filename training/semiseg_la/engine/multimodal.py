@@ -2,8 +2,8 @@
 
 The shared pipeline (engine/data.py) prepares single-channel cases; this module builds TrainCase
 objects whose image is (C, X, Y, Z) with one co-registered modality per channel. Each channel is
-z-scored on its own (modalities have unrelated intensity scales) and resampled to the model grid;
-the channels share one grid, which is checked rather than assumed.
+normalised (by default z-scored) on its own (modalities have unrelated intensity scales) and resampled to
+the model grid; the channels share one grid, which is checked rather than assumed.
 
 Accepted layouts: an nnU-Net folder with `{CASE}_0000`, `{CASE}_0001` channel files and a
 dataset.json naming the channels, or two named modality folders with matching file names (plus an
@@ -20,24 +20,25 @@ import numpy as np
 from ..errors import InputError
 from ..io.datasets import DATASET_JSON, CaseRecord, open_dataset, read_dataset_json
 from ..io.volume import VOLUME_SUFFIXES
-from ..preprocess.normalize import zscore
 from ..preprocess.resample import to_model_grid
 from .config import TrainConfig
-from .data import Split, TrainCase, label_on_model_grid, split_cases
+from .data import Split, TrainCase, label_on_model_grid, normalize_volume, split_cases
 
 N_MODALITIES = 2
 
 
 def prepare_multimodal_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True,
-                            n_channels: int = N_MODALITIES) -> TrainCase:
-    """Every channel z-scored on its own and resampled to one model grid; label by nearest neighbour."""
+                            n_channels: int = N_MODALITIES, normalization: str = "zscore-volume") -> TrainCase:
+    """Every channel normalised on its own (`normalize_volume`, by default a z-score) and resampled to one model
+    grid; label by nearest neighbour."""
     if record.n_channels != n_channels:
         raise InputError(f"case {record.case_id} has {record.n_channels} image channel(s); the multi-modal "
                          f"method needs {n_channels} co-registered modalities")
     images, label = record.load_channels()
     arrays, grid = [], None
     for channel, image in enumerate(images):
-        on_grid, this_grid = to_model_grid(image.with_array(zscore(image.array)), spacing, interpolation="linear")
+        normalized = image.with_array(normalize_volume(image.array, normalization))
+        on_grid, this_grid = to_model_grid(normalized, spacing, interpolation="linear")
         if grid is not None and not grid.same_as(this_grid):
             raise InputError(f"case {record.case_id}: channel {channel} lands on another model grid than channel 0")
         grid = this_grid
@@ -47,8 +48,8 @@ def prepare_multimodal_case(record: CaseRecord, spacing: Sequence[float], with_l
 
 
 def prepare_multimodal_cases(records: Sequence[CaseRecord], spacing: Sequence[float],
-                             with_label: bool = True) -> List[TrainCase]:
-    return [prepare_multimodal_case(r, spacing, with_label) for r in records]
+                             with_label: bool = True, normalization: str = "zscore-volume") -> List[TrainCase]:
+    return [prepare_multimodal_case(r, spacing, with_label, normalization=normalization) for r in records]
 
 
 def open_named_modalities(root: str | Path, modalities: Sequence[str], labels: Optional[str] = "labels",
@@ -111,9 +112,9 @@ def prepare_multimodal_split(config: TrainConfig, modalities: Optional[Sequence[
     """The multi-modal counterpart of the CLI's load_split: (split, labelled, unlabelled, validation)."""
     records = open_multimodal_dataset(config.data, modalities, labeled=False)
     split = split_cases(records, config.labeled_num, config.val_num, use_unlabeled=config.use_unlabeled)
-    labeled = prepare_multimodal_cases(split.labeled, config.spacing, True)
-    unlabeled = prepare_multimodal_cases(split.unlabeled, config.spacing, False)
-    validation = prepare_multimodal_cases(split.validation, config.spacing, True)
+    labeled = prepare_multimodal_cases(split.labeled, config.spacing, True, config.normalization)
+    unlabeled = prepare_multimodal_cases(split.unlabeled, config.spacing, False, config.normalization)
+    validation = prepare_multimodal_cases(split.validation, config.spacing, True, config.normalization)
     return split, labeled, unlabeled, validation
 
 

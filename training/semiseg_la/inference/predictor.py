@@ -1,31 +1,36 @@
 """The Predictor: a volume (file or array with geometry) in, a label map on the input's exact grid out.
 
-Pipeline (DESIGN.md "Segment"): validate -> z-score over the whole (possibly user-cropped) volume ->
-optional ROI -> canonical orientation + resampling to the model spacing -> network windows ->
-foreground probability back on the input grid (linear) -> threshold 0.5 -> largest connected
-component -> uint8 label map with the input's size, spacing, origin and direction.
+Pipeline (DESIGN.md "Segment"): validate -> normalise over the whole (possibly user-cropped) volume
+(the card's `normalization`: z-score by default) -> optional ROI -> canonical orientation + resampling
+to the model spacing -> network windows -> foreground probability back on the input grid (linear) ->
+threshold 0.5 -> largest connected component -> uint8 label map with the input's size, spacing, origin
+and direction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
 
+from ..engine.data import normalize_volume
 from ..io.validate import validate_image
 from ..io.volume import Volume
-from ..preprocess.normalize import zscore
 from ..preprocess.resample import crop_to_roi, from_model_grid, to_model_grid
 from ..progress import ProgressReporter
 from .sliding_window import legacy_la_inference, plan_whole_volume_window, sliding_window_inference
 
 #: whole-volume windows up to this many voxels (a 288 x 288 x 48 volume at 1.25 mm is ~4 M)
 DEFAULT_MAX_WHOLE_VOXELS = 12_000_000
+#: a dropped component this share of the kept one or more, and RIVAL_MIN_ML (half the smallest training
+#: atrium's 18.6 mL, rounded down) or more, is a second atrium-like region worth a warning
+RIVAL_SHARE = 0.35
+RIVAL_MIN_ML = 9.0
 #: the legacy LA procedure's window strides in mm (18, 18, 4 voxels at 0.625 mm)
 LEGACY_STRIDE_MM = (18 * 0.625, 18 * 0.625, 4 * 0.625)
 
@@ -48,6 +53,41 @@ class Prediction:
     device: str
     windows: int
     network_voxels: int
+    warnings: List[str] = dataclasses.field(default_factory=list)
+
+
+#: flips averaged by `tta="flip"`: the in-plane flips training saw (rot_flip flips X or Y), not Z
+TTA_FLIPS = ((), (2,), (3,), (2, 3))
+
+
+class AveragedNetwork(nn.Module):
+    """Several networks and/or flipped inputs as one network: the mean of their softmax, returned as
+    log-probabilities so that the inferers' softmax gives back exactly that mean."""
+
+    def __init__(self, networks: Sequence[nn.Module], flips: Sequence[Tuple[int, ...]] = ((),)) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(networks)
+        self.flips = [tuple(f) for f in flips]
+        self.fixed_window = any(getattr(n, "fixed_window", False) for n in networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for network in self.members:
+            for dims in self.flips:
+                logits = network(torch.flip(x, dims) if dims else x)
+                probs = torch.softmax(logits.float(), dim=1)
+                probs = torch.flip(probs, dims) if dims else probs
+                total = probs if total is None else total + probs
+        return torch.log((total / (len(self.members) * len(self.flips))).clamp_min(1e-12))
+
+
+def combine_networks(network: nn.Module, ensemble: Sequence[nn.Module] = (), tta: str = "none") -> nn.Module:
+    """`network` alone, or averaged with `ensemble` members and/or the TTA flips."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose none or flip")
+    if not ensemble and tta == "none":
+        return network
+    return AveragedNetwork([network, *ensemble], TTA_FLIPS if tta == "flip" else ((),))
 
 
 class Predictor:
@@ -76,8 +116,9 @@ class Predictor:
         t0 = time.perf_counter()
         reporter.start("preprocess", 1)
         validate_image(image)
-        normalized = image.with_array(zscore(image.array))
-        region = crop_to_roi(normalized, roi[:3], roi[3:]) if roi is not None else normalized
+        region = crop_to_roi(image, roi[:3], roi[3:]) if roi is not None else image
+        # a region is normalised over itself, as each training crop was (engine/data.py prepare_case)
+        region = region.with_array(normalize_volume(region.array, self.spec.normalization))
         on_grid, grid = to_model_grid(region, self.spec.spacing, interpolation="linear")
         reporter.update(1)
         timings["preprocess_s"] = time.perf_counter() - t0
@@ -90,15 +131,21 @@ class Predictor:
         reporter.start("postprocess", 1)
         foreground = from_model_grid(probability_grid, grid, region, interpolation="linear")
         label = (foreground >= 0.5).astype(np.uint8)
+        warnings: List[str] = []
         if self.largest_component:
-            label = keep_largest_component(label)
+            voxel_ml = float(np.prod(image.spacing)) / 1000.0
+            label, rivals = largest_component_and_rivals(label, voxel_ml)
+            if rivals:
+                warnings.append(f"{rivals + 1} separate atrium-sized regions were segmented; kept the largest. "
+                                "If it is not the left atrium, give a region (--region, or the Slicer region box)")
         if roi is not None:
             label = _paste(label, image.shape, roi)
             foreground = _paste(foreground.astype(np.float32), image.shape, roi)
         reporter.update(1)
         timings["postprocess_s"] = time.perf_counter() - t2
         probability = image.with_array(foreground.astype(np.float32)) if want_probability else None
-        return Prediction(image.with_array(label), probability, timings, str(self.device), windows, voxels)
+        return Prediction(image.with_array(label), probability, timings, str(self.device), windows, voxels,
+                          warnings)
 
     @torch.inference_mode()
     def probabilities(self, array: np.ndarray, reporter: Optional[ProgressReporter] = None
@@ -147,12 +194,23 @@ def legacy_strides(spacing: Sequence[float]) -> Tuple[int, int]:
 
 def keep_largest_component(label: np.ndarray) -> np.ndarray:
     """Largest 26-connected foreground component (the LA is one connected structure)."""
+    return largest_component_and_rivals(label, 0.0)[0]
+
+
+def largest_component_and_rivals(label: np.ndarray, voxel_ml: float) -> Tuple[np.ndarray, int]:
+    """(largest 26-connected component, how many dropped components were atrium-sized rivals: at least
+    RIVAL_SHARE of the kept one and RIVAL_MIN_ML). `voxel_ml` 0 counts no rivals."""
     components, count = ndimage.label(label, structure=np.ones((3, 3, 3), bool))
     if count <= 1:
-        return label
+        return label, 0
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    return (components == int(np.argmax(sizes))).astype(np.uint8)
+    keep = int(np.argmax(sizes))
+    rivals = 0
+    if voxel_ml > 0:
+        floor = max(RIVAL_SHARE * sizes[keep], RIVAL_MIN_ML / voxel_ml)
+        rivals = int(np.sum(sizes >= floor)) - 1
+    return (components == keep).astype(np.uint8), max(rivals, 0)
 
 
 def _paste(array: np.ndarray, shape: Sequence[int], roi: Sequence[int]) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
+from . import la_cache
 from .la_h5 import (
     find_la_case,
     h5_has_label,
@@ -31,7 +32,8 @@ DEFAULT_LABELS: Dict[str, int] = {"background": 0, "left_atrium": 1}
 DATASET_JSON = "dataset.json"
 
 LAYOUTS_HELP = (
-    "accepted layouts: an LA h5 folder (<ID>/mri_norm2.h5 or '2018LA_Seg_Training Set/<ID>/mri_norm2.h5'); "
+    "accepted layouts: a training cache (manifest.json, part-NN/<ID>.npz; scripts/build_la_cache.py); "
+    "an LA h5 folder (<ID>/mri_norm2.h5 or '2018LA_Seg_Training Set/<ID>/mri_norm2.h5'); "
     "an nnU-Net folder (dataset.json, imagesTr/{CASE}_0000<ext>, labelsTr/{CASE}<ext>); "
     "images/ + labels/ folders with matching file names; "
     "or a folder of volume files (" + ", ".join(VOLUME_SUFFIXES) + ") or DICOM series folders (unlabelled)")
@@ -45,7 +47,8 @@ _MAX_LISTED = 10
 @dataclasses.dataclass
 class CaseRecord:
     """One case on disk. `kind` "la_h5": image and label live in the same h5 file (label_path = that file
-    when the case is labelled); "file": one volume file (or DICOM folder) per channel, label file apart."""
+    when the case is labelled); "la_cache": the same in one file of a training cache (io/la_cache.py);
+    "file": one volume file (or DICOM folder) per channel, label file apart."""
 
     case_id: str
     image_paths: Tuple[Path, ...]
@@ -57,7 +60,7 @@ class CaseRecord:
         self.image_paths = tuple(Path(p) for p in self.image_paths)
         self.label_path = Path(self.label_path) if self.label_path is not None else None
         self.classes = tuple(int(c) for c in self.classes)
-        if self.kind not in ("la_h5", "file"):
+        if self.kind not in ("la_h5", "la_cache", "file"):
             raise ValueError(f"unknown case kind {self.kind!r}")
         if not self.image_paths:
             raise ValueError(f"case {self.case_id} has no image path")
@@ -75,7 +78,7 @@ class CaseRecord:
         on read.
         """
         index = self._channel_index(channel)
-        if self.kind == "la_h5":
+        if self.kind in ("la_h5", "la_cache"):
             image, label = self._load_h5()
         else:
             image = read_volume(self.image_paths[index])
@@ -88,7 +91,7 @@ class CaseRecord:
 
     def load_channels(self, validate: bool = True) -> Tuple[List[Volume], Optional[Volume]]:
         """Every channel (validated, all on one grid) and the label checked against channel 0."""
-        if self.kind == "la_h5":
+        if self.kind in ("la_h5", "la_cache"):
             image, label = self.load(validate=validate)
             return [image], label
         images = [read_volume(p) for p in self.image_paths]
@@ -113,7 +116,11 @@ class CaseRecord:
         return channel
 
     def _load_h5(self) -> Tuple[Volume, Optional[Volume]]:
-        image, label = read_la_h5(self.image_paths[0], self.case_id)
+        if self.kind == "la_cache":
+            image, label = la_cache.read_cached_case(self.image_paths[0], self.case_id)
+            validate_image(image, f"{self.image_paths[0]} (case {self.case_id})")
+        else:
+            image, label = read_la_h5(self.image_paths[0], self.case_id)
         if self.label_path is None:
             return image, None
         if label is None:
@@ -147,6 +154,8 @@ def open_dataset(root: str | os.PathLike, list_file: str | os.PathLike | None = 
     if not base.is_dir():
         raise InputError(f"{base}: not a folder; {LAYOUTS_HELP}")
     list_path = resolve_list_file(base, list_file) if list_file is not None else None
+    if la_cache.is_la_cache(base):
+        return _open_cache(base, list_path, labeled)
     if is_la_root(base):
         return _open_la(base, list_path, labeled)
     if _is_nnunet_folder(base):
@@ -173,7 +182,7 @@ def open_unlabeled_folder(path: str | os.PathLike) -> List[CaseRecord]:
         if not _is_volume_name(base.name):
             raise InputError(f"{base}: not a volume file ({', '.join(VOLUME_SUFFIXES)})")
         return [CaseRecord(_strip_volume_suffix(base.name), (base,), None, "file")]
-    if is_la_root(base) or _is_nnunet_folder(base) or (base / "images").is_dir():
+    if la_cache.is_la_cache(base) or is_la_root(base) or _is_nnunet_folder(base) or (base / "images").is_dir():
         records = open_dataset(base, labeled=False)
         return [dataclasses.replace(r, label_path=None) for r in records]
     if _is_dicom_folder(base):
@@ -239,6 +248,29 @@ def _open_la(root: Path, list_path: Optional[Path], labeled: bool) -> List[CaseR
         if unlabeled:
             raise InputError(f"{root}: {_count(unlabeled, 'case')} without a 'label' dataset: {_listing(unlabeled)}")
     return [CaseRecord(c, (p,), p if with_label[c] else None, "la_h5") for c, p in zip(ids, paths)]
+
+
+# --- training cache ------------------------------------------------------------------------------
+
+def _open_cache(root: Path, list_path: Optional[Path], labeled: bool) -> List[CaseRecord]:
+    """Cases of a training cache in its manifest's order (or the list's); every part must be present."""
+    la_cache.check_complete(root)
+    present = la_cache.list_cases(root)
+    if list_path is not None:
+        ids = read_case_list(list_path)
+        missing = [c for c in ids if c not in present]
+        if missing:
+            raise InputError(f"{_count(missing, 'case')} named in {list_path} missing from the cache {root}: "
+                             f"{_listing(missing)}")
+    else:
+        ids = present
+    with_label = {c: la_cache.case_has_label(root, c) for c in ids}
+    if labeled:
+        unlabeled = [c for c in ids if not with_label[c]]
+        if unlabeled:
+            raise InputError(f"{root}: {_count(unlabeled, 'case')} without a label in the cache: {_listing(unlabeled)}")
+    paths = {c: la_cache.case_path(root, c) for c in ids}
+    return [CaseRecord(c, (paths[c],), paths[c] if with_label[c] else None, "la_cache") for c in ids]
 
 
 # --- nnU-Net -------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ Per iteration (2 labelled + 2 unlabelled):
 
 Input space: with `input_space: zscore` (presets) the network sees the engine's z-scored patches and the
 official [0, 1]-space augmentations are applied in a min-max view of each patch and mapped back, so the
-exported teacher V-Net works in the z-scoring Predictor. `input_space: minmax` feeds the official [0, 1]
-patches (min-max per patch, not per volume: the method only sees patches).
+exported teacher V-Net works in the z-scoring Predictor. `input_space: minmax` feeds [0, 1] patches (min-max
+per patch: the method only sees patches). `input_space: minmax_volume` with the engine's `normalization:
+minmax-volume` is the official input: the whole volume min-max scaled to [0, 1] before cropping, used as is
+(the model card records the normalisation, so the Predictor scales inputs the same way).
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ DEFAULTS: Dict[str, Any] = {
     # networks
     "base": 16, "prototypes": 16, "patch_size": [112, 112, 80], "dropout": True, "kaiming_init": True,
     "drop_path": 1 / 30, "dim_size_policy": "resample", "official_reshape": False, "official_update": False,
+    "mlp_drop_path": False,  # R7: official DropPath on the level-1 MLP branch
     # teacher and schedule
     "ema_decay": 0.99, "teacher_eval_mode": False, "iterations_per_epoch": 200, "rectify_from_epoch": 4,
     # losses
     "unsup_weight": 0.5, "cps_weight": 0.5, "xi": 0.6, "strong_threshold": 0.97, "weak_threshold": 0.7,
     "temperature": 0.5, "num_anchors": 256, "num_negatives": 512,
+    # R8: L_u's mean runs over voxels whose weighted loss is > 0 ("weighted"), or as the official code over those
+    # whose unweighted loss is > 0 ("unweighted": a sample without confident voxels adds zeros to the mean)
+    "unsup_denominator": "weighted",
     # input space and augmentation
     "input_space": "zscore", "loader_brightness": True, "brightness_range": [0.75, 1.25],
     "scale_range": [0.5, 1.5], "cutmix": True, "cutmix_beta": 4.0, "appearance_brightness_prob": 0.8,
@@ -48,9 +54,17 @@ DEFAULTS: Dict[str, Any] = {
     # the rectification scalar's own optimiser (official: same settings as the student)
     "rectifier_lr": 2.5e-3, "rectifier_momentum": 0.9, "rectifier_weight_decay": 5e-4, "rectifier_nesterov": True,
     "poly_power": 0.9,
+    # the rectifier's poly schedule: per iteration ("iteration"), or as the official PolyLR per epoch of
+    # `iterations_per_epoch` iterations with a 1e-6 floor ("epoch")
+    "rectifier_schedule": "iteration",
     # what the catalog gets: "rectified" (teacher + DIM + rectifier) or "teacher" (its plain V-Net)
     "export": "rectified",
 }
+
+
+#: the network's input: the engine's normalised patch (zscore), each patch min-max scaled to [0, 1] (minmax), or
+#: the engine's whole-volume [0, 1] intensities as they are (minmax_volume, with `normalization: minmax-volume`)
+INPUT_SPACES = ("zscore", "minmax", "minmax_volume")
 
 
 def checked_params(params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -62,8 +76,12 @@ def checked_params(params: Mapping[str, Any]) -> Dict[str, Any]:
     problems = []
     if p["export"] not in ("rectified", "teacher"):
         problems.append(f"export must be rectified or teacher, got {p['export']!r}")
-    if p["input_space"] not in ("zscore", "minmax"):
-        problems.append(f"input_space={p['input_space']!r} must be zscore or minmax")
+    if p["input_space"] not in INPUT_SPACES:
+        problems.append(f"input_space={p['input_space']!r} must be one of {', '.join(INPUT_SPACES)}")
+    if p["unsup_denominator"] not in ("weighted", "unweighted"):
+        problems.append(f"unsup_denominator={p['unsup_denominator']!r} must be weighted or unweighted")
+    if p["rectifier_schedule"] not in ("iteration", "epoch"):
+        problems.append(f"rectifier_schedule={p['rectifier_schedule']!r} must be iteration or epoch")
     if p["dim_size_policy"] not in ("resample", "strict"):
         problems.append(f"dim_size_policy={p['dim_size_policy']!r} must be resample or strict")
     if len(p["patch_size"]) != 3 or any(int(s) % 16 for s in p["patch_size"]):
@@ -77,8 +95,12 @@ def checked_params(params: Mapping[str, Any]) -> Dict[str, Any]:
 
 # -- intensity views ---------------------------------------------------------------------------------
 
-def unit_view(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x in [0, 1] per sample, lo, hi): the space in which CRLN's intensity augmentations are defined."""
+def unit_view(x: torch.Tensor, input_space: str = "zscore") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x in [0, 1] per sample, lo, hi): the space in which CRLN's intensity augmentations are defined. With
+    `minmax_volume` the input is already the whole volume's [0, 1] view (the official loader's), kept as is."""
+    if input_space == "minmax_volume":
+        ones = torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return x, ones * 0.0, ones
     flat = x.flatten(1)
     shape = (-1,) + (1,) * (x.dim() - 1)
     lo, hi = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
@@ -86,8 +108,9 @@ def unit_view(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def from_unit(unit: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, input_space: str) -> torch.Tensor:
-    """Back to the network's input space: [0, 1] itself (minmax) or the patch's original range (zscore)."""
-    return unit if input_space == "minmax" else unit * (hi - lo) + lo
+    """Back to the network's input space: [0, 1] itself (minmax, minmax_volume) or the patch's original range
+    (zscore)."""
+    return unit if input_space in ("minmax", "minmax_volume") else unit * (hi - lo) + lo
 
 
 def _uniform(low: float, high: float) -> float:
@@ -203,14 +226,17 @@ def appearance_step(image: torch.Tensor, label: torch.Tensor, conf: torch.Tensor
 
 # -- losses ------------------------------------------------------------------------------------------------
 
-def unsupervised_ce(logits: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, strong: float) -> torch.Tensor:
-    """Mean over voxels with positive loss of w_b * CE, w_b = #(conf >= strong) / #(target >= 0) per sample."""
+def unsupervised_ce(logits: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, strong: float,
+                    denominator: str = "weighted") -> torch.Tensor:
+    """Mean of w_b * CE, w_b = #(conf >= strong) / #(target >= 0) per sample, over the voxels whose weighted
+    loss is > 0 (`denominator="weighted"`), or, as the official code, whose unweighted CE is > 0
+    (`"unweighted"`: voxels of a sample with w_b = 0 then count as zeros)."""
     ce = F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="none")
     valid = target >= 0
     confident = (conf >= strong) & valid
     weight = confident.flatten(1).sum(1).float() / valid.flatten(1).sum(1).clamp_min(1).float()
     weighted = ce * weight.view(-1, *([1] * (ce.dim() - 1)))
-    positive = weighted > 0
+    positive = (ce > 0) if denominator == "unweighted" else (weighted > 0)
     return weighted[positive].mean() if bool(positive.any()) else logits.sum() * 0.0
 
 
@@ -325,7 +351,8 @@ class Crln(Method):
         p = self.params
         self.student = CrlnNet(int(p.get("in_channels", 1)), 2, int(p["base"]), int(p["prototypes"]),
                                p["patch_size"], bool(p["dropout"]), float(p["drop_path"]), p["dim_size_policy"],
-                               bool(p["official_reshape"]), bool(p["official_update"]), bool(p["kaiming_init"]))
+                               bool(p["official_reshape"]), bool(p["official_update"]), bool(p["kaiming_init"]),
+                               bool(p["mlp_drop_path"]))
         self.teacher = copy.deepcopy(self.student)
         for param in self.teacher.parameters():
             param.requires_grad_(False)
@@ -361,8 +388,8 @@ class Crln(Method):
                 x_s, pseudo_s, conf_s = self.strong_view(x_u, pseudo, conf)
         out_l, out_u = self.student(x_l, x_s)
         supervised = self.supervised_loss(out_l, label_l)
-        unsup = (unsupervised_ce(out_u.logits, pseudo_s, conf_s, p["strong_threshold"]) if has_u
-                 else supervised * 0.0)
+        unsup = (unsupervised_ce(out_u.logits, pseudo_s, conf_s, p["strong_threshold"], p["unsup_denominator"])
+                 if has_u else supervised * 0.0)
         cps = self.cps(out_l, out_u, label_l, pseudo_s, conf_s, prototypes)
         loss = supervised + p["unsup_weight"] * unsup + p["cps_weight"] * cps
         device_type = batch.image.device.type
@@ -377,7 +404,7 @@ class Crln(Method):
 
     def loader_view(self, image: torch.Tensor) -> torch.Tensor:
         """The LA loader's brightness jitter (every sample, clipped in the [0, 1] view) in the input space."""
-        unit, lo, hi = unit_view(image.float())
+        unit, lo, hi = unit_view(image.float(), self.params["input_space"])
         if self.params["loader_brightness"]:
             unit = brightness(unit, self.params["brightness_range"], 1.0)
         return from_unit(unit, lo, hi, self.params["input_space"])
@@ -406,7 +433,7 @@ class Crln(Method):
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Geometric step, CutMix, appearance step in the [0, 1] view, then back to the input space."""
         p = self.params
-        unit, lo, hi = unit_view(x_u.float())
+        unit, lo, hi = unit_view(x_u.float(), p["input_space"])
         img, lab, cf = geometric_step(unit, pseudo, conf, p["scale_range"])
         if p["cutmix"]:
             img, lab, cf = cutmix(img, lab, cf, float(p["cutmix_beta"]))
@@ -446,9 +473,16 @@ class Crln(Method):
         self.rectifier_step(iteration)
 
     def rectifier_lr(self, iteration: int) -> float:
-        """Poly schedule of the rectifier's optimiser, per iteration like the engine's student LR."""
+        """Poly schedule of the rectifier's optimiser: per iteration like the engine's default student LR, or
+        (`rectifier_schedule: epoch`) the official PolyLR, stepped per epoch and floored at 1e-6."""
+        p = self.params
+        if p["rectifier_schedule"] == "epoch":
+            per_epoch = int(p["iterations_per_epoch"])
+            epochs = max(self.max_iterations // per_epoch, 1)
+            frac = min(self.epoch(iteration) / epochs, 1.0)
+            return max(float(p["rectifier_lr"]) * (1.0 - frac) ** float(p["poly_power"]), 1e-6)
         frac = min(iteration / max(self.max_iterations, 1), 1.0)
-        return float(self.params["rectifier_lr"]) * (1.0 - frac) ** float(self.params["poly_power"])
+        return float(p["rectifier_lr"]) * (1.0 - frac) ** float(p["poly_power"])
 
     def rectifier_step(self, iteration: int) -> None:
         """L_op = 0.5 [CE + Dice] of y + (1 - a) M on the labelled pair, student in eval mode, only a updated."""

@@ -12,6 +12,9 @@ Phase 1 (mutual learning): per network 10 BCE + 7 Dice on labelled samples, MSE 
 probability maps and the area-similarity contrastive loss (ASC) on unlabelled samples. Phase 2
 (PReL, from `prel_start`): a BMA teacher built from the better network by a validation gate gives
 soft pseudo-labels (mean of several noisy MC-dropout passes) and both networks re-learn from them.
+From `prel_start` the teacher is frozen (gate, weights and BatchNorm statistics), and what the method
+exports is what the paper infers with: a student (the one better on the validation split, scored by the
+engine during PReL as for the gate), so PReL changes the exported weights.
 The gate is fed by each student's Dice on the validation split, scored by the engine when the gate is due
 (`gate_networks` / `on_gate_scores`); with `gate_signal: proxy`, or a run without validation cases, a proxy
 the method computes itself stands in (EMA of each network's Dice on the labelled samples of its batches);
@@ -21,9 +24,10 @@ score dictionary, so real validation scores can drive it too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,6 +60,9 @@ DEFAULTS: Dict[str, Any] = {
     "prel_alpha": [0.1, 0.1],  # ASC share in L_T for [the other network, the teacher's source network]
     "teacher_passes": 4, "teacher_noise_std": 0.1, "teacher_noise_clip": 0.2,
     "teacher_noise": "symmetric",  # S1: "symmetric" clamp(+-clip) | "official" clamp(0, clip)
+    # S4: BatchNorm of the frozen teacher's pseudo-label passes: "running" (its running statistics, BN layers in
+    # eval mode) or "batch" (the paper's train mode: batch statistics); neither updates the running statistics
+    "teacher_bn": "running",
 }
 
 MULTIMODAL_DEFAULTS: Dict[str, Any] = {"up_type": 0, "modality_names": None}
@@ -162,6 +169,10 @@ class TeacherGate(nn.Module):
         self.register_buffer("teacher_ready", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("proxy", torch.full((n_networks,), -1.0, dtype=torch.float64))
+        # PReL: whether it started (the export then switches to a student) and each student's latest
+        # validation Dice scored during PReL (NaN: not scored yet)
+        self.register_buffer("prel_started", torch.zeros((), dtype=torch.long))
+        self.register_buffer("export_scores", torch.full((n_networks,), float("nan"), dtype=torch.float64))
 
     @property
     def ready(self) -> bool:
@@ -226,6 +237,27 @@ def blend_into(teacher: nn.Module, source: nn.Module, alpha: float) -> None:
             t.copy_(s)
 
 
+@contextlib.contextmanager
+def frozen_batchnorm(network: nn.Module, use_batch_statistics: bool = False) -> Iterator[None]:
+    """Inside: `network`'s BatchNorm layers leave their running statistics alone. They normalise with them
+    (eval mode), or with `use_batch_statistics` with the batch's own statistics as in train mode (the running
+    buffers are not passed to batch_norm, so they are not updated). Other layers (dropout) keep their mode."""
+    layers = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in layers]
+    try:
+        for m in layers:
+            if use_batch_statistics:
+                m.train(True)
+                m.track_running_stats = False
+            else:
+                m.train(False)
+        yield
+    finally:
+        for m, (training, track) in zip(layers, saved):
+            m.train(training)
+            m.track_running_stats = track
+
+
 # --- the method -------------------------------------------------------------------------------------
 
 View = Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -250,6 +282,7 @@ class _SemiCMLBase(Method):
         self.queue: Optional[torch.Tensor] = None
         self.queue_ptr, self.queue_len = 0, 0
         self.last_decision: Optional[GateDecision] = None
+        self._scoring: Optional[str] = None  # what the scores the engine is computing are for: "gate" | "export"
         self._schedule(max_iterations)
 
     # -- construction ------------------------------------------------------------------------------
@@ -265,6 +298,8 @@ class _SemiCMLBase(Method):
             problems.append("gate_signal must be 'validation' or 'proxy'")
         if p["teacher_noise"] not in ("symmetric", "official"):
             problems.append("teacher_noise must be 'symmetric' or 'official'")
+        if p["teacher_bn"] not in ("running", "batch"):
+            problems.append("teacher_bn must be 'running' or 'batch'")
         if int(p["teacher_passes"]) < 1:
             problems.append("teacher_passes must be >= 1")
         if len(p["prel_alpha"]) != 2:
@@ -355,6 +390,7 @@ class _SemiCMLBase(Method):
         p = self.params
         if not self.gate.ready:
             self._apply(self.gate.initialise(self.gate.best_source(self.fixed_source)))
+        self.gate.prel_started.fill_(1)
         source = int(self.gate.source.item())
         image = batch.image[batch.unlabeled] if batch.image.shape[0] > batch.labeled_bs else batch.image
         pseudo = self.pseudo_label(self.teacher_input(image, source))
@@ -380,15 +416,18 @@ class _SemiCMLBase(Method):
 
     @torch.no_grad()
     def pseudo_label(self, image: torch.Tensor) -> torch.Tensor:
-        """Soft pseudo-label: mean foreground probability of `teacher_passes` noisy passes of the teacher,
-        left in training mode (dropout on, BatchNorm on batch statistics) as in the paper."""
+        """Soft pseudo-label: mean foreground probability of `teacher_passes` noisy passes of the teacher with
+        its dropout on (MC dropout, as in the paper). The teacher is frozen in PReL, BatchNorm statistics
+        included: its BN layers use their running statistics (`teacher_bn: running`) or the batch's
+        (`batch`, the paper's train mode) without updating the running ones."""
         p = self.params
         total = torch.zeros_like(image[:, 0], dtype=torch.float32)
         low = 0.0 if p["teacher_noise"] == "official" else -float(p["teacher_noise_clip"])
-        for _ in range(int(p["teacher_passes"])):
-            noise = torch.clamp(torch.randn_like(image) * float(p["teacher_noise_std"]), low,
-                                float(p["teacher_noise_clip"]))
-            total += torch.softmax(self.teacher(image + noise).float(), dim=1)[:, 1]
+        with frozen_batchnorm(self.teacher, use_batch_statistics=p["teacher_bn"] == "batch"):
+            for _ in range(int(p["teacher_passes"])):
+                noise = torch.clamp(torch.randn_like(image) * float(p["teacher_noise_std"]), low,
+                                    float(p["teacher_noise_clip"]))
+                total += torch.softmax(self.teacher(image + noise).float(), dim=1)[:, 1]
         return total / int(p["teacher_passes"])
 
     def _asc(self, maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
@@ -429,9 +468,20 @@ class _SemiCMLBase(Method):
         if self.params["gate_signal"] == "proxy" and self._gate_due(iteration):
             self.update_teacher(_mean_over_ranks(self.gate.proxy).tolist())
 
+    def _export_scoring_due(self, iteration: int) -> bool:
+        """In PReL, every `gate_every` iterations and at the last one: score both students for the export."""
+        return iteration >= self.prel_start_it and ((iteration + 1) % self.gate_every == 0
+                                                    or iteration + 1 == self.max_iterations)
+
     def gate_networks(self, iteration: int) -> Dict[Any, tuple]:
-        """With `gate_signal: validation` the engine scores both students on the validation split when due."""
-        if self.params["gate_signal"] != "validation" or not self._gate_due(iteration):
+        """Both students, for the engine to score on the validation split: for the gate when it is due (with
+        `gate_signal: validation`), and during PReL for the choice of the exported student."""
+        if self.params["gate_signal"] == "validation" and self._gate_due(iteration):
+            self._scoring = "gate"
+        elif self._export_scoring_due(iteration):
+            self._scoring = "export"
+        else:
+            self._scoring = None
             return {}
         return {k: (unwrap(self.student(k)), self.student_channel(k)) for k in range(len(STUDENTS))}
 
@@ -440,7 +490,14 @@ class _SemiCMLBase(Method):
         return 0
 
     def on_gate_scores(self, scores: Optional[Dict[Any, float]]) -> None:
-        """Validation Dice per student, or None (no validation split: the labelled-batch proxy stands in)."""
+        """Validation Dice per student, or None (no validation split: the labelled-batch proxy stands in for the
+        gate; in PReL the export then stays with the teacher's source network)."""
+        scoring, self._scoring = self._scoring, None
+        if scoring == "export":
+            if scores is not None:
+                values = [float(scores.get(k, scores.get(str(k), math.nan))) for k in range(len(STUDENTS))]
+                self.gate.export_scores.copy_(torch.tensor(values, dtype=torch.float64))
+            return
         if scores is None:
             self.update_teacher(_mean_over_ranks(self.gate.proxy).tolist())
         else:
@@ -482,24 +539,44 @@ class _SemiCMLBase(Method):
 
     # -- export and state ---------------------------------------------------------------------------------
     @property
+    def prel_started(self) -> bool:
+        return bool(self.gate.prel_started.item())
+
+    @property
     def exported_index(self) -> int:
-        """Which network's weights are exported: the teacher's source, or (before the teacher exists) the
-        currently better network by the gate's scores / the fixed choice."""
+        """Which student is exported (or, before PReL, sources the exported teacher).
+
+        In PReL: the fixed `better` if set, else the student with the better validation Dice scored during
+        PReL, else (no score yet, or no validation split) the teacher's source. Before PReL: the teacher's
+        source, or (before the teacher exists) the better network by the gate's scores / the fixed choice."""
+        if self.prel_started and self.fixed_source is None:
+            scores = self.gate.export_scores.cpu().numpy()
+            if np.isfinite(scores).all():
+                return int(np.argmax(scores))
         return self.gate.best_source(self.fixed_source)
 
     @property
     def exported_network(self) -> str:
         name = STUDENTS[self.exported_index]
+        if self.prel_started:
+            return f"{name} (student, PReL)"
         return f"teacher (BMA of {name})" if self.gate.ready else name
 
     def inference_network(self) -> nn.Module:
-        """ONE plain 1-channel V-Net: the BMA teacher once built, else the better student."""
-        return self.teacher if self.gate.ready else unwrap(self.student(self.exported_index))
+        """ONE plain 1-channel V-Net. From PReL on, a student (`exported_index`): the paper infers with a
+        student, and the teacher is frozen from `prel_start`, so exporting it would ignore PReL. Before PReL,
+        the BMA teacher once built, else the better student."""
+        if self.prel_started or not self.gate.ready:
+            return unwrap(self.student(self.exported_index))
+        return self.teacher
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         gate = state.get("gate", {})
         if "teacher_ready" in gate and int(gate["teacher_ready"]) and int(gate["source"]) >= 0:
             self._ensure_teacher_arch(self.up_types[int(gate["source"])])
+        if "gate" in state:  # checkpoints written before the PReL export fields: PReL state unknown = not started
+            current = self.gate.state_dict()
+            state = {**state, "gate": {**{k: current[k] for k in ("prel_started", "export_scores")}, **gate}}
         super().load_state_dict(state)
 
     def load_initial_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -622,4 +699,4 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["SemiCML", "SemiCMLLA", "TeacherGate", "GateDecision", "asc_loss", "dice_similarity", "soft_bce",
-           "blend_into"]
+           "blend_into", "frozen_batchnorm"]

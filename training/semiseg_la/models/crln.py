@@ -11,6 +11,8 @@ Project defaults where the official code has bugs (methods.md 7):
   (the official code *reshapes* (B, K, M, C) to (B, M, K, C) and scrambles classes;
   `official_reshape=True` reproduces that as a fixed row permutation).
 * R2: the prototype update is residual, Q'' = Q + DropPath(Q') (`official_update=True`: Q' + DropPath(Q')).
+* R7: the official level-1 MLP branch is DropPath'ed too, Q''' = Q'' + DropPath(MLP(LN(Q''))); off by default,
+  `mlp_drop_path=True` reproduces it. DropPath is the identity in eval mode, so inference is unchanged.
 * R4 (extended): parts whose results the official code computes and discards are not built (the level-1
   score refinement and clue, the level-2 values / prototype update / next-level projection). Outputs are
   unchanged; unused parameters would also break DDP with `find_unused_parameters=False`.
@@ -136,11 +138,13 @@ class PrototypeAttention(nn.Module):
 
 
 class PrototypeUpdate(nn.Module):
-    """Q'' = Q + DropPath(Q') (R2 default; official: Q' + DropPath(Q')), then Q''' = Q'' + MLP(LN(Q''))."""
+    """Q'' = Q + DropPath(Q') (R2 default; official: Q' + DropPath(Q')), then Q''' = Q'' + MLP(LN(Q'')), or with
+    `mlp_drop_path` (R7, official) Q''' = Q'' + DropPath(MLP(LN(Q''))) at the same DropPath rate."""
 
-    def __init__(self, channels: int, drop_path: float, official_update: bool) -> None:
+    def __init__(self, channels: int, drop_path: float, official_update: bool, mlp_drop_path: bool = False) -> None:
         super().__init__()
         self.official_update = official_update
+        self.mlp_drop_path = mlp_drop_path
         self.drop_path = DropPath(drop_path)
         self.norm = nn.LayerNorm(channels)
         self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
@@ -148,7 +152,8 @@ class PrototypeUpdate(nn.Module):
     def forward(self, prototypes: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
         base = message if self.official_update else prototypes
         updated = base + self.drop_path(message)
-        return updated + self.mlp(self.norm(updated))
+        branch = self.mlp(self.norm(updated))
+        return updated + (self.drop_path(branch) if self.mlp_drop_path else branch)
 
 
 class ClueHead(nn.Sequential):
@@ -168,14 +173,14 @@ class DynamicInteraction(nn.Module):
 
     def __init__(self, n_classes: int = 2, n_prototypes: int = 16, channels: Tuple[int, int] = (64, 32),
                  grid: Sequence[int] = (56, 56, 40), drop_path: float = 1 / 30, size_policy: str = "resample",
-                 official_reshape: bool = False, official_update: bool = False) -> None:
+                 official_reshape: bool = False, official_update: bool = False, mlp_drop_path: bool = False) -> None:
         super().__init__()
         c1, c2 = channels
         self.n_classes, self.n_prototypes = n_classes, n_prototypes
         self.prototypes = nn.Parameter(torch.zeros(1, n_classes, n_prototypes, c1))
         self.tokens1, self.tokens2 = VoxelTokens(c1), VoxelTokens(c2)
         self.attend1 = PrototypeAttention(c1, True, official_reshape, n_classes, n_prototypes)
-        self.update1 = PrototypeUpdate(c1, drop_path, official_update)
+        self.update1 = PrototypeUpdate(c1, drop_path, official_update, mlp_drop_path)
         self.next_level = nn.Conv2d(c1, c2, 1)
         self.attend2 = PrototypeAttention(c2, False, official_reshape, n_classes, n_prototypes)
         self.score_drop1, self.score_drop2 = DropPath(drop_path), DropPath(drop_path)
@@ -228,17 +233,17 @@ class CrlnNet(nn.Module):
     def __init__(self, in_channels: int = 1, n_classes: int = 2, base: int = 16, n_prototypes: int = 16,
                  patch_size: Sequence[int] = (112, 112, 80), has_dropout: bool = True, drop_path: float = 1 / 30,
                  size_policy: str = "resample", official_reshape: bool = False, official_update: bool = False,
-                 kaiming_init: bool = True) -> None:
+                 kaiming_init: bool = True, mlp_drop_path: bool = False) -> None:
         super().__init__()
         self.config = {"in_channels": in_channels, "n_classes": n_classes, "base": base, "n_prototypes": n_prototypes,
                        "patch_size": [int(p) for p in patch_size], "has_dropout": has_dropout, "drop_path": drop_path,
                        "size_policy": size_policy, "official_reshape": official_reshape,
-                       "official_update": official_update}
+                       "official_update": official_update, "mlp_drop_path": mlp_drop_path}
         grid = tuple(int(p) // 2 for p in patch_size)
         self.backbone = VNet(in_channels, n_classes, base, "batchnorm", has_dropout, 0)
         self.rep_head = representation_head(base, n_prototypes)
         self.dim = DynamicInteraction(n_classes, n_prototypes, (4 * base, 2 * base), grid, drop_path, size_policy,
-                                      official_reshape, official_update)
+                                      official_reshape, official_update, mlp_drop_path)
         if kaiming_init:
             init_kaiming(self)
 

@@ -1,0 +1,127 @@
+"""CPU rehearsal of the GPU session (issue 12): `scripts/gpu_run.sh OUTDIR --dry-run` runs every step with tiny
+sizes, and OUTDIR holds what the real run returns: logs, bench JSON, segment JSON and model folders that the
+catalog lists under $SEMISEG_LA_MODELS, as fp16 shards with complete cards; the pack comes back whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cli_helpers import run_cli
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "gpu_run.sh"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gpu_run")
+    out, pack, work = base / "out", base / "pack", base / "work"
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), "--dry-run", "--pack", str(pack), "--work", str(work)],
+                          capture_output=True, text=True, timeout=900, env=env)  # ~75 s of CPU; more on a busy core
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, pack, base, proc.stdout
+
+
+def test_dry_run_runs_every_step(dry_run):
+    out, _, _, stdout = dry_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] is True
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert list(steps) == ["data", "setup", "env", "cuda-tests", "bench", "segment", "train", "pack"]
+    failed = {k: v for k, v in steps.items() if v["status"] != "ok"}
+    assert not failed, failed
+    assert "skipped" in steps["cuda-tests"]["result"]  # no GPU here: the CUDA tests report skipped
+    for log in ("gpu_run.log", "env.log", "cuda-tests.log", "bench.log", "segment.log"):
+        assert (out / "logs" / log).stat().st_size > 0, log
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] and env["cuda_available"] is False
+    assert "step" in stdout and "total" in stdout  # the closing table the device tool's output tail shows
+
+
+def test_dry_run_bench_and_segment_reports(dry_run):
+    out = dry_run[0]
+    bench = json.loads((out / "bench" / "train.json").read_text())
+    rows = {r["label"]: r for r in bench["rows"]}
+    assert set(rows) == {"supervised-la-8", "mean-teacher-la-8", "caml-la-8", "crln-la-8", "semicml-la-8",
+                         "supervised-la-cpu"}
+    assert all(r.get("it_per_s", 0) > 0 and r.get("peak_mib", 0) > 0 for r in rows.values()), rows
+    assert {p["preset"] for p in bench["projections"]} >= set(rows)
+    segment = json.loads((out / "segment.json").read_text())
+    assert segment["shape"] == [96, 96, 40] and segment["runs"][0]["rc"] == 0
+    assert segment["runs"][0]["device"] == "cpu" and segment["runs"][0]["timings"]["total_s"] > 0
+    assert segment["agreement"]["label_voxels"] > 0
+
+
+def test_dry_run_models_are_listed_by_the_catalog(dry_run):
+    from semiseg_la.checkpoints import load_network
+
+    out = dry_run[0]
+    train = json.loads((out / "train.json").read_text())
+    assert set(train) == {"supervised-la-gpu", "caml-la-8-gpu"}
+    models = sorted(p for p in (out / "models").iterdir() if p.is_dir())
+    assert [m.name.rsplit("-v", 1)[0] for m in models] == ["caml-la-8-gpu", "supervised-la-gpu"]
+    for folder in models:
+        card = json.loads((folder / "card.json").read_text())
+        assert card["weights"]["dtype"] == "float16" and card["gpu_run"]["weights"].startswith("float16")
+        assert card["validation"].get("dice") is not None and card["training"]["labeled_cases"] >= 2
+        assert all((folder / f).stat().st_size < 16 * 2**20 for f in card["weights"]["files"])
+        load_network(folder)  # hashes, shapes, dtypes
+        assert (out / "runs" / card["name"] / "config.yaml").is_file()
+    listed = run_cli(["models", "list", "--json"], env_extra={"SEMISEG_LA_MODELS": str(out / "models")})
+    assert listed.returncode == 0, listed.stderr
+    entries = {e["id"]: e for e in json.loads(listed.stdout)}
+    for folder in models:
+        assert entries[folder.name]["source"] == "site" and entries[folder.name]["error"] is None
+
+
+def test_pack_fits_the_return_limits_and_unpacks(dry_run):
+    out, pack, base, _ = dry_run
+    files = sorted(pack.iterdir())
+    assert 2 <= len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files)
+    back = base / "back"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_run.py"), "unpack", str(pack), str(back)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for rel in ("summary.json", "env.json", "bench/train.json", "segment.json", "train.json", "logs/gpu_run.log"):
+        assert (back / rel).is_file(), rel
+    assert sorted(p.name for p in (back / "models").iterdir()) == sorted(p.name for p in (out / "models").iterdir())
+
+
+def test_fp16_copy_of_the_bundled_model_is_sharded_below_16_mib(tmp_path):
+    """The real V-Net (9.45 M parameters): two fp16 shards below 15 MiB each, card complete, weights equal."""
+    import torch
+
+    from semiseg_la.checkpoints import load_model_weights, resolve_model
+
+    source = resolve_model(None)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "training"))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_run.py"), "fp16", str(source), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    copied = json.loads(proc.stdout.strip().splitlines()[-1])
+    shards = [n for n in copied["files"] if n.endswith(".safetensors")]
+    assert len(shards) >= 2 and all(copied["files"][n] < 15 * 2**20 + 2**16 for n in shards)
+    original, _ = load_model_weights(source)
+    weights, card = load_model_weights(tmp_path / copied["id"])
+    assert card.weights["dtype"] == "float16" and card.validation == load_model_weights(source)[1].validation
+    assert all(torch.equal(original[k].half().float(), weights[k]) for k in original)
+
+
+def test_salvage_command_resumes_without_the_budget():
+    """A run stopped before its export is exported by resuming it at its checkpoint's iteration (no training)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_run", REPO / "scripts" / "gpu_run.py")
+    gpu_run = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_run"] = gpu_run  # dataclasses look their module up there
+    spec.loader.exec_module(gpu_run)
+    cmd = ["python", "-m", "semiseg_la.cli.main", "train", "--preset", "caml-la-8", "--time-budget", "230",
+           "--set", "fit_to_budget=true", "--set", "device_data=true", "--iterations", "20000"]
+    assert gpu_run._without_budget_flags(cmd) == ["python", "-m", "semiseg_la.cli.main", "train", "--preset",
+                                                  "caml-la-8", "--set", "device_data=true", "--iterations", "20000"]

@@ -1,0 +1,263 @@
+"""Whole scans (issue 14): the wide field-of-view generator, the localiser's region, `segment --region`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import json_lines, oblique_direction, read_header, run_cli, save_tiny_model, write_case
+from conftest import sphere_volume
+from semiseg_la.engine.config import build_config
+from semiseg_la.engine.data import TrainCase, WideFieldOfView
+from semiseg_la.errors import ConfigError, InputError, RegionError
+from semiseg_la.inference.localise import DEFAULT_MARGIN_MM, Localiser
+from semiseg_la.inference.predictor import InferenceSpec, Predictor
+from semiseg_la.io.volume import Volume
+from semiseg_la.preprocess.wide_fov import build_wide_case, make_donor, paint_out_atrium, random_canvas_shape
+
+
+class Threshold(torch.nn.Module):
+    """A 'localiser' whose foreground logit is the (z-scored) intensity: bright blobs are atria."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), 8 * (x - 1.0)], dim=1)
+
+
+COARSE = InferenceSpec((32, 32, 16), (2.5, 2.5, 2.5))
+SPACING = (0.625, 0.625, 1.25)
+
+
+def blobs_image(centres_mm, radius_mm=20.0, shape=(320, 320, 44), spacing=SPACING, direction=None):
+    """Dark noise with bright balls at `centres_mm` (index space x spacing): (Volume, label)."""
+    rng = np.random.default_rng(0)
+    grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij", sparse=True)
+    label = np.zeros(shape, np.uint8)
+    for centre in centres_mm:
+        label |= (sum((g - c) ** 2 for g, c in zip(grid, centre)) < radius_mm ** 2).astype(np.uint8)
+    image = label * 2.0 + rng.normal(0, 0.02, shape)
+    vol = Volume(image.astype(np.float32), spacing, (0.0, 0.0, 0.0), direction or (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return vol, label
+
+
+def bounds(mask):
+    where = np.nonzero(mask)
+    return np.array([w.min() for w in where]), np.array([w.max() + 1 for w in where])
+
+
+# -- the wide field-of-view generator ------------------------------------------------------------------
+def test_paint_out_removes_the_atrium_but_keeps_the_rest():
+    image, label = sphere_volume((48, 40, 32), radius=8, noise=0.05)
+    painted = paint_out_atrium(image, label, (1.0, 1.0, 1.0), np.random.default_rng(0))
+    assert painted[label > 0].mean() < 0.5 < image[label > 0].mean()  # the bright ball is gone
+    far = np.ones_like(label, bool)
+    far[8:40, 8:32, 6:26] = False
+    assert np.array_equal(painted[far], image[far])
+
+
+def test_wide_case_holds_the_crop_and_only_its_atrium():
+    rng = np.random.default_rng(1)
+    donors = [make_donor(*sphere_volume((40, 36, 24), radius=7, seed=s), (1.0, 1.0, 1.0), seed=s) for s in range(3)]
+    image, label = sphere_volume((40, 36, 24), radius=8, seed=9)
+    wide = build_wide_case(image, label, donors, (150, 120, 24), rng)
+    box = tuple(slice(o, o + s) for o, s in zip(wide.offset, image.shape))
+    assert wide.image.shape == wide.label.shape == (150, 120, 24)
+    assert np.array_equal(wide.image[box], image) and wide.label.sum() == label.sum()
+    assert np.abs(wide.image).sum() > 4 * np.abs(image).sum()  # the canvas is tissue, not zeros
+    decoyed = build_wide_case(image, label, donors, (150, 120, 24), rng, decoy=True)
+    assert decoyed.decoy_voxels > 0 and decoyed.label.sum() == label.sum()
+    with pytest.raises(InputError, match="smaller than the crop"):
+        build_wide_case(image, label, donors, (30, 120, 24), rng)
+    with pytest.raises(InputError, match="differ in shape"):
+        build_wide_case(image, label[:-1], donors, (150, 120, 24), rng)
+
+
+def test_canvas_sizes_stay_between_the_crop_and_a_whole_scan():
+    rng = np.random.default_rng(0)
+    shapes = [random_canvas_shape((60, 40, 22), (2.5, 2.5, 2.5), rng) for _ in range(200)]
+    assert all(60 <= x <= 144 and 40 <= y <= 144 and z == 22 for x, y, z in shapes)
+
+
+def test_training_widens_samples_and_checks_its_settings():
+    cases = [TrainCase(f"c{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
+                       sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]
+    widen = WideFieldOfView(cases, (2.5, 2.5, 2.5), prob=1.0, decoy_prob=1.0)
+    image, label = widen(cases[0].image, cases[0].label, 0, np.random.default_rng(0))
+    assert image.shape[0] == 1 and image.shape[1:] == label.shape and label.shape[0] >= 40
+    assert label.sum() == cases[0].label.sum()
+    assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-2  # z-scored as a whole scan
+    with pytest.raises(ConfigError, match="wide_fov_prob"):
+        build_config({"wide_fov_prob": 1.5})
+    with pytest.raises(ConfigError, match="role"):
+        build_config({"role": "finder"})
+
+
+# -- the localiser's region ------------------------------------------------------------------------
+def test_localiser_boxes_the_atrium_with_a_margin():
+    vol, label = blobs_image([(60.0, 140.0, 27.0)])
+    region = Localiser(Threshold(), COARSE, device="cpu").find(vol)
+    low, high = bounds(label)
+    lower, upper = np.array(region.lower), np.array(region.upper)
+    margins_mm = np.concatenate([low - lower, upper - high]) * np.tile(SPACING, 2)
+    clipped = np.concatenate([lower == 0, upper == np.array(vol.shape)])
+    assert np.all(margins_mm >= 0)
+    assert np.all(margins_mm[~clipped] >= DEFAULT_MARGIN_MM - 2.5)
+    assert np.all((upper - lower)[:2] * 0.625 < 40 + 2 * DEFAULT_MARGIN_MM + 10)  # not the whole scan
+    assert region.source == "auto" and region.candidates == 1 and not region.warnings
+    assert 25 < region.found_volume_ml < 45  # a 20 mm ball is 33.5 mL
+
+
+def test_localiser_box_covers_the_atrium_of_an_oblique_scan():
+    vol, label = blobs_image([(100.0, 100.0, 27.0)], direction=oblique_direction(20))
+    region = Localiser(Threshold(), COARSE, device="cpu").find(vol, min_size_mm=(80, 80, 60))
+    low, high = bounds(label)
+    assert np.all(np.array(region.lower) <= low) and np.all(np.array(region.upper) >= high)
+    assert region.to_dict(vol)["corners_lps_mm"][0] != region.to_dict(vol)["corners_lps_mm"][1]
+
+
+def test_no_atrium_and_implausible_atrium_are_errors_that_say_what_to_do():
+    empty, _ = blobs_image([])
+    with pytest.raises(RegionError, match="no left atrium found; give a region with --region"):
+        Localiser(Threshold(), COARSE, device="cpu").find(empty)
+    huge, _ = blobs_image([(100.0, 100.0, 27.0)], radius_mm=70.0)
+    with pytest.raises(RegionError, match=r"mL, more than the 265 mL .* give a region"):
+        Localiser(Threshold(), COARSE, device="cpu").find(huge)
+
+
+def test_two_atrium_like_regions_are_reported():
+    vol, _ = blobs_image([(50.0, 50.0, 27.0), (150.0, 150.0, 27.0)])
+    region = Localiser(Threshold(), COARSE, device="cpu").find(vol)
+    assert region.candidates == 2 and "2 atrium-like regions" in region.warnings[0]
+
+
+def test_fine_pass_warns_about_a_second_large_component():
+    vol, _ = blobs_image([(30.0, 30.0, 27.0), (100.0, 100.0, 27.0)], shape=(192, 192, 44))
+    fine = InferenceSpec((64, 64, 32), (1.25, 1.25, 1.25))
+    prediction = Predictor(Threshold(), fine, device="cpu").predict(vol)
+    assert "2 separate atrium-sized regions" in prediction.warnings[0]
+
+
+def test_pasted_region_lands_on_an_oblique_anisotropic_input_grid():
+    image, label = sphere_volume((60, 50, 24), radius=8, noise=0.0)
+    vol = Volume(image, (0.7, 0.9, 2.0), (5.0, -3.0, 2.0), oblique_direction(25))
+    spec = InferenceSpec((32, 32, 32), (1.0, 1.0, 1.0))
+    box = [15, 10, 4, 45, 40, 20]
+    prediction = Predictor(Threshold(), spec, device="cpu").predict(vol, roi=box)
+    out = prediction.label
+    assert out.shape == vol.shape and out.spacing == vol.spacing and out.origin == vol.origin
+    assert out.direction == vol.direction
+    inside = np.zeros(vol.shape, bool)
+    inside[15:45, 10:40, 4:20] = True
+    assert out.array[~inside].sum() == 0
+    assert out.array.sum() > 0.6 * label.sum()
+
+
+# -- `segment --region` end to end ---------------------------------------------------------------------
+def _blank_localiser():
+    """A localiser model folder whose network sees no atrium anywhere (final layer: background only)."""
+    from semiseg_la.checkpoints import ModelCard, load_network
+
+    folder = save_tiny_model("blank-localiser-v0.1.0")
+    network, card = load_network(folder)
+    state = network.state_dict()
+    head = [k for k in state if k.endswith(".weight")][-1]
+    state[head].zero_()
+    state[head.replace(".weight", ".bias")].copy_(torch.tensor([10.0, -10.0]))
+    from semiseg_la.checkpoints import save_model
+
+    card = ModelCard.coerce(card)
+    card.extra["role"] = "localiser"
+    card.inference["spacing"] = [2.5, 2.5, 2.5]
+    for child in folder.iterdir():
+        child.unlink()
+    save_model(folder, state, card)
+    return card.id
+
+
+def test_segment_whole_scan_without_atrium_exits_with_the_region_message(tmp_path):
+    """Neither the localiser nor (searching the whole scan after it) the fine model finds an atrium."""
+    localiser = _blank_localiser()
+    model = localiser
+    src = tmp_path / "scan.nrrd"
+    write_case(src, shape=(320, 300, 40), spacing=(0.625, 0.625, 1.25))
+    proc = run_cli(["segment", str(src), "-o", str(tmp_path / "seg.nrrd"), "--model", str(model),
+                    "--localiser", localiser, "--progress", "json"])
+    assert proc.returncode == 5, proc.stderr
+    assert any("the localiser found no atrium" in r.get("message", "") or "searched the whole scan" in
+               r.get("message", "") for r in json_lines(proc.stdout)) or "localiser" in proc.stdout
+    error = json_lines(proc.stdout)[-1]
+    assert error["stage"] == "error" and error["kind"] == "region"
+    assert "no left atrium found" in error["message"] and error["message"].endswith("give a region with --region")
+    assert not (tmp_path / "seg.nrrd").exists()
+
+
+def test_segment_region_box_whole_and_roi_out(tmp_path):
+    model = save_tiny_model()
+    src, out, roi = tmp_path / "scan.nrrd", tmp_path / "seg.nrrd", tmp_path / "roi.json"
+    write_case(src, shape=(48, 40, 36), spacing=(0.8, 0.9, 1.5), direction=oblique_direction(15))
+    proc = run_cli(["segment", str(src), "-o", str(out), "--model", str(model), "--region", "4", "6", "2", "40",
+                    "30", "30", "--roi-out", str(roi), "--progress", "json"])
+    assert proc.returncode == 0, proc.stderr
+    done = json_lines(proc.stdout)[-1]
+    assert done["region"]["source"] == "box" and done["region"]["box"] == [4, 6, 2, 40, 30, 30]
+    saved = json.loads(roi.read_text())
+    assert saved["box"] == [4, 6, 2, 40, 30, 30] and len(saved["corners_lps_mm"]) == 2
+    for got, want in zip(read_header(out), read_header(src)):
+        assert np.allclose(got, want, atol=1e-6)
+    small = run_cli(["segment", str(src), "-o", str(out), "--model", str(model), "--progress", "json"])
+    assert json_lines(small.stdout)[-1]["region"]["source"] == "whole"  # an atrium-crop-sized image
+    for bad, message in ((["--region", "1", "2", "3"], "six integers"),
+                         (["--region", "0", "0", "0", "99", "10", "10"], "outside the image"),
+                         (["--region", "whole", "--roi", "0", "0", "0", "5", "5", "5"], "not both")):
+        proc = run_cli(["segment", str(src), "-o", str(out), "--model", str(model), *bad])
+        assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_bundled_localiser_finds_the_atrium_in_a_wide_real_case(la_root):
+    from semiseg_la.checkpoints import load_network, resolve_model
+    from semiseg_la.checkpoints.catalog import default_localiser_id
+    from semiseg_la.cli.common import inference_spec
+    from semiseg_la.io.datasets import open_dataset
+
+    localiser_id = default_localiser_id()
+    if localiser_id is None:
+        pytest.fail("no bundled localiser: `segment --region auto` cannot find the atrium in whole scans")
+    network, card = load_network(resolve_model(localiser_id))
+    records = [r for r in open_dataset(str(la_root), "train.list") if r.label_path]
+    donors = []
+    for i, record in enumerate(records[:3]):
+        image, label = record.load()
+        donors.append(make_donor(image.array, label.array, (0.625,) * 3, seed=i))
+    image, label = records[-1].load()
+    wide = build_wide_case(image.array, label.array, donors, (448, 448, image.shape[2]), np.random.default_rng(3))
+    region = Localiser(network, inference_spec(card), device="cpu").find(Volume(wide.image, (0.625,) * 3))
+    box = tuple(slice(lo, hi) for lo, hi in zip(region.lower, region.upper))
+    # the localiser finds the atrium (the fine pass then settles the box around all of it): most of the label
+    # lies in a box that is a small part of the scan
+    assert wide.label[box].sum() > 0.9 * wide.label.sum()
+    assert np.prod(np.array(region.upper) - np.array(region.lower)) < 0.25 * wide.label.size
+
+
+def test_region_settles_around_the_fine_result():
+    from semiseg_la.inference.localise import Region, check_plausible_volume, settle_region
+
+    vol, label = blobs_image([(60.0, 140.0, 27.0)])
+    low, high = bounds(label)
+    roomy = Region(tuple(int(max(0, v)) for v in low - 40),
+                   tuple(int(min(n, v)) for v, n in zip(high + 40, vol.shape)), "auto")
+    assert settle_region(roomy, label, vol) == (roomy, False)  # well inside: nothing to do
+    part = Region(tuple(int(v) for v in low), tuple(int(v) for v in (low + high) // 2), "auto")
+    grown, again = settle_region(part, label, vol)
+    assert again and grown.refined
+    assert np.all(np.array(grown.lower) <= low) and np.all(np.array(grown.upper) >= high)
+    searched = Region((0, 0, 0), vol.shape, "auto", searched_whole=True)
+    narrowed, again = settle_region(searched, label, vol)  # a whole-scan search becomes a crop around its find
+    assert again and np.all(np.array(narrowed.lower) <= low) and np.all(np.array(narrowed.upper) >= high)
+    assert np.prod(np.array(narrowed.upper) - np.array(narrowed.lower)) < 0.2 * label.size
+    with pytest.raises(RegionError, match="no left atrium found in the region"):
+        settle_region(part, np.zeros_like(label), vol)
+    assert 25 < check_plausible_volume(label, vol) < 45
+    with pytest.raises(RegionError, match="segmented region is 0 mL"):
+        check_plausible_volume(np.zeros_like(label), vol)
