@@ -14,8 +14,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import qt
 import slicer
+import vtk
 from SemiSegLALib import cases as caseRules
 from SemiSegLALib import geometry, nodes
+from SemiSegLALib import region as regionMath
 from SemiSegLALib.catalog import (
     DEFAULT_METHOD_PRESETS,
     Catalog,
@@ -25,7 +27,7 @@ from SemiSegLALib.catalog import (
     methodLabel,
     parsePresetsJson,
 )
-from SemiSegLALib.commands import CommandFactory
+from SemiSegLALib.commands import CommandFactory, regionArguments
 from SemiSegLALib.dependencies import DependencyError, DependencyManager
 from SemiSegLALib.events import Signal
 from SemiSegLALib.jobs import BackgroundCall, Job
@@ -46,8 +48,8 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_PREFIX = "SemiSegLA/"
 DEVICE_CHOICES = ("auto", "cuda", "cpu")  # order of the deviceComboBox items
-LIB_MODULES = ("events", "progress", "state", "commands", "process", "paths", "geometry", "catalog", "cases",
-               "dependencies", "jobs", "nodes")
+LIB_MODULES = ("events", "progress", "state", "commands", "process", "paths", "geometry", "region", "catalog",
+               "cases", "dependencies", "jobs", "nodes")
 
 
 #
@@ -266,25 +268,38 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
     # -- segmentation ------------------------------------------------------------------------------------
     def segment(self, inputVolume, modelId: Optional[str], device: str = "auto",
                 overlap: Optional[float] = None, showIn3D: bool = False, name: Optional[str] = None,
-                waitForCompletion: bool = False, timeout: Optional[float] = None) -> Job:
-        """Start segmenting ``inputVolume``; the job's ``result`` is the new segmentation node."""
+                waitForCompletion: bool = False, timeout: Optional[float] = None, region="auto") -> Job:
+        """Start segmenting ``inputVolume``; the job's ``result`` is the new segmentation node.
+
+        ``region``: "auto" (the core finds the atrium; a box it found is then shown as the markups ROI
+        "<volume> region", the job's ``regionNode``, for the user to move and segment again with), "whole",
+        a vtkMRMLMarkupsROINode (the voxels of the volume it holds, converted through both parent transforms
+        and the written file's header), or a voxel box [i0, j0, k0, i1, j1, k1] of the volume. The job's
+        ``region`` is the core's account of the region it used (region.RegionRecord), its ``warnings`` what
+        the user must check."""
         self._checkIdle()
         if inputVolume is None:
             raise ValueError("Select an input volume")
         entry = self.catalog.get(modelId)
         if entry is not None and entry.isBroken:
             raise ValueError(f"Model {entry.id} cannot be used: {entry.error}")
+        roiNode, fixedRegion = self._regionOf(region, inputVolume)
         workDir = self._workDir("seg")
         inputPath = os.path.join(workDir, "input.nrrd")
         outputPath = os.path.join(workDir, "output.nrrd")
         resultName = name or f"{inputVolume.GetName()} segmentation"
+        volumeName = inputVolume.GetName()
 
         def prepare(job: Job) -> None:
-            job.log(f"Writing '{inputVolume.GetName()}' to {inputPath}")
+            job.log(f"Writing '{volumeName}' to {inputPath}")
             nodes.writeVolumeNode(inputVolume, inputPath)
+            job.regionBox = fixedRegion
+            if roiNode is not None:  # exact, from the header of the file the core reads
+                job.regionBox = nodes.voxelBoxOfRoi(roiNode, inputVolume, inputPath)
+                job.log(f"Region: the box '{roiNode.GetName()}', voxels {job.regionBox} of {inputPath}")
 
         def build(dev: str):
-            spec = self.commandFactory.segment(inputPath, outputPath, modelId, dev, overlap)
+            spec = self.commandFactory.segment(inputPath, outputPath, modelId, dev, overlap, region=job.regionBox)
             spec.cwd = workDir  # whatever the core writes next to itself stays in the temp folder
             return spec
 
@@ -300,12 +315,60 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
                 nodes.showIn3D(segNode)
             if done.get("device"):
                 job.log(f"Computed on: {done.get('device')}")
+            job.region = regionMath.RegionRecord.fromDone(done)
+            if job.region is not None:
+                job.log(f"Region: {job.region.describe()}")
+                if job.region.source == regionMath.AUTO and job.region.box:
+                    job.regionNode = nodes.showAutomaticRegion(inputVolume, job.region.box, inputPath)
+            warnings = done.get("warnings")
+            if not isinstance(warnings, list):
+                warnings = job.region.warnings if job.region is not None else []
+            job.warnings = [job.reword(str(w)) for w in warnings]
             return segNode
 
         job = Job("segment", self.runner, build, device=device, prepare=prepare, finalize=finalize,
-                  cleanup=self._cleanupFor(workDir), description=f"Segment {inputVolume.GetName()}")
+                  cleanup=self._cleanupFor(workDir), description=f"Segment {volumeName}",
+                  reword=lambda text: regionMath.forSlicerUsers(text, inputPath, volumeName))
         job.workDir = workDir
+        job.inputVolume = inputVolume
+        job.regionBox = fixedRegion
+        job.regionNode = roiNode  # the box it segments in; an automatic run's box once it is known
+        job.region = None
         return self._startJob(job, waitForCompletion, timeout)
+
+    def _regionOf(self, region, inputVolume):
+        """(ROI node or None, what to pass to the core: "whole", a voxel box or None for auto). A box that
+        holds no voxel of the volume is refused here (ValueError), before anything runs."""
+        if region is None or (isinstance(region, str) and region.lower() == regionMath.AUTO):
+            return None, None
+        if isinstance(region, str):
+            if region.lower() == regionMath.WHOLE:
+                return None, regionMath.WHOLE
+            if region.lower() == regionMath.BOX:
+                raise ValueError("Region is Box: choose a box, or click Create box to place one")
+            raise ValueError(f"Unknown region '{region}': auto, whole, a box (markups ROI) or a voxel box")
+        if hasattr(region, "IsA"):
+            if not region.IsA(nodes.ROI_CLASS):
+                raise ValueError(f"'{region.GetName()}' is not a box (markups ROI)")
+            # the same conversion as in prepare, on the node's own geometry: what the file will hold
+            objectToNode, size = nodes.roiGeometry(region)
+            try:
+                regionMath.voxelBoxOfRoi(objectToNode, size, nodes.matrixBetweenParents(region, inputVolume),
+                                         nodes.volumeIjkToRas(inputVolume), nodes.volumeShape(inputVolume))
+            except regionMath.RegionError as exc:
+                raise regionMath.RegionError(f"The box '{region.GetName()}' cannot be used for "
+                                             f"'{inputVolume.GetName()}': {exc}.") from None
+            return region, None
+        box = [int(v) for v in region]
+        regionArguments(box)  # ValueError unless six indices with lower < upper
+        return None, box
+
+    def createRegionBox(self, inputVolume):
+        """A box of a typical atrium's size (region.TYPICAL_ATRIUM_BOX_MM) centred on the volume, aligned with
+        its axes and under its parent transform, named "<volume> box"."""
+        if inputVolume is None:
+            raise ValueError("Select an input volume first")
+        return nodes.createRegionBox(inputVolume)
 
     def process(self, inputVolume, modelId: Optional[str] = None, device: str = "auto",
                 timeout: Optional[float] = None):
@@ -429,10 +492,11 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         return self._startJob(job, waitForCompletion, timeout)
 
     # -- panel state, saved with the scene ----------------------------------------------------------------
-    PANEL_PARAMETERS = ("Model", "Device", "Iterations", "TimeBudgetMinutes", "Method", "BaseModel")
+    PANEL_PARAMETERS = ("Model", "Device", "Iterations", "TimeBudgetMinutes", "Method", "BaseModel", "Region")
     INPUT_VOLUME_ROLE = "InputVolume"
+    REGION_BOX_ROLE = "RegionBox"
 
-    def savePanelState(self, inputVolume=None, **values) -> None:
+    def savePanelState(self, inputVolume=None, regionBox=None, **values) -> None:
         """Store the panel's choices in the module's parameter node (a vtkMRMLScriptedModuleNode in the
         scene, so they are saved and restored with the scene). ``values``: PANEL_PARAMETERS."""
         unknown = set(values) - set(self.PANEL_PARAMETERS)
@@ -440,6 +504,7 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             raise TypeError(f"Unknown panel parameters: {sorted(unknown)}")
         parameterNode = self.getParameterNode()
         parameterNode.SetNodeReferenceID(self.INPUT_VOLUME_ROLE, inputVolume.GetID() if inputVolume else None)
+        parameterNode.SetNodeReferenceID(self.REGION_BOX_ROLE, regionBox.GetID() if regionBox else None)
         for key, value in values.items():
             if value is not None:
                 parameterNode.SetParameter(key, str(value))
@@ -448,7 +513,8 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         """What ``savePanelState`` stored: the input volume node (or None) and the parameters (None when
         unset)."""
         parameterNode = self.getParameterNode()
-        state: Dict[str, object] = {self.INPUT_VOLUME_ROLE: parameterNode.GetNodeReference(self.INPUT_VOLUME_ROLE)}
+        state: Dict[str, object] = {self.INPUT_VOLUME_ROLE: parameterNode.GetNodeReference(self.INPUT_VOLUME_ROLE),
+                                    self.REGION_BOX_ROLE: parameterNode.GetNodeReference(self.REGION_BOX_ROLE)}
         for key in self.PANEL_PARAMETERS:
             state[key] = parameterNode.GetParameter(key) or None
         return state
@@ -486,6 +552,9 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._filling = False
         self._restoringPanel = False
         self._sceneClosing = False
+        self._selectingRegionBox = False  # the panel (not the user) is choosing the box shown
+        self._watchedRegion = None  # the box an automatic run showed, watched for the user moving it
+        self._watchedFingerprint = None
         self._rows: List[caseRules.CaseRow] = []
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -527,6 +596,9 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
+        self.ui.regionComboBox.connect("currentIndexChanged(int)", self.onRegionChanged)
+        self.ui.regionBoxSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRegionBoxSelected)
+        self.ui.createBoxButton.connect("clicked(bool)", self.onCreateBox)
         self.ui.keepTempFilesCheckBox.connect("toggled(bool)", self.onKeepTempFiles)
         self.ui.caseTableWidget.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
         self.ui.finetuneCollapsibleButton.connect("contentsCollapsed(bool)", self.onFinetuneCollapsed)
@@ -575,6 +647,8 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sceneClosing = True  # the selectors empty themselves now: not a choice to store
         if self.logic is not None and self.logic.busy:
             self.logic.cancel()
+        self._unwatchRegion()
+        self.setRegionChoice(regionMath.AUTO)  # the boxes go with the scene
         if self.logic is not None:
             self.logic.clearCaseChoices()  # node IDs are reused after Close Scene: old choices must not return
         self._rows = []
@@ -592,6 +666,8 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNodeRemoved(self, caller, event) -> None:
         if self.logic is not None:
             self.logic.pruneCaseChoices()
+        if self._watchedRegion is not None and self._watchedRegion.GetScene() is None:
+            self._unwatchRegion()
 
     # -- panel state in the parameter node -------------------------------------------------------------
     def savePanelState(self, *args) -> None:
@@ -601,7 +677,8 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             inputVolume=self.ui.inputVolumeSelector.currentNode(), Model=self.currentModelId(),
             Device=self.device(), Iterations=self.ui.iterationsSpinBox.value,
             TimeBudgetMinutes=self.ui.timeBudgetSpinBox.value, Method=self.ui.methodComboBox.currentData,
-            BaseModel=self.ui.baseModelComboBox.currentData)
+            BaseModel=self.ui.baseModelComboBox.currentData, Region=self.regionChoice(),
+            regionBox=self.ui.regionBoxSelector.currentNode())
 
     def restorePanelState(self) -> None:
         """Show the parameter node's choices (those of a loaded scene, or the ones made before)."""
@@ -610,6 +687,10 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if state["InputVolume"] is not None:
                 self.ui.inputVolumeSelector.setCurrentNode(state["InputVolume"])
+            if state["RegionBox"] is not None:
+                self._selectRegionBox(state["RegionBox"])
+            if state["Region"] in regionMath.CHOICES:
+                self.setRegionChoice(state["Region"])
             if state["Device"] in DEVICE_CHOICES:
                 self.ui.deviceComboBox.currentIndex = DEVICE_CHOICES.index(state["Device"])
             for key, spinBox in (("Iterations", self.ui.iterationsSpinBox),
@@ -629,6 +710,96 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInputChanged(self, node=None) -> None:
         self.savePanelState()
         self.updateButtons()
+
+    # -- region ----------------------------------------------------------------------------------------
+    def regionChoice(self) -> str:
+        index = self.ui.regionComboBox.currentIndex
+        return regionMath.CHOICES[index] if 0 <= index < len(regionMath.CHOICES) else regionMath.AUTO
+
+    def setRegionChoice(self, choice: str) -> None:
+        self.ui.regionComboBox.currentIndex = regionMath.CHOICES.index(choice)
+
+    def regionForRun(self):
+        """What Segment passes as ``region``: "auto", "whole" or the selected box (None: Box without one)."""
+        choice = self.regionChoice()
+        return self.ui.regionBoxSelector.currentNode() if choice == regionMath.BOX else choice
+
+    def onRegionChanged(self, index: int = -1) -> None:
+        self.savePanelState()
+        self.updateButtons()
+
+    def onRegionBoxSelected(self, node=None) -> None:
+        if node is not None and not (self._selectingRegionBox or self._restoringPanel or self._sceneClosing):
+            self.setRegionChoice(regionMath.BOX)  # the user picked a box: segment in it
+        self.savePanelState()
+
+    def _selectRegionBox(self, node) -> None:
+        """Show ``node`` in the box selector without taking it as the user's choice of Region."""
+        self._selectingRegionBox = True
+        try:
+            self.ui.regionBoxSelector.setCurrentNode(node)
+        finally:
+            self._selectingRegionBox = False
+
+    def onCreateBox(self) -> None:
+        volume = self.ui.inputVolumeSelector.currentNode()
+        try:
+            roi = self.logic.createRegionBox(volume)
+        except (ValueError, RuntimeError) as exc:
+            self.setStatus(oneLine(str(exc)), error=True)
+            return
+        self._selectRegionBox(roi)
+        self.setRegionChoice(regionMath.BOX)
+        self.setStatus(f"'{roi.GetName()}' placed on '{volume.GetName()}': move and resize it around the left "
+                       "atrium in the slice views, then click Segment atrium.")
+
+    def _watchAutomaticRegion(self, roi) -> None:
+        """Select the box an automatic run used (Region stays Automatic); once the user moves or resizes it,
+        Region becomes Box, so segmenting again in the corrected box is one click."""
+        self._unwatchRegion()
+        self._selectRegionBox(roi)
+        self._watchedRegion = roi
+        self._watchedFingerprint = nodes.roiFingerprint(roi)
+        # vtkMRMLMarkupsROINode invokes ModifiedEvent whenever its size, centre, axes or transform change,
+        # also while it is dragged (vtkMRMLMarkupsROINode.cxx: SetSize, UpdateObjectToWorldMatrix)
+        self.addObserver(roi, vtk.vtkCommand.ModifiedEvent, self.onWatchedRegionModified)
+
+    def _unwatchRegion(self) -> None:
+        if self._watchedRegion is not None:
+            self.removeObserver(self._watchedRegion, vtk.vtkCommand.ModifiedEvent, self.onWatchedRegionModified)
+        self._watchedRegion = None
+        self._watchedFingerprint = None
+
+    def onWatchedRegionModified(self, caller=None, event=None) -> None:
+        roi = self._watchedRegion
+        if roi is None or roi.GetScene() is None or nodes.roiFingerprint(roi) == self._watchedFingerprint:
+            return  # a name, colour or selection change: not a new region
+        self._unwatchRegion()
+        self._selectRegionBox(roi)
+        self.setRegionChoice(regionMath.BOX)
+        self.setStatus(f"'{roi.GetName()}' was changed: Region is now Box, and Segment atrium segments inside it.")
+
+    def offerRegionBox(self, job: Job) -> None:
+        """No atrium found: say so, and offer a box to place around it (Region: Box, a box made if none)."""
+        volume = getattr(job, "inputVolume", None)
+        roi = self.ui.regionBoxSelector.currentNode()
+        action = (f"Region is set to Box with '{roi.GetName()}'" if roi is not None else
+                  "A box of a typical atrium's size ({}) is placed on the volume".format(
+                      " x ".join(f"{v:g}" for v in regionMath.TYPICAL_ATRIUM_BOX_MM) + " mm"))
+        question = (f"{job.errorMessage}\n\nPlace a box around the left atrium now?\n{action}; move and resize it "
+                    "in the slice views, then click Segment atrium.")
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle="SemiSegLA: no left atrium found"):
+            return
+        if roi is None:
+            try:
+                roi = self.logic.createRegionBox(volume if volume is not None and volume.GetScene() is not None
+                                                 else self.ui.inputVolumeSelector.currentNode())
+            except (ValueError, RuntimeError) as exc:
+                self.setStatus(oneLine(str(exc)), error=True)
+                return
+            self._selectRegionBox(roi)
+        self.setRegionChoice(regionMath.BOX)
+        self.setStatus(f"Move and resize '{roi.GetName()}' around the left atrium, then click Segment atrium.")
 
     # -- settings --------------------------------------------------------------------------------------
     def _setting(self, key: str, default=None):
@@ -670,9 +841,9 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(text)
         slicer.app.processEvents()
 
-    def setStatus(self, text: str, error: bool = False) -> None:
+    def setStatus(self, text: str, error: bool = False, warning: bool = False) -> None:
         self.ui.statusLabel.text = text
-        self.ui.statusLabel.setStyleSheet("color: #c0392b;" if error else "")
+        self.ui.statusLabel.setStyleSheet("color: #c0392b;" if error else ("color: #b9770e;" if warning else ""))
 
     def ensureDependencies(self) -> bool:
         """Check, and after a confirmation install, what the core needs. False when not ready."""
@@ -961,8 +1132,10 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.refreshModelsButton, self.ui.importCheckpointButton, self.ui.caseTableWidget,
                        self.ui.refreshCasesButton, self.ui.methodComboBox, self.ui.baseModelComboBox,
                        self.ui.iterationsSpinBox, self.ui.timeBudgetSpinBox, self.ui.modelNameLineEdit,
-                       self.ui.overlapSpinBox, self.ui.installDependenciesButton):
+                       self.ui.overlapSpinBox, self.ui.installDependenciesButton, self.ui.regionComboBox,
+                       self.ui.regionBoxSelector):
             widget.enabled = view.inputsEnabled
+        self.ui.createBoxButton.enabled = view.inputsEnabled and hasInput
         if view.busy:
             self.ui.removeModelButton.enabled = False
             self.ui.revertToBaseButton.enabled = False
@@ -970,6 +1143,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJobCreated(self, job: Job) -> None:
         self.job = job
+        self._unwatchRegion()  # the run may move the box it shows: that is not the user's doing
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         self.ui.etaLabel.text = ""
@@ -1010,7 +1184,19 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.kind == "segment":
                 segNode = job.result
                 self.ui.show3DButton.setSegmentationNode(segNode)
-                self.setStatus(f"'{segNode.GetName()}' created. {job.summary()} Edit it in Segment Editor.")
+                created = f"'{segNode.GetName()}' created."
+                region = getattr(job, "region", None)
+                regionNode = getattr(job, "regionNode", None)
+                shown = ""
+                if region is not None and region.source == regionMath.AUTO and regionNode is not None:
+                    self._watchAutomaticRegion(regionNode)
+                    shown = (f" The region it was found in is shown as '{regionNode.GetName()}': if it misses the "
+                             "atrium, move or resize it and click Segment atrium again.")
+                if job.warnings:
+                    self.setStatus(f"{created} Check it: {' '.join(job.warnings)}{shown}", warning=True)
+                    slicer.util.warningDisplay("\n\n".join(job.warnings), windowTitle="SemiSegLA: check the result")
+                else:
+                    self.setStatus(f"{created} {job.summary()} Edit it in Segment Editor.{shown}")
                 self.refreshCases()
             else:
                 base = self.ui.baseModelComboBox.currentData
@@ -1033,6 +1219,9 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(job.summary())
         else:
             self.setStatus(job.summary(), error=True)
+            if job.kind == "segment" and job.errorKind == "region":
+                self.offerRegionBox(job)
+                return
             slicer.util.errorDisplay(job.errorMessage or "SemiSegLA failed", windowTitle="SemiSegLA",
                                      detailedText=job.logText)
 
@@ -1056,10 +1245,15 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._modelsLoaded:
             self.refreshModels(then=self.onSegmentButton)  # continues once the list is in
             return
+        region = self.regionForRun()
+        if region is None:
+            self.setStatus("Region is Box: choose a box, or click Create box to place one.", error=True)
+            return
         self.saveSettings()
         try:
             self.logic.segment(volume, self.currentModelId(), device=self.device(),
-                               overlap=self.ui.overlapSpinBox.value, showIn3D=self.ui.show3DCheckBox.checked)
+                               overlap=self.ui.overlapSpinBox.value, showIn3D=self.ui.show3DCheckBox.checked,
+                               region=region)
         except (ValueError, RuntimeError, OSError) as exc:
             self.setStatus(oneLine(str(exc)), error=True)
             return
@@ -1113,8 +1307,10 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
     with a model on the CPU, the segment's name, terminology and reference geometry, a short fine-tune,
     lineage, revert to base and removal. Without a model: a label imported for a volume under a linear
     transform lies on that volume, no display, storage or colour-table node is left behind, the colour comes
-    from the terminology, and the case table forgets its choices when the scene is closed (Slicer reuses
-    node IDs after Close Scene). The model comes from the environment variable
+    from the terminology, the case table forgets its choices when the scene is closed (Slicer reuses
+    node IDs after Close Scene), and a region box (markups ROI) under its own transform becomes the same voxel
+    box as Slicer's Crop Volume computes for it. With a model: segmenting inside a box. The model comes from
+    the environment variable
     ``SEMISEGLA_TEST_MODEL`` (an id or folder; the core's tiny test model is a good choice), else the
     first bundled model. Without the core installed the model steps are skipped with a message.
     """
@@ -1130,7 +1326,11 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_scene_close_forgets_case_choices()
         self.setUp()
+        self.test_region_box_to_voxels()
+        self.setUp()
         self.test_segment_and_finetune()
+        self.setUp()
+        self.test_segment_in_a_box()
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _syntheticVolume(self, name: str, seed: int = 0):
@@ -1258,17 +1458,113 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         self.assertEqual([r.volumeName for r in logic.scanCases()], ["new scan"])
         self.delayDisplay("Scene-close checks passed")
 
-    def test_segment_and_finetune(self) -> None:
+    def _transform(self, name: str, degrees: float, axis: int, translation):
         import numpy as np
 
+        angle = np.deg2rad(degrees)
+        c, s = np.cos(angle), np.sin(angle)
+        move = np.eye(4)
+        a, b = [i for i in range(3) if i != axis]
+        move[a, a], move[a, b], move[b, a], move[b, b] = c, -s, s, c
+        move[:3, 3] = translation
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(move))
+        return transform
+
+    def _cropVolumeBox(self, roi, volume):
+        """Slicer's own voxels of an ROI (vtkSlicerCropVolumeLogic::GetVoxelBasedCropOutputExtent), as a
+        voxel box with exclusive upper bounds; None where the Crop Volume module is not loaded."""
+        cropVolume = getattr(slicer.modules, "cropvolume", None)
+        if cropVolume is None:
+            return None
+        extent = [0, -1, 0, -1, 0, -1]
+        cropVolume.logic().GetVoxelBasedCropOutputExtent(roi, volume, extent, True)
+        return [extent[0], extent[2], extent[4], extent[1] + 1, extent[3] + 1, extent[5] + 1]
+
+    def test_region_box_to_voxels(self) -> None:
+        import tempfile
+
+        self.delayDisplay("A region box under its own transform becomes a voxel box of the written file")
+        logic = SemiSegLALogic(dependencyManager=DependencyManager(moduleDir=MODULE_DIR, slicerUtil=slicer.util))
+        volume = self._syntheticVolume("boxed")
+        volume.SetAndObserveTransformNodeID(self._transform("registration", 30.0, 2, [40.0, -25.0, 12.0]).GetID())
+        roi = logic.createRegionBox(volume)
+        self.assertEqual(roi.GetTransformNodeID(), volume.GetTransformNodeID())
+        self.assertEqual(roi.GetName(), "boxed box")
+        path = os.path.join(tempfile.mkdtemp(prefix="ssla_test_"), "input.nrrd")
+        nodes.writeVolumeNode(volume, path)
+        # the synthetic volume (34 x 32 x 60 mm) is smaller than a typical atrium box: the box is all of it
+        self.assertEqual(nodes.voxelBoxOfRoi(roi, volume, path), [0, 0, 0, 48, 40, 24])
+        # a smaller box, moved under its own transform (5 degrees and a few mm, under the registration)
+        roi.SetSize(15.0, 12.0, 25.0)
+        boxFrame = self._transform("box frame", 5.0, 0, [1.5, -2.0, 3.0])
+        boxFrame.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+        roi.SetAndObserveTransformNodeID(boxFrame.GetID())
+        box = nodes.voxelBoxOfRoi(roi, volume, path)
+        self.assertTrue(all(0 <= lo < hi for lo, hi in zip(box[:3], box[3:])), box)
+        self.assertTrue(box != [0, 0, 0, 48, 40, 24], box)
+        cropBox = self._cropVolumeBox(roi, volume)
+        if cropBox is not None:
+            self.assertEqual(box, cropBox, "the module's voxels differ from Crop Volume's")
+        else:
+            self.delayDisplay("Crop Volume is not loaded: its cross-check is skipped")
+        self.delayDisplay("The box an automatic run used, shown as an ROI, gives the same voxels back")
+        found = [6, 5, 3, 40, 33, 20]
+        shown = nodes.showAutomaticRegion(volume, found, path)
+        self.assertEqual(shown.GetName(), "boxed region")
+        self.assertEqual(shown.GetTransformNodeID(), volume.GetTransformNodeID())
+        self.assertEqual(nodes.voxelBoxOfRoi(shown, volume, path), found)
+        self.assertIs(nodes.automaticRegionNode(volume), shown)
+        if cropBox is not None:
+            self.assertEqual(self._cropVolumeBox(shown, volume), found)
+        self.assertIs(nodes.showAutomaticRegion(volume, [0, 0, 0, 10, 10, 10], path), shown)  # moved, not added
+        self.delayDisplay("Region box checks passed")
+
+    def _modelLogic(self):
+        """(logic, model id) with the model list read, or (None, None) when the dependencies are missing."""
         logic = SemiSegLALogic(dependencyManager=DependencyManager(moduleDir=MODULE_DIR, slicerUtil=slicer.util))
         status = logic.dependencies.status()
         if not status.ready:
             self.delayDisplay("Skipping the model steps: dependencies missing\n" + status.describe())
-            return
+            return None, None
         logic.refreshModels()
         modelId = os.environ.get("SEMISEGLA_TEST_MODEL") or logic.catalog.defaultModelId()
         self.assertTrue(modelId, "no model to test with")
+        return logic, modelId
+
+    def test_segment_in_a_box(self) -> None:
+        import numpy as np
+
+        logic, modelId = self._modelLogic()
+        if logic is None:
+            return
+        self.delayDisplay(f"Segmenting inside a box with {modelId} on the CPU")
+        volume = self._syntheticVolume("case box")
+        volume.SetAndObserveTransformNodeID(self._transform("registration", 30.0, 2, [40.0, -25.0, 12.0]).GetID())
+        roi = logic.createRegionBox(volume)
+        roi.SetSize(20.0, 18.0, 40.0)
+        job = logic.segment(volume, modelId, device="cpu", region=roi, waitForCompletion=True, timeout=1800)
+        self.assertEqual(job.state, State.FINISHED, job.errorMessage)
+        self.assertEqual(job.region.source, "box")
+        self.assertEqual(job.region.box, job.regionBox)  # the core segmented in the box the module computed
+        cropBox = self._cropVolumeBox(roi, volume)
+        if cropBox is not None:
+            self.assertEqual(job.regionBox, cropBox)
+        segNode = job.result
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segNode.GetSegmentation().GetNthSegmentID(0),
+                                                           volume)
+        inside = np.zeros(array.shape, bool)
+        i0, j0, k0, i1, j1, k1 = job.regionBox
+        inside[k0:k1, j0:j1, i0:i1] = True
+        self.assertFalse((array[~inside] > 0).any(), "the segment reaches outside the box")
+        self.delayDisplay("Segmenting in a box passed")
+
+    def test_segment_and_finetune(self) -> None:
+        import numpy as np
+
+        logic, modelId = self._modelLogic()
+        if logic is None:
+            return
 
         self.delayDisplay(f"Segmenting a synthetic volume with {modelId} on the CPU")
         volume = self._syntheticVolume("case A")

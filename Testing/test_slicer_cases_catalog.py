@@ -131,6 +131,8 @@ MODELS = [
     {"id": "site-shared-v1", "source": "site", "path": "/s/x", "method": "crln", "labeled_cases": 8,
      "dice": 0.9, "parent": None, "created": "2024-12-01"},
     {"id": "broken-v1", "source": "local", "path": "/h/x", "error": "weights SHA-256 mismatch"},
+    {"id": "la-localiser-v0.1.0", "source": "bundled", "path": "/b/loc", "method": "supervised", "role": "localiser",
+     "dice": 0.8, "parent": None, "created": "2025-01-01"},
 ]
 
 
@@ -143,6 +145,7 @@ def test_order_and_display(catalog):
     assert [e.id for e in catalog.ordered()] == ["la-caml-v1.0.0", "site-shared-v1", "site-a-v0.0.2",
                                                  "site-a-v0.0.1", "orphan-v0.0.1", "broken-v1"]
     assert "broken-v1" not in [e.id for e in catalog.usable()]
+    assert catalog.get("la-localiser-v0.1.0") is None  # the core's atrium finder is not a model to choose
     assert catalog.displayName(catalog.get("la-caml-v1.0.0")) == "la-caml-v1.0.0 - CAML (bundled)"
     assert catalog.displayName(catalog.get("site-a-v0.0.1")) == "site-a-v0.0.1 - Mean Teacher (fine-tuned)"
     assert catalog.displayName(catalog.get("broken-v1")) == "broken-v1 (unusable)"

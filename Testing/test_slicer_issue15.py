@@ -374,13 +374,15 @@ def test_a_finished_fine_tune_lists_the_models_off_the_main_thread(fake, make_lo
 def test_panel_state_is_kept_in_the_parameter_node(fake, make_logic):
     volume = add_case(fake, "input")
     logic = make_logic()
+    box = logic.createRegionBox(volume)
     logic.savePanelState(inputVolume=volume, Model=BASE, Device="cpu", Iterations=300, TimeBudgetMinutes=0,
-                         Method="caml", BaseModel=BASE)
+                         Method="caml", BaseModel=BASE, Region="box", regionBox=box)
     parameterNode = logic.getParameterNode()
     assert parameterNode.GetScene() is fake.scene  # a scene node: saved with the scene
     again = make_logic().panelState()  # another logic (a reloaded module) reads the same node
     assert again == {"InputVolume": volume, "Model": BASE, "Device": "cpu", "Iterations": "300",
-                     "TimeBudgetMinutes": "0", "Method": "caml", "BaseModel": BASE}
+                     "TimeBudgetMinutes": "0", "Method": "caml", "BaseModel": BASE, "Region": "box",
+                     "RegionBox": box}
     with pytest.raises(TypeError, match="Unknown panel parameters"):
         logic.savePanelState(Colour="red")
     fake.scene.Clear(0)
@@ -389,7 +391,7 @@ def test_panel_state_is_kept_in_the_parameter_node(fake, make_logic):
 
 # -- the real-Slicer self-test's model-free steps, run here against the stand-in -----------------------------
 @pytest.mark.parametrize("name", ["test_transformed_volume_and_no_stray_nodes",
-                                  "test_scene_close_forgets_case_choices"])
+                                  "test_scene_close_forgets_case_choices", "test_region_box_to_voxels"])
 def test_self_test_steps_run_against_the_stand_in(fake, module, name):
     """The same steps run inside Slicer (SemiSegLATest); here they at least run against the stand-in."""
     case = module.SemiSegLATest(name)

@@ -41,6 +41,8 @@ class ModelEntry:
         self.created = record.get("created") or ""
         self.error = record.get("error") or None
         self.description = record.get("description") or ""
+        # "localiser": the core's whole-scan atrium finder (used by Region: Automatic), not a model to choose
+        self.role = str(record.get("role") or "segmenter")
 
     @property
     def isBundled(self) -> bool:
@@ -150,6 +152,8 @@ class Catalog:
         self.entries: List[ModelEntry] = []
         self.byId: Dict[str, ModelEntry] = {}
         for entry in entries:
+            if entry.role == "localiser":
+                continue
             if entry.id not in self.byId:
                 self.entries.append(entry)
                 self.byId[entry.id] = entry

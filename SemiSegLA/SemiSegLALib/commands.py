@@ -40,6 +40,20 @@ def normalizeDevice(device: str) -> str:
     return value
 
 
+def regionArguments(region) -> List[str]:
+    """``--region`` as the core reads it; nothing for "auto" (its default, so an older core still runs)."""
+    if region is None or (isinstance(region, str) and region.strip().lower() == "auto"):
+        return []
+    if isinstance(region, str):
+        if region.strip().lower() == "whole":
+            return ["--region", "whole"]
+        raise ValueError(f"Unknown region '{region}': auto, whole or a voxel box")
+    box = [int(v) for v in region]
+    if len(box) != 6 or any(lo < 0 or lo >= hi for lo, hi in zip(box[:3], box[3:])):
+        raise ValueError(f"A region box is six voxel indices i0 j0 k0 i1 j1 k1 with i0 < i1 etc., not {list(region)}")
+    return ["--region"] + [str(v) for v in box]
+
+
 class CommandFactory:
     """Builds every command the module runs.
 
@@ -79,7 +93,9 @@ class CommandFactory:
 
     # -- commands --------------------------------------------------------------------------------------
     def segment(self, inputPath: str, outputPath: str, model: Optional[str] = None, device: str = "auto",
-                overlap: Optional[float] = None) -> CommandSpec:
+                overlap: Optional[float] = None, region=None) -> CommandSpec:
+        """``region``: None or "auto" (the core's default: it finds the atrium), "whole", or a voxel box of
+        the input file [i0, j0, k0, i1, j1, k1] (upper bounds exclusive)."""
         device = normalizeDevice(device)
         args = ["segment", str(inputPath), "-o", str(outputPath)]
         if model:
@@ -87,6 +103,7 @@ class CommandFactory:
         args += ["--device", device]
         if overlap is not None:
             args += ["--overlap", f"{float(overlap):g}"]
+        args += regionArguments(region)
         args += ["--progress", "json"]
         return CommandSpec(self._argv(args), self.environment(device))
 

@@ -36,7 +36,8 @@ class Job:
                  prepare: Optional[Callable[["Job"], None]] = None,
                  finalize: Optional[Callable[["Job", dict], Any]] = None,
                  cleanup: Optional[Callable[["Job"], None]] = None,
-                 retryOnOutOfMemory: bool = True, description: str = "") -> None:
+                 retryOnOutOfMemory: bool = True, description: str = "",
+                 reword: Optional[Callable[[str], str]] = None) -> None:
         if kind not in ("segment", "finetune"):
             raise ValueError(f"Unknown job kind {kind!r}")
         self.kind = kind
@@ -48,6 +49,8 @@ class Job:
         self.prepare, self.finalize, self.cleanup = prepare, finalize, cleanup
         self.retryOnOutOfMemory = retryOnOutOfMemory
         self.retriedOnCpu = False
+        # how the core's messages read for the user (notices and the failure reason; the log keeps them as is)
+        self.reword: Callable[[str], str] = reword or (lambda text: text)
 
         self.state = State.IDLE
         self.tracker = ProgressTracker(kind)
@@ -58,6 +61,7 @@ class Job:
         self.errorMessage: Optional[str] = None
         self.errorKind: Optional[str] = None
         self.notices: List[str] = []
+        self.warnings: List[str] = []  # what the user must check in the result (finalize fills it)
         self.logLines: List[str] = []
         self.startedAt: Optional[float] = None
         self.finishedAt: Optional[float] = None
@@ -248,7 +252,7 @@ class Job:
         self.stateChanged.emit(self, state)
 
     def _fail(self, reason: str) -> None:
-        self.errorMessage = oneLine(reason) or "unknown error"
+        self.errorMessage = oneLine(self.reword(reason)) or "unknown error"
         self.log(f"Error: {self.errorMessage}")
         self._end(State.FAILED)
 
@@ -267,6 +271,7 @@ class Job:
         self.logLine.emit(self, text)
 
     def addNotice(self, text: str) -> None:
+        text = self.reword(text)
         if text not in self.notices:
             self.notices.append(text)
             self.notice.emit(self, text)

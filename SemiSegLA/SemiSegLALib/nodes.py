@@ -7,7 +7,9 @@
   parent transform and its subject-hierarchy folder; marked as SemiSegLA's automatic (not yet corrected)
   result;
 * segmentation -> uint8 label NRRD on a volume's own grid (for fine-tuning);
-* the scene -> the records the case table is built from.
+* the scene -> the records the case table is built from;
+* markups ROI nodes (the Region row's boxes) <-> voxel boxes of the written input file (the arithmetic is in
+  region.py).
 
 Every temporary node is removed with the display, storage and colour-table nodes that Slicer created for
 it (``vtkMRMLScene::RemoveNode`` removes only the node itself), so nothing stray is left in the user's
@@ -19,6 +21,7 @@ it an explicit stand-in (Testing/slicer_fake) that implements only the calls mad
 
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from . import region as regionMath
 from .cases import (
     LEFT_ATRIUM_NAME,
     DatasetPlan,
@@ -26,6 +29,7 @@ from .cases import (
     SegmentInfo,
     VolumeInfo,
 )
+from .geometry import gridFromNrrd
 
 LEFT_ATRIUM_TERMINOLOGY = (
     "Segmentation category and type - DICOM master list"
@@ -49,6 +53,10 @@ REVIEWED_ATTRIBUTE = "SemiSegLA.Reviewed"
 # the volume classes that are cases: exactly the input selector's (nodeTypes vtkMRMLScalarVolumeNode with
 # showChildNodeTypes false): label maps, diffusion-weighted, tensor and vector volumes are subclasses
 CASE_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
+ROI_CLASS = "vtkMRMLMarkupsROINode"
+# the box an automatic run used carries these: a reference to its volume, and "true"
+REGION_VOLUME_ROLE = "SemiSegLA.RegionVolume"
+AUTOMATIC_REGION_ATTRIBUTE = "SemiSegLA.AutomaticRegion"
 
 
 def _slicer():
@@ -302,3 +310,117 @@ def writeDataset(plan: DatasetPlan, log=None) -> None:
     """``iterWriteDataset`` in one go (scripts)."""
     for _ in iterWriteDataset(plan, log):
         pass
+
+
+# -- region boxes (markups ROI nodes) ------------------------------------------------------------------------
+def _matrix(vtkMatrix):
+    return _slicer().util.arrayFromVTKMatrix(vtkMatrix)
+
+
+def volumeIjkToRas(volumeNode):
+    """The volume's own IJK-to-RAS (4x4 numpy), without its parent transform."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return _matrix(matrix)
+
+
+def matrixBetweenParents(sourceNode, targetNode):
+    """The 4x4 from ``sourceNode``'s coordinates to ``targetNode``'s (through their parent transforms);
+    RegionError when a transform on the way is not linear."""
+    import vtk
+
+    slicer = _slicer()
+    matrix = vtk.vtkMatrix4x4()
+    # vtkMRMLTransformNode::GetMatrixTransformBetweenNodes returns 0 for a non-linear transform
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            sourceNode.GetParentTransformNode(), targetNode.GetParentTransformNode(), matrix):
+        raise regionMath.RegionError("a non-linear transform lies between it and the volume; harden the "
+                                     "transform (Data module) or use a box without one")
+    return _matrix(matrix)
+
+
+def roiGeometry(roiNode):
+    """(ObjectToNode matrix, size in mm) of a markups ROI: its centre and axes in its node coordinates."""
+    return _matrix(roiNode.GetObjectToNodeMatrix()), [float(v) for v in roiNode.GetSize()]
+
+
+def roiFingerprint(roiNode) -> tuple:
+    objectToNode, size = roiGeometry(roiNode)
+    return regionMath.fingerprint(objectToNode, size, roiNode.GetTransformNodeID())
+
+
+def voxelBoxOfRoi(roiNode, volumeNode, writtenPath: str):
+    """[i0, j0, k0, i1, j1, k1] of the volume's written file (``writeVolumeNode``) that the ROI holds. The
+    file's own header gives the grid, so the box is exact for what the core reads. RegionError (one line
+    naming the box) when the box cannot be used."""
+    try:
+        if roiNode.GetScene() is None:
+            raise regionMath.RegionError("it is no longer in the scene")
+        grid = gridFromNrrd(writtenPath)
+        objectToNode, size = roiGeometry(roiNode)
+        return regionMath.voxelBoxOfRoi(objectToNode, size, matrixBetweenParents(roiNode, volumeNode),
+                                        regionMath.ijkToRasFromGrid(grid), grid.size)
+    except regionMath.RegionError as exc:
+        raise regionMath.RegionError(f"The box '{roiNode.GetName()}' cannot be used for "
+                                     f"'{volumeNode.GetName()}': {exc}.") from None
+
+
+def _setRoiGeometry(roiNode, objectToNode, size) -> None:
+    # as Slicer's script repository does (Docs/developer_guide/script_repository/batch.md, an oriented ROI):
+    # SetSize, then SetAndObserveObjectToNodeMatrix with the centre and axes
+    roiNode.SetSize(float(size[0]), float(size[1]), float(size[2]))
+    roiNode.SetAndObserveObjectToNodeMatrix(_slicer().util.vtkMatrixFromArray(objectToNode))
+
+
+def _newRoi(volumeNode, name: str):
+    slicer = _slicer()
+    roiNode = slicer.mrmlScene.AddNewNodeByClass(ROI_CLASS, name)
+    roiNode.CreateDefaultDisplayNodes()
+    # under the volume's parent transform: the box is drawn in the volume's own (local) coordinates, and
+    # moves with the volume when the transform changes
+    roiNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    roiNode.SetNodeReferenceID(REGION_VOLUME_ROLE, volumeNode.GetID())
+    placeBesideInSubjectHierarchy(roiNode, volumeNode)
+    return roiNode
+
+
+def createRegionBox(volumeNode, name: Optional[str] = None, sizeMm: Sequence[float] = regionMath.TYPICAL_ATRIUM_BOX_MM):
+    """A new box of a typical atrium's size, centred on the volume and aligned with its axes, under its
+    parent transform (so it lies on the volume as displayed)."""
+    objectToNode, size = regionMath.defaultRoi(volumeIjkToRas(volumeNode), volumeShape(volumeNode), sizeMm)
+    roiNode = _newRoi(volumeNode, name or f"{volumeNode.GetName()} box")
+    _setRoiGeometry(roiNode, objectToNode, size)
+    return roiNode
+
+
+def volumeShape(volumeNode):
+    array = _slicer().util.arrayFromVolume(volumeNode)  # KJI
+    return [int(array.shape[2]), int(array.shape[1]), int(array.shape[0])]
+
+
+def automaticRegionNode(volumeNode):
+    """The box an automatic run of this volume showed (None when there is none)."""
+    for node in _slicer().util.getNodesByClass(ROI_CLASS):
+        volume = node.GetNodeReference(REGION_VOLUME_ROLE)
+        if (node.GetAttribute(AUTOMATIC_REGION_ATTRIBUTE) == "true" and volume is not None
+                and volume.GetID() == volumeNode.GetID()):
+            return node
+    return None
+
+
+def showAutomaticRegion(volumeNode, box: Sequence[int], writtenPath: str, name: Optional[str] = None):
+    """Show the voxel box an automatic run used as the ROI "<volume> region" (the one of an earlier run is
+    moved, not duplicated): faces on the box's outer voxel faces, aligned with the volume, under its parent
+    transform, so the user can move or resize it and segment again with it."""
+    grid = gridFromNrrd(writtenPath)
+    objectToNode, size = regionMath.roiOfVoxelBox(box, regionMath.ijkToRasFromGrid(grid))
+    roiNode = automaticRegionNode(volumeNode)
+    if roiNode is None:
+        roiNode = _newRoi(volumeNode, name or f"{volumeNode.GetName()} region")
+        roiNode.SetAttribute(AUTOMATIC_REGION_ATTRIBUTE, "true")
+    elif roiNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+        roiNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    _setRoiGeometry(roiNode, objectToNode, size)
+    return roiNode

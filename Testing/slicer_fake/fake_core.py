@@ -17,6 +17,11 @@ JSON-lines progress. Behaviour switches come from the environment:
   no-presets      ``models presets`` is an unknown command (as in an older core)
   guard-worse     ``finetune`` ends with the core's parent/child check saying the child is worse
   slow-list       ``models list`` takes a second (for the background-call tests)
+  localiser       ``--region auto`` finds a box (the middle half of each axis), as the core's localiser does
+                  on a whole scan; without it, auto segments the whole image, as the core does for an image no
+                  larger than an atrium crop
+  no-atrium       ``--region auto``: the core's RegionError (a ``region`` error record, exit 5)
+  two-candidates  ``--region auto``: the core's warning that two atrium-like regions were found
 ``SEMISEG_FAKE_CALLS``: a file where every invocation appends {"argv", "cuda_visible_devices"}.
 ``SEMISEG_LA_HOME``: where local models live (``models/<id>/card.json``).
 """
@@ -97,6 +102,38 @@ def common_failures(device):
         sys.exit(3)
 
 
+NOT_FOUND_HINT = "give a region with --region"  # semiseg_la.inference.localise.NOT_FOUND_HINT
+
+
+def choose_region(args, image):
+    """(source, box, warnings, found mL) as semiseg_la.cli.segment.choose_region decides them."""
+    size = list(image.GetSize())  # i, j, k
+    words = args.region or ["auto"]
+    if words == ["whole"]:
+        return "whole", [0, 0, 0] + size, [], None
+    if words != ["auto"]:
+        box = [int(w) for w in words]  # the core: six integers, upper bounds exclusive, inside the image
+        if len(box) != 6 or any(lo < 0 or hi > n or lo >= hi for lo, hi, n in zip(box[:3], box[3:], size)):
+            emit({"stage": "error", "message": f"region {box} is outside the image of size {tuple(size)} or empty",
+                  "kind": "input"})
+            sys.exit(2)
+        return "box", box, [], None
+    if "no-atrium" in MODES:
+        emit({"stage": "error", "message": f"{args.input}: no left atrium found; {NOT_FOUND_HINT}", "kind": "region"})
+        sys.exit(5)
+    if "localiser" not in MODES and "two-candidates" not in MODES:
+        emit({"stage": "log", "message": "region: the whole image (15 x 16 x 30 mm is no larger than an atrium crop)"})
+        return "whole", [0, 0, 0] + size, [], None
+    box = [n // 4 for n in size] + [n - n // 4 for n in size]
+    warnings = []
+    if "two-candidates" in MODES:
+        warnings.append("2 atrium-like regions found; segmented the largest. If it is not the left atrium, "
+                        + NOT_FOUND_HINT)
+    emit({"stage": "log", "message": f"region (auto, localiser fake-localiser-v0.0.1): voxels {box}, found atrium "
+                                     "52 mL, 0.31 s"})
+    return "auto", box, warnings, 52.0
+
+
 def cmd_segment(args):
     import numpy as np
     import SimpleITK as sitk
@@ -107,6 +144,7 @@ def cmd_segment(args):
     emit({"stage": "load", "step": 0, "total": 1, "eta_s": None, "message": os.path.basename(args.input)})
     image = sitk.ReadImage(args.input)
     emit({"stage": "load", "step": 1, "total": 1, "eta_s": 0.0})
+    source, box, warnings, found_ml = choose_region(args, image)
     emit({"stage": "preprocess", "step": 1, "total": 1, "eta_s": 0.0})
     fell_back = False
     device = "cuda" if on_gpu(args.device) else "cpu"
@@ -120,6 +158,9 @@ def cmd_segment(args):
     label = (array > array.mean() + array.std()).astype(np.uint8)
     if "empty" in MODES:
         label[:] = 0
+    inside = np.zeros_like(label)  # the core segments inside the region only (array order k, j, i)
+    inside[box[2]:box[5], box[1]:box[4], box[0]:box[3]] = 1
+    label *= inside
     out = sitk.GetImageFromArray(label)
     out.CopyInformation(image)
     if "bad-geometry" in MODES:
@@ -129,8 +170,19 @@ def cmd_segment(args):
     emit({"stage": "write", "step": 1, "total": 1, "eta_s": 0.0})
     if "no-done" in MODES:
         return 0
+    for warning in warnings:
+        emit({"stage": "log", "message": "warning: " + warning})
+    region = {"source": source, "box": box, "candidates": 2 if warnings else 1, "warnings": warnings,
+              # the LPS positions of the first and last voxel centres (semiseg_la.inference.localise.Region.to_dict)
+              "corners_lps_mm": [list(image.TransformIndexToPhysicalPoint(box[:3])),
+                                 list(image.TransformIndexToPhysicalPoint([v - 1 for v in box[3:]]))]}
+    if found_ml is not None:
+        region["found_volume_ml"] = found_ml
+    if args.roi_out:
+        with open(args.roi_out, "w", encoding="utf-8") as f:
+            json.dump({"input": args.input, **region}, f)
     emit({"stage": "done", "output": args.output, "device": device, "fell_back_to_cpu": fell_back,
-          "timings": {"total_s": 0.1}})
+          "timings": {"total_s": 0.1}, "region": region, "warnings": warnings})
     return 0
 
 
@@ -257,6 +309,8 @@ def main(argv=None):
     seg.add_argument("--model")
     seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     seg.add_argument("--overlap", type=float)
+    seg.add_argument("--region", nargs="+", default=["auto"])
+    seg.add_argument("--roi-out")
     seg.add_argument("--progress", default="tqdm")
     ft = sub.add_parser("finetune")
     ft.add_argument("--from", dest="base", required=True)

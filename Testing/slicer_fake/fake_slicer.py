@@ -58,7 +58,16 @@ CLASS_PARENTS = {
     "vtkMRMLColorNode": "vtkMRMLStorableNode",
     "vtkMRMLColorTableNode": "vtkMRMLColorNode",
     "vtkMRMLScriptedModuleNode": "vtkMRMLNode",
+    # Modules/Loadable/Markups/MRML (Slicer 5.6/5.8): vtkMRMLMarkupsNode : vtkMRMLDisplayableNode,
+    # vtkMRMLMarkupsDisplayNode : vtkMRMLDisplayNode
+    "vtkMRMLMarkupsNode": "vtkMRMLDisplayableNode",
+    "vtkMRMLMarkupsROINode": "vtkMRMLMarkupsNode",
+    "vtkMRMLMarkupsDisplayNode": "vtkMRMLDisplayNode",
+    "vtkMRMLMarkupsROIDisplayNode": "vtkMRMLMarkupsDisplayNode",
 }
+
+# vtkCommand::ModifiedEvent (VTK Common/Core/vtkCommand.h); VTK's Python callbacks get the event's name
+MODIFIED_EVENT = 33
 
 # vtkSlicerColorLogic::GetDefaultLabelMapColorNodeID(): the colour table every loaded label map shows with
 DEFAULT_LABEL_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileGenericAnatomyColors.txt"
@@ -341,8 +350,12 @@ class FakeTransformNode(FakeNode):
 
 def worldFromNode(node: Optional[FakeNode]) -> np.ndarray:
     """The node's local (RAS) -> world matrix: its chain of parent linear transforms."""
+    return worldFromTransform(node.GetParentTransformNode() if node is not None else None)
+
+
+def worldFromTransform(transform: Optional["FakeTransformNode"]) -> np.ndarray:
+    """A transform node's (None: the world's) to-world matrix: its own matrix, then its parents'."""
     matrix = np.eye(4)
-    transform = node.GetParentTransformNode() if node is not None else None
     seen = set()
     while transform is not None and transform.GetID() not in seen:
         seen.add(transform.GetID())
@@ -351,9 +364,94 @@ def worldFromNode(node: Optional[FakeNode]) -> np.ndarray:
     return matrix
 
 
+class vtkMRMLTransformNode:
+    """The static helper the module calls (every transform here is linear)."""
+
+    @staticmethod
+    def GetMatrixTransformBetweenNodes(sourceNode, targetNode, transformSourceToTarget):
+        # vtkMRMLTransformNode::GetMatrixTransformBetweenNodes (Libs/MRML/Core/vtkMRMLTransformNode.cxx): None
+        # is the world; fills the matrix from source to target coordinates and returns 1 (0 when non-linear)
+        RECORDER.record("vtkMRMLTransformNode.GetMatrixTransformBetweenNodes",
+                        sourceNode.GetID() if sourceNode else None, targetNode.GetID() if targetNode else None)
+        transformSourceToTarget.array = np.linalg.inv(worldFromTransform(targetNode)) @ worldFromTransform(sourceNode)
+        return 1
+
+
 def transformBetweenNodes(source: FakeNode, target: FakeNode) -> np.ndarray:
     # vtkMRMLTransformNode::GetMatrixTransformBetweenNodes(source parent, target parent)
     return np.linalg.inv(worldFromNode(target)) @ worldFromNode(source)
+
+
+class FakeROINode(FakeNode):
+    """vtkMRMLMarkupsROINode, a box ROI (Modules/Loadable/Markups/MRML/vtkMRMLMarkupsROINode.{h,cxx}, Slicer
+    5.6/5.8): ``Size`` (side lengths, node coordinates) and the ObjectToNode matrix (axes as columns, centre
+    as translation). Every change of its geometry invokes ModifiedEvent: SetSize calls Modified();
+    SetAndObserveObjectToNodeMatrix modifies the new matrix, which ProcessMRMLEvents answers with
+    UpdateObjectToWorldMatrix -> Modified(); a new parent transform (OnTransformNodeReferenceChanged) too.
+    Changing the returned matrix in place is not modelled (use SetAndObserveObjectToNodeMatrix)."""
+    className = "vtkMRMLMarkupsROINode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._size = (0.0, 0.0, 0.0)
+        self._objectToNode = FakeMatrix4x4()
+        self._observers: List[tuple] = []  # (tag, event, callback)
+
+    # vtkObject: AddObserver(event, callback, priority) -> tag; RemoveObserver(tag)
+    def AddObserver(self, event, callback, priority=0.0):
+        tag = (self._observers[-1][0] + 1) if self._observers else 1
+        self._observers.append((tag, event, callback))
+        return tag
+
+    def RemoveObserver(self, tag):
+        self._observers = [o for o in self._observers if o[0] != tag]
+
+    def Modified(self):
+        for _, event, callback in list(self._observers):
+            if event in (MODIFIED_EVENT, "ModifiedEvent"):
+                callback(self, "ModifiedEvent")
+
+    def GetSize(self):
+        return self._size  # vtkGetVector3Macro: a tuple in Python
+
+    def SetSize(self, *size):
+        RECORDER.record("vtkMRMLMarkupsROINode.SetSize", *size)
+        size = tuple(float(v) for v in (size[0] if len(size) == 1 else size))
+        if len(size) != 3:
+            raise TypeError("fake: SetSize takes (x, y, z) or one 3-vector")
+        if size != self._size:  # vtkMRMLMarkupsROINode::SetSize returns early when nothing changes
+            self._size = size
+            self.Modified()
+
+    def GetObjectToNodeMatrix(self):
+        return self._objectToNode
+
+    def SetAndObserveObjectToNodeMatrix(self, objectToNodeMatrix):
+        RECORDER.record("vtkMRMLMarkupsROINode.SetAndObserveObjectToNodeMatrix")
+        if objectToNodeMatrix is self._objectToNode:
+            return
+        self._objectToNode = objectToNodeMatrix if objectToNodeMatrix is not None else FakeMatrix4x4()
+        self.Modified()
+
+    def SetAndObserveTransformNodeID(self, transformId):
+        changed = (transformId or None) != self._transformId
+        super().SetAndObserveTransformNodeID(transformId)
+        if changed:
+            self.Modified()
+
+    def CreateDefaultDisplayNodes(self):
+        # vtkMRMLMarkupsROINode::CreateDefaultDisplayNodes: a vtkMRMLMarkupsROIDisplayNode, unless there is one
+        RECORDER.record("vtkMRMLMarkupsROINode.CreateDefaultDisplayNodes")
+        if self.GetDisplayNode() is not None:
+            return
+        if self._scene is None:
+            raise RuntimeError("fake: CreateDefaultDisplayNodes needs the node in a scene")
+        display = self._scene.AddNewNodeByClass("vtkMRMLMarkupsROIDisplayNode")
+        self.SetAndObserveDisplayNodeID(display.GetID())
+
+    # not Slicer API: for assertions only
+    def objectToNode(self) -> np.ndarray:
+        return np.array(self._objectToNode.array, dtype=float)
 
 
 class FakeSegment:
@@ -565,7 +663,7 @@ class FakeScene:
         if className == "vtkMRMLSegmentationNode":
             return FakeSegmentationNode()
         if className in ("vtkMRMLScalarVolumeDisplayNode", "vtkMRMLLabelMapVolumeDisplayNode",
-                         "vtkMRMLSegmentationDisplayNode"):
+                         "vtkMRMLSegmentationDisplayNode", "vtkMRMLMarkupsROIDisplayNode"):
             return FakeDisplayNode(className)
         if className == "vtkMRMLColorTableNode":
             return FakeColorTableNode()
@@ -573,6 +671,8 @@ class FakeScene:
             return FakeTransformNode()
         if className == "vtkMRMLScriptedModuleNode":
             return FakeScriptedModuleNode()
+        if className == "vtkMRMLMarkupsROINode":
+            return FakeROINode()
         raise AttributeError(f"fake slicer: node class {className} is not part of the stand-in")
 
     def _add(self, node: FakeNode, name: str = "") -> FakeNode:
@@ -602,7 +702,7 @@ class FakeScene:
         RECORDER.record("vtkMRMLScene.CreateNodeByClass", className)
         return self._create(className)
 
-    def AddObserver(self, event, callback):
+    def AddObserver(self, event, callback, priority=0.0):
         tag = len(self._observers) + 1
         self._observers.append((tag, event, callback))
         return tag
@@ -835,6 +935,7 @@ class FakeSlicer:
         self.vtk = types.ModuleType("vtk")
         self.vtk.vtkStringArray = FakeStringArray
         self.vtk.vtkMatrix4x4 = FakeMatrix4x4
+        self.vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent=MODIFIED_EVENT)
         self.reset()
 
     # -- the fake modules ---------------------------------------------------------------------------------
@@ -879,6 +980,12 @@ class FakeSlicer:
             if tuple(narray.shape) != tuple(volumeNode.array.shape):
                 raise ValueError("fake: updateVolumeFromArray with another shape is not modelled")
             volumeNode.array = np.array(narray, copy=True)
+
+        def arrayFromVTKMatrix(vmatrix):
+            # slicer.util.arrayFromVTKMatrix: a copy of the elements
+            if not isinstance(vmatrix, FakeMatrix4x4):
+                raise RuntimeError("Input must be vtk.vtkMatrix3x3 or vtk.vtkMatrix4x4")
+            return np.array(vmatrix.array, dtype=float)
 
         def vtkMatrixFromArray(narray):
             matrix = FakeMatrix4x4()
@@ -941,13 +1048,22 @@ class FakeSlicer:
             RECORDER.record("slicer.util.showStatusMessage", message)
 
         class VTKObservationMixin:
-            # slicer.util.VTKObservationMixin: addObserver puts a vtk observer on the object (callback(caller,
-            # event)); removeObservers takes them all off
+            # slicer.util.VTKObservationMixin (Base/Python/slicer/util.py): addObserver puts a vtk observer on the
+            # object (obj.AddObserver(event, method, priority); callback(caller, event)), once per method;
+            # removeObserver(obj, event, method) takes one off, removeObservers all of them
             def __init__(self):
                 self._observations = []
 
-            def addObserver(self, obj, event, method):
-                self._observations.append((obj, event, method, obj.AddObserver(event, method)))
+            def addObserver(self, obj, event, method, group="none", priority=0.0):
+                if any(o[0] is obj and o[1] == event and o[2] == method for o in self._observations):
+                    return  # "already has observer"
+                self._observations.append((obj, event, method, obj.AddObserver(event, method, priority)))
+
+            def removeObserver(self, obj, event, method):
+                for observation in list(self._observations):
+                    if observation[0] is obj and observation[1] == event and observation[2] == method:
+                        obj.RemoveObserver(observation[3])
+                        self._observations.remove(observation)
 
             def removeObservers(self, method=None):
                 for obj, _, observed, tag in list(self._observations):
@@ -956,8 +1072,8 @@ class FakeSlicer:
                         self._observations.remove((obj, _, observed, tag))
 
         for fn in (loadLabelVolume, arrayFromVolume, updateVolumeFromArray, getNodesByClass, pip_install,
-                   confirmOkCancelDisplay, vtkMatrixFromArray, addVolumeFromArray, arrayFromSegmentBinaryLabelmap,
-                   errorDisplay, warningDisplay, showStatusMessage):
+                   confirmOkCancelDisplay, vtkMatrixFromArray, arrayFromVTKMatrix, addVolumeFromArray,
+                   arrayFromSegmentBinaryLabelmap, errorDisplay, warningDisplay, showStatusMessage):
             setattr(util, fn.__name__, fn)
         util.loadUI = fake_qt.loadUI
         util.childWidgetVariables = fake_qt.childWidgetVariables
@@ -1030,6 +1146,7 @@ class FakeSlicer:
                 return scene.subjectHierarchy
 
         slicer.vtkMRMLSubjectHierarchyNode = vtkMRMLSubjectHierarchyNode
+        slicer.vtkMRMLTransformNode = vtkMRMLTransformNode
 
         class FakeApp:
             # qSlicerApplication: processEvents runs what the event loop has queued (fake_qt.EVENT_LOOP)
