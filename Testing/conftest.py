@@ -54,6 +54,17 @@ def synthetic_cases(n: int, labeled: bool, seed: int = 0):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """The Predictor raises torch's thread count to the core count; keep later CPU runs on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fake(monkeypatch):
     """The explicit `slicer` stand-in, reset and installed for one test."""
     import slicer_fake

@@ -21,14 +21,7 @@ from semiseg_la.io.datasets import CaseRecord
 from semiseg_la.io.volume import Volume, write_volume
 from semiseg_la.methods import build_method
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The Predictor raises torch's thread count to the core count; keep CPU runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the presets ------------------------------------------------------------------------------------------

@@ -32,13 +32,7 @@ from semiseg_la.models import VNet
 PATCH = [32, 32, 32]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The Predictor raises torch's thread count to the core count; keep later CPU runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- ASC -------------------------------------------------------------------------------------------
