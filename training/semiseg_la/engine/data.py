@@ -129,6 +129,16 @@ class TwoStreamSampler:
 
 
 @dataclasses.dataclass
+class AugmentPlan:
+    """One sample's random draws (`Augmentation.plan`), applied to arrays on the host or tensors on a device."""
+
+    rotation: Optional[Tuple[int, int]]  # (in-plane quarter turns, flipped in-plane axis), or no rotation
+    pads: List[int]  # zero padding per side of each axis
+    box: Tuple[slice, ...]  # the crop in the padded case
+    affine: Optional[Tuple[float, float]]  # intensity (scale, shift), or none
+
+
+@dataclasses.dataclass
 class Augmentation:
     """The LA pipeline (RandomRotFlip, RandomCrop) plus a random intensity affine.
 
@@ -143,17 +153,36 @@ class Augmentation:
     intensity_shift: Sequence[float] = (-0.3, 1.0)
     intensity_prob: float = 0.8
 
-    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
-        if label is None:
-            label = np.zeros(image.shape[1:], np.uint8)
+    def plan(self, shape: Sequence[int], rng: np.random.Generator) -> AugmentPlan:
+        """One sample's random draws for a case of `shape` (X, Y, Z), in the pipeline's order: rotation and
+        flip, crop, intensity affine. The host path and `device_data` both apply it, so they draw alike."""
+        rotation = None
+        size = [int(s) for s in shape]
         if self.rot_flip:
-            image, label = _rot_flip(image, label, rng)
-        image, label = random_crop(image, label, self.patch_size, rng)
+            k = int(rng.integers(0, 4))
+            axis = int(rng.integers(0, 2))
+            rotation = (k, axis)
+            if k % 2:  # a quarter turn swaps the in-plane axes before the crop is drawn
+                size[0], size[1] = size[1], size[0]
+        pads, box = crop_plan(size, self.patch_size, rng)
+        affine = None
         if self.intensity_prob > 0 and rng.random() < self.intensity_prob:
             low, high = np.log(self.intensity_scale[0]), np.log(self.intensity_scale[1])
             scale = float(np.exp(rng.uniform(low, high)))
-            shift = float(rng.uniform(*self.intensity_shift))
-            image = image * scale + shift
+            affine = (scale, float(rng.uniform(*self.intensity_shift)))
+        return AugmentPlan(rotation, pads, box, affine)
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
+        if label is None:
+            label = np.zeros(image.shape[1:], np.uint8)
+        plan = self.plan(label.shape, rng)
+        if plan.rotation is not None:
+            k, axis = plan.rotation
+            image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
+            label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
+        image, label = _pad_and_crop(image, label, plan.pads, plan.box)
+        if plan.affine is not None:
+            image = image * plan.affine[0] + plan.affine[1]
         return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8)
 
 
@@ -177,21 +206,25 @@ class WideFieldOfView:
         return zscore(wide.image)[None].astype(np.float32), wide.label
 
 
-def _rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-    k = int(rng.integers(0, 4))
-    axis = int(rng.integers(0, 2))
-    image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
-    label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
-    return image, label
+def crop_plan(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator
+              ) -> Tuple[List[int], Tuple[slice, ...]]:
+    """(zero padding per side of each axis, crop box in the padded case): axes not larger than the patch are
+    padded by (patch - size)//2 + 3 per side, then a uniform crop is drawn."""
+    pads = [max((int(p) - int(s)) // 2 + 3, 0) if int(s) <= int(p) else 0 for s, p in zip(shape, patch)]
+    padded = [int(s) + 2 * w for s, w in zip(shape, pads)]
+    starts = [int(rng.integers(0, s - int(p) + 1)) for s, p in zip(padded, patch)]
+    return pads, tuple(slice(a, a + int(p)) for a, p in zip(starts, patch))
 
 
 def random_crop(image: np.ndarray, label: np.ndarray, patch: Sequence[int], rng: np.random.Generator):
     """Zero-pad axes not larger than the patch by (patch - size)//2 + 3 per side, then a uniform crop."""
-    pads = [max((int(p) - s) // 2 + 3, 0) if s <= int(p) else 0 for s, p in zip(label.shape, patch)]
+    pads, box = crop_plan(label.shape, patch, rng)
+    return _pad_and_crop(image, label, pads, box)
+
+
+def _pad_and_crop(image: np.ndarray, label: np.ndarray, pads: Sequence[int], box: Tuple[slice, ...]):
     if any(pads):
         width = [(w, w) for w in pads]
         image = np.pad(image, [(0, 0)] + width)
         label = np.pad(label, width)
-    starts = [int(rng.integers(0, s - int(p) + 1)) for s, p in zip(label.shape, patch)]
-    box = tuple(slice(a, a + int(p)) for a, p in zip(starts, patch))
     return image[(slice(None),) + box], label[box]

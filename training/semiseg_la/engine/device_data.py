@@ -49,31 +49,19 @@ class DeviceBatcher:
         return torch.stack(images), torch.stack(labels).long()
 
     def augment_one(self, image: torch.Tensor, label: Optional[torch.Tensor], rng: np.random.Generator):
-        """`Augmentation.__call__` on device tensors: the same draws, in the same order."""
-        aug = self.augment
+        """`Augmentation.__call__` on device tensors: the same plan, drawn by `Augmentation.plan`."""
         if label is None:
             label = torch.zeros(image.shape[1:], dtype=torch.uint8, device=image.device)
-        if aug.rot_flip:
-            k = int(rng.integers(0, 4))
-            axis = int(rng.integers(0, 2))
+        plan = self.augment.plan(tuple(label.shape), rng)
+        if plan.rotation is not None:
+            k, axis = plan.rotation
             image = torch.flip(torch.rot90(image, k, dims=(1, 2)), dims=(axis + 1,))
             label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))
-        image, label = _random_crop(image, label, aug.patch_size, rng)
-        if aug.intensity_prob > 0 and rng.random() < aug.intensity_prob:
-            low, high = np.log(aug.intensity_scale[0]), np.log(aug.intensity_scale[1])
-            scale = float(np.exp(rng.uniform(low, high)))
-            shift = float(rng.uniform(*aug.intensity_shift))
-            image = image * scale + shift
+        if any(plan.pads):
+            widths = [w for pad in reversed(plan.pads) for w in (pad, pad)]  # F.pad: last axis first
+            image = F.pad(image, widths)
+            label = F.pad(label, widths)
+        image, label = image[(slice(None),) + plan.box], label[plan.box]
+        if plan.affine is not None:
+            image = image * plan.affine[0] + plan.affine[1]
         return image.contiguous(), label.contiguous()
-
-
-def _random_crop(image: torch.Tensor, label: torch.Tensor, patch: Sequence[int], rng: np.random.Generator):
-    """`data.random_crop` on tensors: zero-pad axes not larger than the patch, then a uniform crop."""
-    pads = [max((int(p) - s) // 2 + 3, 0) if s <= int(p) else 0 for s, p in zip(label.shape, patch)]
-    if any(pads):
-        widths = [w for pad in reversed(pads) for w in (pad, pad)]  # F.pad: last axis first
-        image = F.pad(image, widths)
-        label = F.pad(label, widths)
-    starts = [int(rng.integers(0, s - int(p) + 1)) for s, p in zip(label.shape, patch)]
-    box = tuple(slice(a, a + int(p)) for a, p in zip(starts, patch))
-    return image[(slice(None),) + box], label[box]
