@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
+from ..preprocess.site_shift import AUGMENTATION_FAMILIES, FAMILIES
 
 
 @dataclasses.dataclass
@@ -60,6 +61,13 @@ class TrainConfig:
     wide_fov_prob: float = 0.0
     wide_fov_decoy_prob: float = 0.0
     wide_fov_max_mm: float = 360.0
+    # site-shift augmentation (preprocess/site_shift.py): this share of training samples (labelled and unlabelled)
+    # passes through a random simulated site, 1-3 of `site_shift_families` at strengths up to
+    # `site_shift_strength`, so a model learns what differs between scanners; the mean teacher's teacher sees
+    # the sample as it was (consistency across sites)
+    site_shift_prob: float = 0.0
+    site_shift_strength: float = 1.0
+    site_shift_families: List[str] = dataclasses.field(default_factory=lambda: list(AUGMENTATION_FAMILIES))
     # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
     # atrium in a whole scan; written into the model card
     role: str = "segmenter"
@@ -142,6 +150,13 @@ class TrainConfig:
             problems.append("wide_fov_prob and wide_fov_decoy_prob must be in [0, 1]")
         if self.wide_fov_prob > 0 and self.in_channels != 1:
             problems.append("wide_fov_prob > 0 needs single-channel images (in_channels 1)")
+        if not 0.0 <= self.site_shift_prob <= 1.0 or not 0.0 <= self.site_shift_strength <= 2.0:
+            problems.append("site_shift_prob must be in [0, 1] and site_shift_strength in [0, 2]")
+        unknown = [f for f in self.site_shift_families if f not in FAMILIES]
+        if unknown or not self.site_shift_families:
+            problems.append(f"site_shift_families must name families of {', '.join(FAMILIES)}; got {unknown or '[]'}")
+        if self.site_shift_prob > 0 and self.in_channels != 1:
+            problems.append("site_shift_prob > 0 needs single-channel images (in_channels 1)")
         if self.anchor_weight < 0:
             problems.append("anchor_weight must be >= 0")
         if self.role not in ("segmenter", "localiser"):

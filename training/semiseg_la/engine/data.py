@@ -17,6 +17,7 @@ from ..io.datasets import CaseRecord
 from ..io.volume import Volume
 from ..preprocess.normalize import zscore
 from ..preprocess.resample import to_model_grid
+from ..preprocess.site_shift import random_site_shifts
 from ..preprocess.wide_fov import Donor, build_wide_case, make_donor, random_canvas_shape
 from .config import NORMALIZATIONS
 
@@ -204,6 +205,28 @@ class WideFieldOfView:
         shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
         wide = build_wide_case(image[0], label, donors, shape, rng, decoy=rng.random() < self.decoy_prob)
         return zscore(wide.image)[None].astype(np.float32), wide.label
+
+
+class SiteShiftAugmentation:
+    """With probability `prob`, a training patch as a random other site would have acquired it
+    (`random_site_shifts`: contrast curve, bias field, slice thickness, resolution, noise, blur). The mean
+    teacher compares the student on the shifted patch with the teacher on the patch as it was."""
+
+    def __init__(self, spacing: Sequence[float], prob: float, max_strength: float = 1.0,
+                 families: Sequence[str] = ()) -> None:
+        self.spacing, self.prob, self.max_strength = tuple(float(s) for s in spacing), prob, max_strength
+        self.families = tuple(families)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> Optional[np.ndarray]:
+        """The shifted (C, X, Y, Z) patch, or None when this sample keeps its own appearance."""
+        if self.prob <= 0 or rng.random() >= self.prob:
+            return None
+        shifts = random_site_shifts(rng, self.families, self.max_strength)
+        case_seed = int(rng.integers(2 ** 31))
+        channel = image[0]
+        for shift in shifts:
+            channel = shift.apply_array(channel, self.spacing, case_seed)
+        return np.ascontiguousarray(channel[None], np.float32)
 
 
 def crop_plan(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator

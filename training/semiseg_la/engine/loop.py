@@ -30,7 +30,7 @@ from ..io.atomic import atomic_write_text
 from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
 from .config import TrainConfig, dump_config
-from .data import Augmentation, TrainCase, TwoStreamSampler, WideFieldOfView
+from .data import Augmentation, SiteShiftAugmentation, TrainCase, TwoStreamSampler, WideFieldOfView
 from .distributed import (
     DistContext,
     barrier,
@@ -129,7 +129,10 @@ class Trainer:
                                     config.intensity_shift, config.intensity_prob)
         self.aug_rng = np.random.default_rng(config.seed + 104729 * (self.ctx.rank + 1))
         self.device_batcher = None
-        if config.device_data and config.wide_fov_prob <= 0:  # wide-FOV canvases are built on the host
+        self.site_shift = (SiteShiftAugmentation(config.spacing, config.site_shift_prob, config.site_shift_strength,
+                                                 config.site_shift_families) if config.site_shift_prob > 0 else None)
+        # wide-FOV canvases and simulated sites are made on the host
+        if config.device_data and config.wide_fov_prob <= 0 and self.site_shift is None:
             from .device_data import DeviceBatcher
 
             self.device_batcher = DeviceBatcher(labeled, unlabeled if config.use_unlabeled else [], self.augment,
@@ -232,22 +235,30 @@ class Trainer:
         if self.device_batcher is not None:  # cases already on the device: augment and crop there
             image, label = self.device_batcher.batch(labeled_ids, unlabeled_ids, self.aug_rng)
             return Batch(image, label, self.sampler.labeled_bs)
-        images, labels = [], []
+        images, labels, clean = [], [], []
         picked = [(i, self.labeled[i]) for i in labeled_ids] + [(None, self.unlabeled[i]) for i in unlabeled_ids]
         for index, case in picked:
             source, source_label = case.image, case.label
             if self.widen is not None and index is not None:
                 source, source_label = self.widen(source, source_label, index, self.aug_rng)
             image, label = self.augment(source, source_label, self.aug_rng)
-            images.append(image)
+            shifted = self.site_shift(image, self.aug_rng) if self.site_shift is not None else None
+            clean.append(image)
+            images.append(image if shifted is None else shifted)
             labels.append(label)
-        image, label = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
-        if self.device.type == "cuda":  # page-locked memory lets the copy overlap the previous step
-            image, label = image.pin_memory(), label.pin_memory()
-        image = image.to(self.device, non_blocking=True)
-        # labels travel as uint8 (an eighth of int64) and widen on the device
-        label = label.to(self.device, non_blocking=True).long()
-        return Batch(image, label, self.sampler.labeled_bs)
+        batch = Batch(self._to_device(np.stack(images)), self._to_device(np.stack(labels)).long(),
+                      self.sampler.labeled_bs)
+        if self.site_shift is not None:
+            batch.clean_image = self._to_device(np.stack(clean))
+        return batch
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Labels travel as uint8 (an eighth of int64) and widen on the device; on CUDA page-locked memory
+        lets the copy overlap the previous step."""
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:

@@ -16,11 +16,14 @@ from torch import nn
 
 @dataclasses.dataclass
 class Batch:
-    """`image` (B, C, X, Y, Z); `label` (B, X, Y, Z) long; the first `labeled_bs` samples are labelled."""
+    """`image` (B, C, X, Y, Z); `label` (B, X, Y, Z) long; the first `labeled_bs` samples are labelled.
+    `clean_image`: the same patches before the site-shift augmentation (None when it is off); a teacher
+    that looks at it asks the student to see through the simulated site."""
 
     image: torch.Tensor
     label: torch.Tensor
     labeled_bs: int
+    clean_image: Optional[torch.Tensor] = None
 
     @property
     def labeled(self) -> slice:

@@ -51,7 +51,8 @@ class MeanTeacher(Method):
         ce, dice = supervised_ce_dice(logits[batch.labeled], batch.label[batch.labeled])
         supervised = 0.5 * (ce + dice)
         rows = batch.unlabeled if self.params["consistency_on"] == "unlabeled" else slice(None)
-        image = batch.image[rows]
+        # the teacher sees the patch as acquired; the student may see it through a simulated other site
+        image = (batch.clean_image if batch.clean_image is not None else batch.image)[rows]
         noise = torch.clamp(torch.randn_like(image) * self.params["noise_std"],
                             -self.params["noise_clip"], self.params["noise_clip"])
         with torch.no_grad():

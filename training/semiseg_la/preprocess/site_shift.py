@@ -43,12 +43,16 @@ class SiteShift:
         """The volume as this site would have acquired it, on the same grid (float32)."""
         if volume.array.ndim != 3:
             raise InputError(f"{volume.source}: site shift needs a 3D image, got shape {volume.shape}")
-        array = np.asarray(volume.array, dtype=np.float64)
+        return volume.with_array(self.apply_array(volume.array, volume.spacing, case_seed))
+
+    def apply_array(self, array: np.ndarray, spacing: Sequence[float], case_seed: int = 0) -> np.ndarray:
+        """`apply` on a bare (X, Y, Z) array with its voxel spacing in mm (float32 out)."""
+        data = np.asarray(array, dtype=np.float64)
         site_rng = np.random.default_rng([self.seed, 0])
         case_rng = np.random.default_rng([self.seed, 1, case_seed])
         for step in FAMILIES[self.family]:
-            array = step(array, volume.spacing, self.strength, site_rng, case_rng)
-        return volume.with_array(array.astype(np.float32))
+            data = step(data, spacing, self.strength, site_rng, case_rng)
+        return data.astype(np.float32)
 
     def describe(self) -> str:
         return f"{self.family} (strength {self.strength:g}, seed {self.seed})"
@@ -216,3 +220,19 @@ FAMILIES: Dict[str, List[Step]] = {
 
 def shift_families() -> List[str]:
     return list(FAMILIES)
+
+
+#: the single families a training augmentation draws from: what differs between real sites. Inversion and
+#: outliers are left out (artefacts, not acquisitions a model should learn to treat as normal).
+AUGMENTATION_FAMILIES = ("gamma", "piecewise", "bias", "thick-slices", "anisotropic", "gaussian-noise",
+                         "rician-noise", "blur")
+
+
+def random_site_shifts(rng: np.random.Generator, families: Sequence[str] = AUGMENTATION_FAMILIES,
+                       max_strength: float = 1.0, max_families: int = 3) -> List[SiteShift]:
+    """A random site for one training sample: 1..`max_families` distinct families, each with a strength drawn
+    from [0, `max_strength`] and its own seed, applied in the order they are listed in `families`."""
+    count = int(rng.integers(1, min(max_families, len(families)) + 1))
+    picked = sorted(rng.choice(len(families), size=count, replace=False))
+    return [SiteShift(families[i], float(rng.uniform(0.0, max_strength)), int(rng.integers(2 ** 31)))
+            for i in picked]

@@ -1,0 +1,93 @@
+"""Site-shift augmentation: training patches seen through random simulated sites, the teacher on the original."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_cases
+from semiseg_la.engine.config import build_config
+from semiseg_la.engine.data import SiteShiftAugmentation
+from semiseg_la.engine.loop import Trainer
+from semiseg_la.errors import ConfigError
+from semiseg_la.preprocess.site_shift import AUGMENTATION_FAMILIES, FAMILIES, random_site_shifts
+
+
+def tiny_config(tmp_path, **overrides):
+    base = {"method": "mean_teacher", "data": "synthetic", "patch_size": [32, 32, 32], "spacing": [1, 1, 1],
+            "max_iterations": 6, "batch_size": 2, "labeled_bs": 1, "labeled_num": 2, "val_num": 0,
+            "base_lr": 0.01, "checkpoint_every": 3, "validate_every": 0, "seed": 3, "output": str(tmp_path / "run"),
+            "device": "cpu", "site_shift_prob": 0.5}
+    base.update(overrides)
+    return build_config(base)
+
+
+def test_random_sites_are_drawn_from_the_pool_within_the_strength():
+    rng = np.random.default_rng(0)
+    drawn = [random_site_shifts(rng, ("gamma", "bias", "blur"), max_strength=0.4) for _ in range(50)]
+    assert all(1 <= len(site) <= 3 for site in drawn)
+    assert {s.family for site in drawn for s in site} == {"gamma", "bias", "blur"}
+    assert all(0.0 <= s.strength <= 0.4 for site in drawn for s in site)
+    assert all(len({s.family for s in site}) == len(site) for site in drawn)  # no family twice in one site
+    again = random_site_shifts(np.random.default_rng(0), ("gamma", "bias", "blur"), max_strength=0.4)
+    assert again == drawn[0]
+    assert set(AUGMENTATION_FAMILIES) <= set(FAMILIES) and "inversion" not in AUGMENTATION_FAMILIES
+
+
+def test_the_augmentation_changes_appearance_only_and_keeps_the_patch_shape():
+    patch = synthetic_cases(1, True)[0].image[:, :32, :32, :32].copy()
+    always = SiteShiftAugmentation((1.25, 1.25, 1.25), 1.0, 1.0, AUGMENTATION_FAMILIES)
+    rng = np.random.default_rng(1)
+    shifted = [always(patch, rng) for _ in range(8)]
+    assert all(s.shape == patch.shape and s.dtype == np.float32 and np.isfinite(s).all() for s in shifted)
+    assert sum(not np.allclose(s, patch, atol=1e-3) for s in shifted) >= 6
+    never = SiteShiftAugmentation((1.25, 1.25, 1.25), 0.0, 1.0, AUGMENTATION_FAMILIES)
+    assert never(patch, rng) is None
+
+
+def test_the_teacher_sees_the_patch_as_acquired_and_the_student_the_shifted_one(tmp_path):
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    trainer = Trainer(tiny_config(tmp_path, site_shift_prob=1.0, method_params={"consistency_on": "unlabeled"}),
+                      labeled, unlabeled)
+    batch = trainer.next_batch()
+    assert batch.clean_image is not None and batch.clean_image.shape == batch.image.shape
+    assert not torch.allclose(batch.clean_image, batch.image, atol=1e-3)
+    seen = []
+    teacher = trainer.method.teacher
+    handle = teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    trainer.method.training_step(batch, 0)
+    handle.remove()
+    rows = slice(batch.labeled_bs, None)  # as in the fine-tune preset: the teacher on the unlabelled half
+    noise = seen[0] - batch.clean_image[rows]
+    assert float(noise.abs().max()) <= trainer.method.params["noise_clip"] + 1e-6  # clean view + clipped noise
+    plain = Trainer(tiny_config(tmp_path / "off", site_shift_prob=0.0), labeled, unlabeled).next_batch()
+    assert plain.clean_image is None
+
+
+def test_a_resumed_run_with_site_shifts_equals_a_straight_one(tmp_path):
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    straight = Trainer(tiny_config(tmp_path / "a"), labeled, unlabeled).run()
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    first = Trainer(tiny_config(tmp_path / "b"), labeled, unlabeled, should_stop=stop_after_three).run()
+    assert first.iterations == 3
+    resumed = Trainer(tiny_config(tmp_path / "b"), labeled, unlabeled).run(resume=True)
+    for (name, a), (_, b) in zip(straight.method.inference_network().state_dict().items(),
+                                 resumed.method.inference_network().state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"site_shift_prob": 1.5}, "site_shift_prob"),
+    ({"site_shift_families": ["gamma", "x-ray"]}, "x-ray"),
+    ({"site_shift_families": []}, "site_shift_families"),
+    ({"in_channels": 2}, "single-channel"),
+])
+def test_bad_site_shift_settings_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **overrides)
