@@ -16,6 +16,7 @@ from ..engine.data import Split
 from ..engine.loop import TrainResult, restore_method
 from ..engine.precision import device_name
 from ..engine.state import load_state
+from ..inference.memory import StickyFallback
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import evaluate_case, summarize
@@ -119,12 +120,14 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
         return {"split": "none (no validation cases): figures unavailable"}
     spec = InferenceSpec(tuple(config.patch_size), tuple(config.spacing), normalization=config.normalization)
     device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
-    predictor = Predictor(network, spec, device=device)
+    fallback = StickyFallback(device, "fast", reporter.log)
     cases = {}
     reporter.start("evaluate", len(records), what)
     for i, record in enumerate(records, 1):
         image, label = record.load(channel=channel) if channel is not None else record.load()
-        prediction = predictor.predict(image)
+        prediction = fallback(lambda where, image=image: Predictor(
+            network, spec, device=where.device, mode=where.mode, accumulate_on_cpu=where.accumulate_on_cpu
+        ).predict(image))
         metrics = evaluate_case(prediction.label.array, label.array, image.spacing)
         cases[record.case_id] = {k: (float(v) if not isinstance(v, bool) else v) for k, v in metrics.items()}
         reporter.update(i)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -12,6 +11,7 @@ import torch
 
 from ..errors import InputError, RegionError
 from ..inference.localise import Localiser, Region, check_plausible_volume, settle_region, whole_region
+from ..inference.memory import Attempt, attempts_for, run_with_memory_fallback
 from ..inference.predictor import Predictor, combine_networks
 from ..io.atomic import atomic_write_json
 from ..io.validate import validate_image
@@ -104,36 +104,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def predict_with_fallback(network, spec, image, args, roi, reporter: ProgressReporter):
-    """Run on the chosen device. On CUDA out-of-memory: retry on the GPU with training-size sliding windows
-    and the accumulation on the CPU (the whole-volume window is what most often does not fit), then on the
-    CPU. The failed attempt's tensors are released before the cache is emptied."""
+    """Run on the chosen device, with the out-of-memory ladder of `inference.memory` (GPU, then GPU sliding
+    windows accumulating on the CPU, then the CPU): (prediction, device used, whether it fell back to the CPU)."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
     mode = "legacy" if getattr(args, "legacy", False) else getattr(args, "mode", "fast")
-    attempts = [dict(device=device, accumulate_on_cpu=False, mode=mode)]
-    if device != "cpu" and torch.cuda.is_available():
-        attempts += [dict(device="cuda", accumulate_on_cpu=True, mode="legacy" if mode == "legacy" else "sliding"),
-                     dict(device="cpu", accumulate_on_cpu=False, mode=mode)]
-    for i, attempt in enumerate(attempts):
-        out_of_memory = False
-        try:
-            predictor = make_predictor(network, spec, args, **attempt)
-            prediction = predictor.predict(image, roi=roi, want_probability=bool(args.probabilities),
-                                           reporter=reporter)
-            return prediction, prediction.device.split(":")[0], attempt["device"] == "cpu" and i > 0
-        except torch.cuda.OutOfMemoryError:
-            if i + 1 == len(attempts):
-                raise
-            out_of_memory = True
-        if out_of_memory:  # outside the handler: the traceback (and the tensors its frames hold) is gone
-            predictor = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            nxt = attempts[i + 1]
-            reporter.log("CUDA out of memory: " + ("retrying on the GPU with training-size windows, accumulating on "
-                                                   "the CPU" if nxt["device"] == "cuda" else "retrying on the CPU"))
-    raise AssertionError("unreachable")
+
+    def attempt(where: Attempt):
+        predictor = make_predictor(network, spec, args, where.device, where.accumulate_on_cpu, where.mode)
+        return predictor.predict(image, roi=roi, want_probability=bool(args.probabilities), reporter=reporter)
+
+    ladder = attempts_for(device, mode)
+    prediction, index = run_with_memory_fallback(attempt, ladder, reporter.log)
+    return prediction, prediction.device.split(":")[0], ladder[index].device == "cpu" and index > 0
 
 
 def make_predictor(network, spec, args, device: str, accumulate_on_cpu: bool, mode: str = "fast") -> Predictor:

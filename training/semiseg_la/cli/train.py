@@ -152,10 +152,11 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
     if config.in_channels > 1:
         split, labeled, unlabeled, validation = _load_multimodal(config, reporter)
         validator = make_multimodal_validator(validation, config.patch_size, config.spacing,
-                                              lambda: trainer_ref[0].method.exported_channel, device)
+                                              lambda: trainer_ref[0].method.exported_channel, device,
+                                              log=reporter.log)
     else:
         split, labeled, unlabeled, validation = load_split(config, reporter)
-        validator = make_validator(validation, config.patch_size, config.spacing, device)
+        validator = make_validator(validation, config.patch_size, config.spacing, device, log=reporter.log)
     reporter.log(f"{len(labeled)} labelled, {len(unlabeled)} unlabelled, {len(validation)} validation cases")
     active_validator = validator if validation else None
     if config.fit_to_budget and config.time_budget_s and not args.resume:

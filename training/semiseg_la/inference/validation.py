@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..engine.data import TrainCase
+from .memory import Attempt, StickyFallback
 from .predictor import InferenceSpec, Predictor, keep_largest_component
 
 
@@ -18,18 +19,24 @@ def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def make_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacing: Sequence[float],
-                   device: torch.device | str = "cpu", overlap: float = 0.5):
+                   device: torch.device | str = "cpu", overlap: float = 0.5,
+                   log: Optional[Callable[[str], None]] = None):
     """validate(network, channel=None) -> {"dice": mean Dice over the cases, "dice_<case>": ...} with the fast
-    window; `channel` picks the input channel of multi-channel cases (default 0)."""
+    window; `channel` picks the input channel of multi-channel cases (default 0). A case that does not fit
+    in GPU memory moves down the out-of-memory ladder (`inference.memory`), and later cases start there."""
     spec = InferenceSpec(tuple(patch_size), tuple(spacing))
+    fallback = StickyFallback(str(device), "fast", log)
 
     def validate(network: nn.Module, channel: Optional[int] = None) -> Dict[str, float]:
-        predictor = Predictor(network, spec, device=device, overlap=overlap, mode="fast", largest_component=False)
         index = 0 if channel is None else int(channel)
         scores = {}
         for case in cases:
-            foreground, _, _ = predictor.probabilities(case.image[index])
-            label = keep_largest_component((foreground >= 0.5).astype(np.uint8))
+            def foreground_of(where: Attempt, image=case.image[index]) -> np.ndarray:
+                predictor = Predictor(network, spec, device=where.device, overlap=overlap, mode=where.mode,
+                                      largest_component=False, accumulate_on_cpu=where.accumulate_on_cpu)
+                return predictor.probabilities(image)[0]
+
+            label = keep_largest_component((fallback(foreground_of) >= 0.5).astype(np.uint8))
             scores[case.case_id] = dice_score(label, case.label)
         return {"dice": float(np.mean(list(scores.values()))), **{f"dice_{k}": v for k, v in scores.items()}}
 
@@ -37,10 +44,11 @@ def make_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacin
 
 
 def make_multimodal_validator(cases: Sequence[TrainCase], patch_size: Sequence[int], spacing: Sequence[float],
-                              channel_of: Callable[[], int], device: torch.device | str = "cpu"):
+                              channel_of: Callable[[], int], device: torch.device | str = "cpu",
+                              log: Optional[Callable[[str], None]] = None):
     """validate(network, channel=None) on multi-channel cases; without a channel, the one the exported
     network takes (`channel_of`, asked at each call, since the better modality may change)."""
-    validate_channel = make_validator(cases, patch_size, spacing, device)
+    validate_channel = make_validator(cases, patch_size, spacing, device, log=log)
 
     def validate(network: nn.Module, channel: Optional[int] = None) -> Dict[str, float]:
         index = int(channel_of()) if channel is None else int(channel)
