@@ -174,3 +174,31 @@ def test_anchor_weight_keeps_a_fine_tune_near_its_parent(tmp_path):
     assert anchored < 0.5 * free
     with pytest.raises(ConfigError, match="anchor_weight"):
         tiny_config(tmp_path, anchor_weight=-1)
+
+
+def _weights(result):
+    return result.method.inference_network().state_dict()
+
+
+def test_prefetching_loader_gives_the_same_run_and_the_same_resume(tmp_path):
+    """The loader thread draws the same batches: a prefetched run, and one stopped at 3 and resumed (the
+    checkpoint is taken while the 4th batch is in flight), equal a plain run bit for bit."""
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    common = {"method": "mean_teacher", "site_shift_prob": 0.5}
+    plain_trainer = Trainer(tiny_config(tmp_path / "plain", **common), labeled, unlabeled)
+    assert plain_trainer.loader is None  # on a CPU prefetching is off unless asked for
+    plain = plain_trainer.run()
+    prefetched = Trainer(tiny_config(tmp_path / "pre", prefetch=True, **common), labeled, unlabeled).run()
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    first = Trainer(tiny_config(tmp_path / "res", prefetch=True, **common), labeled, unlabeled,
+                    should_stop=stop_after_three)
+    assert first.run().iterations == 3
+    resumed = Trainer(tiny_config(tmp_path / "res", prefetch=True, **common), labeled, unlabeled).run(resume=True)
+    for name, value in _weights(plain).items():
+        assert torch.equal(value, _weights(prefetched)[name]), name
+        assert torch.equal(value, _weights(resumed)[name]), name

@@ -86,6 +86,10 @@ class TrainConfig:
     # ignored with wide_fov_prob > 0 (those canvases are built on the host)
     device_data: bool = False
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over every rank's batch
+    # the next host batch (crops, augmentation, simulated sites, wide-FOV canvases) made in a background thread
+    # while the current step runs; None = on when training on a GPU (on a CPU the thread takes a core from the
+    # step). Batches and resumed runs are the same with and without it.
+    prefetch: Optional[bool] = None
     validate_every: int = 200
     validate_from: int = 0
     checkpoint_every: int = 100

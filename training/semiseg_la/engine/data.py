@@ -8,7 +8,8 @@ sampler whose whole state is plain Python data, so a kill -9 + `--resume` contin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -227,6 +228,39 @@ class SiteShiftAugmentation:
         for shift in shifts:
             channel = shift.apply_array(channel, self.spacing, case_seed)
         return np.ascontiguousarray(channel[None], np.float32)
+
+
+class Prefetcher:
+    """Makes the next batch in one background thread while the current training step runs.
+
+    `make()` draws a batch from the run's streams (sampler, augmentation RNG); `snapshot()` copies their state.
+    The state from before the batch in flight is kept, so a checkpoint taken meanwhile resumes with exactly
+    the batch that was being prepared: runs are the same with and without prefetching, resumed or not."""
+
+    def __init__(self, make: Callable[[], Any], snapshot: Callable[[], Dict[str, Any]]) -> None:
+        self.make, self.snapshot = make, snapshot
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semiseg-la-loader")
+        self.pending: Optional[Future] = None
+        self.pending_streams: Optional[Dict[str, Any]] = None
+
+    def take(self) -> Any:
+        if self.pending is None:
+            self._submit()
+        batch = self.pending.result()
+        self._submit()
+        return batch
+
+    def _submit(self) -> None:
+        self.pending_streams = self.snapshot()  # taken here, before the worker advances the streams
+        self.pending = self.pool.submit(self.make)
+
+    def streams_before_pending(self) -> Optional[Dict[str, Any]]:
+        """The streams' state to checkpoint: from before the batch in flight (None when nothing is)."""
+        return self.pending_streams if self.pending is not None else None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending = None
 
 
 def crop_plan(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator

@@ -8,6 +8,7 @@ networks of the best validation Dice).
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -19,7 +20,7 @@ import random
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from ..io.atomic import atomic_write_text
 from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
 from .config import TrainConfig, dump_config
-from .data import Augmentation, SiteShiftAugmentation, TrainCase, TwoStreamSampler, WideFieldOfView
+from .data import Augmentation, Prefetcher, SiteShiftAugmentation, TrainCase, TwoStreamSampler, WideFieldOfView
 from .distributed import (
     DistContext,
     barrier,
@@ -137,6 +138,9 @@ class Trainer:
 
             self.device_batcher = DeviceBatcher(labeled, unlabeled if config.use_unlabeled else [], self.augment,
                                                 self.device)
+        prefetch = config.prefetch if config.prefetch is not None else self.device.type == "cuda"
+        self.loader = (Prefetcher(self._make_host_batch, self._streams_snapshot)
+                       if prefetch and self.device_batcher is None else None)
         self.widen = (WideFieldOfView(labeled, config.spacing, config.wide_fov_prob, config.wide_fov_decoy_prob,
                                       config.wide_fov_max_mm) if config.wide_fov_prob > 0 else None)
         self.iteration = 0
@@ -147,8 +151,12 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------
     def rank_state(self) -> Dict[str, Any]:
         """What differs between ranks: each rank's sampler, augmentation and RNG streams."""
-        return {"sampler": self.sampler.state_dict(), "aug_rng": self.aug_rng.bit_generator.state,
-                "rng": rng_state()}
+        streams = self.loader.streams_before_pending() if self.loader is not None else None
+        return {**(streams or self._streams_snapshot()), "rng": rng_state()}
+
+    def _streams_snapshot(self) -> Dict[str, Any]:
+        """The batch streams' state (sampler and augmentation RNG), copied."""
+        return copy.deepcopy({"sampler": self.sampler.state_dict(), "aug_rng": self.aug_rng.bit_generator.state})
 
     def state(self) -> Dict[str, Any]:
         """The whole resumable state; under torchrun it carries every rank's streams (`rank_states`), so a
@@ -231,10 +239,19 @@ class Trainer:
         return max(lr, c.min_lr)
 
     def next_batch(self) -> Batch:
-        labeled_ids, unlabeled_ids = self.sampler.next()
         if self.device_batcher is not None:  # cases already on the device: augment and crop there
+            labeled_ids, unlabeled_ids = self.sampler.next()
             image, label = self.device_batcher.batch(labeled_ids, unlabeled_ids, self.aug_rng)
             return Batch(image, label, self.sampler.labeled_bs)
+        images, labels, clean = self.loader.take() if self.loader is not None else self._make_host_batch()
+        batch = Batch(self._to_device(images), self._to_device(labels).long(), self.sampler.labeled_bs)
+        if clean is not None:
+            batch.clean_image = self._to_device(clean)
+        return batch
+
+    def _make_host_batch(self) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(images, labels, images before the site shift or None) of the next batch, as numpy arrays."""
+        labeled_ids, unlabeled_ids = self.sampler.next()
         images, labels, clean = [], [], []
         picked = [(i, self.labeled[i]) for i in labeled_ids] + [(None, self.unlabeled[i]) for i in unlabeled_ids]
         for index, case in picked:
@@ -246,11 +263,7 @@ class Trainer:
             clean.append(image)
             images.append(image if shifted is None else shifted)
             labels.append(label)
-        batch = Batch(self._to_device(np.stack(images)), self._to_device(np.stack(labels)).long(),
-                      self.sampler.labeled_bs)
-        if self.site_shift is not None:
-            batch.clean_image = self._to_device(np.stack(clean))
-        return batch
+        return np.stack(images), np.stack(labels), np.stack(clean) if self.site_shift is not None else None
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """Labels travel as uint8 (an eighth of int64) and widen on the device; on CUDA page-locked memory
@@ -277,29 +290,33 @@ class Trainer:
         step_started = time.monotonic()
         loop_started, first_iteration = time.monotonic(), self.iteration
         replan_at = self._replan_iteration(budget_s)
-        while self.iteration < c.max_iterations:
-            lr, result = self.train_step()
-            self.iteration += 1
-            record = {"iteration": self.iteration, "lr": lr, "loss": float(result.loss.detach()), **result.logs}
-            self._log_iteration(record)
-            if self.validator is not None and self._due(c.validate_every) and self.iteration >= c.validate_from:
-                last_metrics = self._validate()
-                validated_at = self.iteration
-            if self.iteration == replan_at:
-                per_iteration = (time.monotonic() - loop_started) / (self.iteration - first_iteration)
-                self._replan(budget_s, per_iteration)
-            step_s = time.monotonic() - step_started
-            step_started = time.monotonic()
-            # stop when the next step would not end inside the budget
-            out_of_time = budget_s is not None and self._elapsed() + step_s >= budget_s
-            stop = broadcast_flag(self.ctx, out_of_time or self.should_stop())
-            if self._due(c.checkpoint_every) or stop or self.iteration == c.max_iterations:
-                self._save_checkpoint("last.pt")
-            if stop and self.iteration < c.max_iterations:
-                stopped_early = True
-                self.reporter.log(f"stopping at iteration {self.iteration}: "
-                                  + ("time budget reached" if out_of_time else "stop requested"))
-                break
+        try:
+            while self.iteration < c.max_iterations:
+                lr, result = self.train_step()
+                self.iteration += 1
+                record = {"iteration": self.iteration, "lr": lr, "loss": float(result.loss.detach()), **result.logs}
+                self._log_iteration(record)
+                if self.validator is not None and self._due(c.validate_every) and self.iteration >= c.validate_from:
+                    last_metrics = self._validate()
+                    validated_at = self.iteration
+                if self.iteration == replan_at:
+                    per_iteration = (time.monotonic() - loop_started) / (self.iteration - first_iteration)
+                    self._replan(budget_s, per_iteration)
+                step_s = time.monotonic() - step_started
+                step_started = time.monotonic()
+                # stop when the next step would not end inside the budget
+                out_of_time = budget_s is not None and self._elapsed() + step_s >= budget_s
+                stop = broadcast_flag(self.ctx, out_of_time or self.should_stop())
+                if self._due(c.checkpoint_every) or stop or self.iteration == c.max_iterations:
+                    self._save_checkpoint("last.pt")
+                if stop and self.iteration < c.max_iterations:
+                    stopped_early = True
+                    self.reporter.log(f"stopping at iteration {self.iteration}: "
+                                      + ("time budget reached" if out_of_time else "stop requested"))
+                    break
+        finally:  # the loader thread's batch in flight is not needed any more
+            if self.loader is not None:
+                self.loader.close()
         if self.validator is not None and validated_at != self.iteration:
             last_metrics = self._validate()
             self._save_checkpoint("last.pt")

@@ -1,0 +1,107 @@
+"""What the loader thread (`prefetch`) saves per training step, side by side in one run.
+
+Trains the same short run twice on synthetic LA-sized cases, without and with `prefetch`, and prints the
+seconds per iteration of each, their ratio, and the host batch time alone (crops, augmentation, simulated
+sites, wide-FOV canvases), which is what the thread can hide behind the step:
+
+    python bench/bench_loader.py [--device cpu|cuda] [--iterations 20] [--site-shift 0.5] [--wide-fov 0.0]
+
+On a CPU the thread and the step share the cores, so the saving is at most the host time and can be
+negative; on a GPU the step runs on the device and the host time can be hidden entirely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from semiseg_la.engine.config import build_config
+from semiseg_la.engine.data import TrainCase
+from semiseg_la.engine.loop import Trainer
+
+
+def la_sized_cases(count: int, shape=(112, 112, 72), seed: int = 0):
+    """Bright ellipsoids in noise, about the size of an LA crop at 1.25 mm (z-scored like training cases)."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    cases = []
+    for i in range(count):
+        centre = [s / 2 + rng.uniform(-8, 8) for s in shape]
+        dist = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, (22, 20, 16))))
+        label = (dist < 1).astype(np.uint8)
+        image = label * 1.5 + rng.normal(0, 0.5, shape)
+        image = (image - image.mean()) / image.std()
+        cases.append(TrainCase(f"case{i}", image[None].astype(np.float32), label))
+    return cases
+
+
+def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path) -> float:
+    config = build_config({
+        "method": "supervised", "data": "synthetic", "patch_size": [64, 64, 48], "spacing": [1.25] * 3,
+        "max_iterations": args.iterations + 2, "batch_size": 4, "labeled_bs": 4, "labeled_num": len(cases),
+        "val_num": 0, "validate_every": 0, "checkpoint_every": 10 ** 6, "device": args.device, "seed": 1,
+        "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov, "prefetch": prefetch,
+        "output": str(work / f"prefetch-{prefetch}")})
+    trainer = Trainer(config, cases, [])
+    for _ in range(2):  # warm-up: the first steps allocate
+        trainer.train_step()
+    synchronize(args.device)
+    start = time.perf_counter()
+    for _ in range(args.iterations):
+        trainer.train_step()
+    synchronize(args.device)
+    seconds = (time.perf_counter() - start) / args.iterations
+    if trainer.loader is not None:
+        trainer.loader.close()
+    return seconds
+
+
+def host_batch_seconds(args: argparse.Namespace, cases, work: Path, repeats: int = 5) -> float:
+    config = build_config({
+        "method": "supervised", "data": "synthetic", "patch_size": [64, 64, 48], "spacing": [1.25] * 3,
+        "batch_size": 4, "labeled_bs": 4, "labeled_num": len(cases), "val_num": 0, "device": "cpu",
+        "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov, "output": str(work / "host")})
+    trainer = Trainer(config, cases, [])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        trainer._make_host_batch()
+    return (time.perf_counter() - start) / repeats
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--site-shift", type=float, default=0.5, help="site_shift_prob of the runs")
+    parser.add_argument("--wide-fov", type=float, default=0.0, help="wide_fov_prob of the runs")
+    args = parser.parse_args(argv)
+    cases = la_sized_cases(args.cases)
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        work = Path(tmp)
+        host = host_batch_seconds(args, cases, work)
+        plain = run_once(False, args, cases, work)
+        prefetched = run_once(True, args, cases, work)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch 4 x 64x64x48, "
+          f"site_shift_prob {args.site_shift:g}, wide_fov_prob {args.wide_fov:g}, {args.iterations} iterations each")
+    print(f"host batch alone:  {host:.3f} s")
+    print(f"step, no prefetch: {plain:.3f} s/it")
+    print(f"step, prefetch:    {prefetched:.3f} s/it")
+    print(f"prefetch / plain:  {prefetched / plain:.2f}x (host share of a plain step {host / plain:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
