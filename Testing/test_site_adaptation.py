@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cli_helpers import json_lines, run_cli
 from conftest import sphere_volume, synthetic_cases
@@ -235,3 +236,28 @@ def test_legacy_evaluation_keeps_every_component_as_the_papers_do(parent_models,
         scores[report["postprocess"]] = report["mean"]["dice"]
     assert set(scores) == {"none", "largest"}
     assert scores["none"] > 0.8 and scores["largest"] < scores["none"] - 0.2
+
+
+def test_parent_blend_exports_the_wise_ft_average_of_child_and_parent(parent_models, tmp_path):
+    """The same deterministic fine-tune exported plainly and with parent_blend 0.5: the blended weights are the
+    mean of the plain child's and the parent's, and the card records the share."""
+    from semiseg_la.checkpoints import load_model_weights
+
+    site, unl = write_site(tmp_path, labeled=2, unlabeled=1)
+    exported = {}
+    for share in ("0", "0.5"):
+        result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
+                          "--iterations", "3", "--set", "fit_to_budget=false", "--set", f"parent_blend={share}",
+                          "--device", "cpu", "--output", str(tmp_path / f"run{share}"), "--progress", "json"],
+                         env_extra=env_for(parent_models))
+        assert result.returncode == 0, result.stderr
+        folder = Path(json_lines(result.stdout)[-1]["model_dir"])
+        exported[share] = load_model_weights(folder)
+    parent, _ = load_model_weights(parent_models / PARENT_ID)
+    (child, plain_card), (blended, card) = exported["0"], exported["0.5"]
+    assert card.extra["finetune"]["parent_blend"] == 0.5 and plain_card.extra["finetune"]["parent_blend"] is None
+    moved = [k for k in child if child[k].is_floating_point() and not torch.equal(child[k], parent[k])]
+    assert moved  # the fine-tune changed weights, so the check below means something
+    for key in child:
+        if child[key].is_floating_point():
+            assert torch.allclose(blended[key], 0.5 * (child[key] + parent[key]), atol=1e-6), key

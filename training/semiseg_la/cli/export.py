@@ -43,6 +43,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     # network takes) follows the checkpoint, not the run's last state
     exported = restore_method(config.method, params, state["networks"])
     network = exported.inference_network().eval()
+    blended = blend_with_parent(network, parent_card, config.parent_blend, reporter) if parent_card else None
     channel = getattr(exported, "exported_channel", None)  # multi-modal training, one-modality model
     if validation_records:
         validation = evaluate_records(network, config, validation_records, reporter, channel)
@@ -57,11 +58,35 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     if parent_card is not None:
         card.extra["finetune"] = finetune_record(config, split, validation, parent_card, validation_records,
                                                  reporter, channel)
+        card.extra["finetune"]["parent_blend"] = blended
         _warn_if_worse(card.extra["finetune"], reporter)
     folder = new_local_model_dir(model_id)
     state_dict = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     save_model(folder, state_dict, card)
     return model_id, folder, validation, card.extra.get("finetune")
+
+
+def blend_with_parent(network: torch.nn.Module, parent_card, share: float, reporter: ProgressReporter
+                      ) -> Optional[float]:
+    """WiSE-FT: the network's floating-point tensors become (1 - share) x its own + share x the parent's, in
+    place; the share applied (None when off, or when the parent's tensors do not match the exported network's,
+    which is said and leaves the fine-tuned weights as they are)."""
+    if share <= 0:
+        return None
+    from ..checkpoints import load_model_weights, resolve_model
+
+    parent, _ = load_model_weights(resolve_model(card_get(parent_card, "id")))
+    own = network.state_dict()
+    if set(parent) != set(own) or any(parent[k].shape != own[k].shape for k in own):
+        reporter.log(f"parent_blend {share:g} skipped: the parent {card_get(parent_card, 'id')} and the exported "
+                     "network do not have the same tensors; the fine-tuned weights are exported as they are")
+        return None
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if tensor.is_floating_point():
+                tensor.mul_(1.0 - share).add_(parent[key].to(tensor.device, tensor.dtype), alpha=share)
+    reporter.log(f"exported weights: {1 - share:g} x fine-tuned + {share:g} x parent (WiSE-FT)")
+    return float(share)
 
 
 def _figure_kind(validation_records: Sequence[CaseRecord], parent_card) -> str:

@@ -110,6 +110,10 @@ class TrainConfig:
     # L2-SP: anchor_weight x the squared distance of the trained parameters from the initial (parent) ones is
     # added to the loss, so a fine-tune on a few cases stays near what the parent learnt from many
     anchor_weight: float = 0.0
+    # WiSE-FT (Wortsman et al., CVPR 2022): a fine-tune exports (1 - parent_blend) x its own weights +
+    # parent_blend x its parent's; a few site cases then move the model part of the way, which keeps what the
+    # parent learnt from many cases (docs/results.md, site adaptation). 0 exports the fine-tuned weights as they are
+    parent_blend: float = 0.0
     train_only: Optional[str] = None  # "norm": train the normalisation layers' parameters only
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -161,6 +165,8 @@ class TrainConfig:
             problems.append(f"site_shift_families must name families of {', '.join(FAMILIES)}; got {unknown or '[]'}")
         if self.site_shift_prob > 0 and self.in_channels != 1:
             problems.append("site_shift_prob > 0 needs single-channel images (in_channels 1)")
+        if not 0.0 <= self.parent_blend < 1.0:
+            problems.append("parent_blend must be in [0, 1): the parent's share of the exported weights")
         if self.anchor_weight < 0:
             problems.append("anchor_weight must be >= 0")
         if self.role not in ("segmenter", "localiser"):
