@@ -33,7 +33,7 @@ def test_dry_run_runs_every_step(dry_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["data", "setup", "env", "cuda-tests", "bench", "segment", "train", "pack"]
+    assert list(steps) == ["data", "setup", "env", "cuda-tests", "bench", "loader", "segment", "train", "pack"]
     failed = {k: v for k, v in steps.items() if v["status"] != "ok"}
     assert not failed, failed
     assert "skipped" in steps["cuda-tests"]["result"]  # no GPU here: the CUDA tests report skipped
@@ -52,6 +52,8 @@ def test_dry_run_bench_and_segment_reports(dry_run):
                          "supervised-la-cpu"}
     assert all(r.get("it_per_s", 0) > 0 and r.get("peak_mib", 0) > 0 for r in rows.values()), rows
     assert {p["preset"] for p in bench["projections"]} >= set(rows)
+    loader = json.loads((out / "bench" / "loader.json").read_text())
+    assert loader["device"] == "cpu" and loader["plain_s_per_it"] > 0 and loader["prefetch_s_per_it"] > 0
     segment = json.loads((out / "segment.json").read_text())
     assert segment["shape"] == [96, 96, 40] and segment["runs"][0]["rc"] == 0
     assert segment["runs"][0]["device"] == "cpu" and segment["runs"][0]["timings"]["total_s"] > 0

@@ -13,6 +13,7 @@ negative; on a GPU the step runs on the device and the host time can be hidden e
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -82,12 +83,15 @@ def synchronize(device: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--site-shift", type=float, default=0.5, help="site_shift_prob of the runs")
     parser.add_argument("--wide-fov", type=float, default=0.0, help="wide_fov_prob of the runs")
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = la_sized_cases(args.cases)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         work = Path(tmp)
@@ -100,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"step, no prefetch: {plain:.3f} s/it")
     print(f"step, prefetch:    {prefetched:.3f} s/it")
     print(f"prefetch / plain:  {prefetched / plain:.2f}x (host share of a plain step {host / plain:.0%})")
+    if args.json:
+        figures = {"device": args.device, "host_batch_s": host, "plain_s_per_it": plain,
+                   "prefetch_s_per_it": prefetched, "ratio": prefetched / plain, "iterations": args.iterations,
+                   "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov}
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -10,7 +10,8 @@ time box cut to what is left of `--budget` seconds, and a failure is logged and 
 
 1. setup: SimpleITK from `.whl/` when the machine lacks it, `pip install -e training` (no network, no deps);
 2. env + cuda-tests: torch, CUDA, GPU name and memory (env.json), then `pytest -m cuda`;
-3. bench: `bench/bench_train.py` per preset (it/s, peak memory, projected full runs) -> bench/train.json;
+3. bench: `bench/bench_train.py` per preset (it/s, peak memory, projected full runs) -> bench/train.json,
+   and `bench/bench_loader.py` (the step without and with the loader thread) -> bench/loader.json;
 4. segment: `semiseg-la segment` on a 576 x 576 x 88 scan built around a validation case -> segment.json;
 5. train: the default clinical model (supervised-la-cpu recipe at 1.25 mm, schedule fitted to the time left)
    and caml-la-8, concurrently on one GPU, each with `--time-budget` (the whole command fits it); each export
@@ -284,6 +285,19 @@ def step_bench(s: Session) -> Dict[str, Any]:
     return {"status": "ok" if res["rc"] == 0 else "failed", "rc": res["rc"], "rows": rows}
 
 
+def step_loader(s: Session) -> Dict[str, Any]:
+    """bench/bench_loader.py: the training step without and with the loader thread (issue 16)."""
+    out = s.out / "bench" / "loader.json"
+    sizes = ["--iterations", "1", "--cases", "2"] if s.dry else ["--iterations", "20"]
+    cmd = [PY, REPO / "bench" / "bench_loader.py", "--device", s.device, *sizes, "--json", out]
+    res = s.call(cmd, s.logs / "loader.log", 240 if s.dry else 120)
+    report = _read_json(out)
+    if report is None:
+        return {"status": "failed", "error": f"no loader JSON ({res})"}
+    return {"status": "ok" if res["rc"] == 0 else "failed", "rc": res["rc"], "ratio": report.get("ratio"),
+            "plain_s_per_it": report.get("plain_s_per_it"), "prefetch_s_per_it": report.get("prefetch_s_per_it")}
+
+
 def step_segment(s: Session) -> Dict[str, Any]:
     shape = DRY_SCAN if s.dry else FULL_SCAN
     folder = s.work / "segment"
@@ -460,6 +474,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     s.step("env", step_env, s)
     s.step("cuda-tests", step_cuda_tests, s)
     s.step("bench", step_bench, s)
+    s.step("loader", step_loader, s)
     s.step("segment", step_segment, s)
     s.step("train", step_train, s)
     s.write_summary()
