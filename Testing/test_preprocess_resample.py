@@ -209,3 +209,29 @@ def test_signed_permutation_detection():
     assert signed_permutation(OBLIQUE) is None
     noisy = np.asarray(IDENTITY_DIRECTION) + np.r_[0, 5e-7, 0, 0, 0, 0, 0, 0, 0]
     assert signed_permutation(noisy) == ((0, 1, 2), (1, 1, 1))
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+def test_resampling_without_transposed_copies_matches_simpleitk_on_the_transposed_array(interpolation):
+    """`_resample` hands SimpleITK the (X, Y, Z) array as is, with reversed axes declared; on an oblique,
+    anisotropic grid it gives what resampling the transposed array with the plain geometry gives."""
+    import SimpleITK as sitk
+
+    from semiseg_la.preprocess.resample import ModelGrid, _resample
+
+    rng = np.random.default_rng(5)
+    angle = 0.4
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    flip = np.diag([1.0, -1.0, 1.0])  # an improper direction (determinant -1) too
+    source = ModelGrid((23, 19, 11), (0.7, 0.9, 2.1), (3.0, -4.0, 1.5), tuple((rotation @ flip).ravel()))
+    target = ModelGrid((17, 15, 13), (1.1, 1.0, 1.3), (-2.0, -12.0, -1.0))
+    array = (rng.integers(0, 5, source.size) if interpolation == "nearest"
+             else rng.normal(size=source.size)).astype(np.float32)
+    reference = source.as_volume(array).to_sitk()
+    expected = sitk.Resample(reference, list(target.size), sitk.Transform(),
+                             sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor,
+                             target.origin, target.spacing, target.direction, -7.0, reference.GetPixelID())
+    expected = np.transpose(sitk.GetArrayFromImage(expected), (2, 1, 0))
+    out = _resample(array, source, target, interpolation, -7.0)
+    assert out.shape == target.size and (out == -7.0).any() and (out != -7.0).any()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import RegionError
 from ..io.volume import Volume
-from ..preprocess.normalize import zscore
+from ..preprocess.normalize import zscore_stats
 from ..preprocess.resample import ModelGrid, roi_from_physical, to_model_grid
 from .predictor import InferenceSpec, Predictor, largest_component_and_rivals
 
@@ -97,8 +97,12 @@ class Localiser:
         """The atrium's region: its bounding box on the coarse grid plus `margin_mm`, grown to at least
         `min_size_mm` (the fine model's patch, so it sees as much context as in training)."""
         started = time.perf_counter()
-        coarse, grid = to_model_grid(image.with_array(zscore(image.array)), self.spec.spacing, "linear")
-        probability, _, _ = self.predictor.probabilities(coarse.array)
+        # resampled first, z-scored after with the whole scan's figures: the same values (linear interpolation
+        # commutes with the z-score) without a normalised float copy of the full-resolution scan
+        mean, std = zscore_stats(image.array)
+        coarse, grid = to_model_grid(image, self.spec.spacing, "linear")
+        normalised = ((coarse.array.astype(np.float64) - mean) / std).astype(np.float32)
+        probability, _, _ = self.predictor.probabilities(normalised)
         voxel_ml = float(np.prod(grid.spacing)) / 1000.0
         smooth = ndimage.gaussian_filter(probability, FIND_SMOOTHING_VOXELS)
         mask, rivals = largest_component_and_rivals((smooth >= FIND_THRESHOLD).astype(np.uint8), voxel_ml)

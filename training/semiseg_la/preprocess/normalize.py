@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
 
 
@@ -14,13 +16,20 @@ def zscore(array: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     data = np.asarray(array)
     if data.size == 0:
         return data.astype(np.float32)
-    mean = float(np.mean(data, dtype=np.float64))
-    squares = sum(float(np.sum(np.square(s.astype(np.float64) - mean))) for s in _slabs(data))
-    std = max(float(np.sqrt(squares / data.size)), eps)
+    mean, std = zscore_stats(data, eps)
     out = data.astype(np.float32, copy=True)
     out -= np.float32(mean)
     out *= np.float32(1.0 / std)
     return out
+
+
+def zscore_stats(array: np.ndarray, eps: float = 1e-8) -> Tuple[float, float]:
+    """(mean, std) of `zscore`. Linear resampling commutes with (x - mean) / std (its weights sum to one), so a
+    whole scan can be resampled to a coarse grid first and normalised there with its full-resolution figures."""
+    data = np.asarray(array)
+    mean = float(np.mean(data, dtype=np.float64))
+    squares = sum(float(np.sum(np.square(s.astype(np.float64) - mean))) for s in _slabs(data))
+    return mean, max(float(np.sqrt(squares / data.size)), eps)
 
 
 def _slabs(data: np.ndarray):
