@@ -100,3 +100,14 @@ def rotation(axis, degrees):
     a = np.deg2rad(degrees)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
+
+
+def stop_after(polls: int):
+    """A Trainer `should_stop` that asks to stop at its `polls`-th call (once per iteration): an interruption."""
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= polls
+
+    return should_stop

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cli_helpers import json_lines, nnunet_dataset, run_cli, write_case
-from conftest import sphere_volume, synthetic_cases
+from conftest import sphere_volume, stop_after, synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset
 from semiseg_la.engine.data import TrainCase, prepare_case
 from semiseg_la.engine.loop import Trainer
@@ -318,13 +318,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                              "output": str(folder), "method_params": {**SMALL, "memory_slots": 2}})
     labeled, unlabeled = synthetic_cases(2, True, 0), synthetic_cases(3, False, 10)
     straight = Trainer(config(tmp_path / "a"), labeled, unlabeled).run()
-    calls = {"n": 0}
-
-    def stop_after_one():
-        calls["n"] += 1
-        return calls["n"] >= 1
-
-    first = Trainer(config(tmp_path / "b"), labeled, unlabeled, should_stop=stop_after_one).run()
+    first = Trainer(config(tmp_path / "b"), labeled, unlabeled, should_stop=stop_after(1)).run()
     assert first.stopped_early and first.iterations == 1
     assert first.method.memory.stored_rows() > 0
     resumed = Trainer(config(tmp_path / "b"), labeled, unlabeled).run(resume=True)

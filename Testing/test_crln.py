@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import synthetic_cases
+from conftest import stop_after, synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset
 from semiseg_la.engine.data import TrainCase, prepare_case
 from semiseg_la.engine.loop import Trainer, build_for_export
@@ -252,13 +252,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                                                                                  "rectify_from_epoch": 2}})
     labeled, unlabeled = synthetic_cases(2, True, 0), synthetic_cases(2, False, 10)
     straight = Trainer(config("a"), labeled, unlabeled).run().method
-    calls = {"n": 0}
-
-    def stop_after_two():
-        calls["n"] += 1
-        return calls["n"] >= 2
-
-    first = Trainer(config("b"), labeled, unlabeled, should_stop=stop_after_two).run()
+    first = Trainer(config("b"), labeled, unlabeled, should_stop=stop_after(2)).run()
     assert first.stopped_early and first.iterations == 2
     resumed = Trainer(config("b"), labeled, unlabeled).run(resume=True).method
     assert torch.equal(straight.rectifier.alpha, resumed.rectifier.alpha)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sphere_volume, synthetic_cases
+from conftest import sphere_volume, stop_after, synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset, parse_overrides, preset_names
 from semiseg_la.engine.data import Augmentation, TwoStreamSampler, random_crop
 from semiseg_la.engine.loop import Trainer
@@ -94,14 +94,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, method):
     """Stop at iteration 3 (checkpoint), resume to 6: weights equal those of a straight 6-iteration run."""
     labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
     straight = Trainer(tiny_config(tmp_path / "a", method=method, batch_size=2), labeled, unlabeled).run()
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] >= 3
-
     first = Trainer(tiny_config(tmp_path / "b", method=method, batch_size=2), labeled, unlabeled,
-                    should_stop=stop_after_three).run()
+                    should_stop=stop_after(3)).run()
     assert first.stopped_early and first.iterations == 3
     resumed = Trainer(tiny_config(tmp_path / "b", method=method, batch_size=2), labeled, unlabeled).run(resume=True)
     assert resumed.iterations == 6
@@ -189,14 +183,8 @@ def test_prefetching_loader_gives_the_same_run_and_the_same_resume(tmp_path):
     assert plain_trainer.loader is None  # on a CPU prefetching is off unless asked for
     plain = plain_trainer.run()
     prefetched = Trainer(tiny_config(tmp_path / "pre", prefetch=True, **common), labeled, unlabeled).run()
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] >= 3
-
     first = Trainer(tiny_config(tmp_path / "res", prefetch=True, **common), labeled, unlabeled,
-                    should_stop=stop_after_three)
+                    should_stop=stop_after(3))
     assert first.run().iterations == 3
     resumed = Trainer(tiny_config(tmp_path / "res", prefetch=True, **common), labeled, unlabeled).run(resume=True)
     for name, value in _weights(plain).items():

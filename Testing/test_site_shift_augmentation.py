@@ -65,23 +65,6 @@ def test_the_teacher_sees_the_patch_as_acquired_and_the_student_the_shifted_one(
     assert plain.clean_image is None
 
 
-def test_a_resumed_run_with_site_shifts_equals_a_straight_one(tmp_path):
-    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
-    straight = Trainer(tiny_config(tmp_path / "a"), labeled, unlabeled).run()
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] >= 3
-
-    first = Trainer(tiny_config(tmp_path / "b"), labeled, unlabeled, should_stop=stop_after_three).run()
-    assert first.iterations == 3
-    resumed = Trainer(tiny_config(tmp_path / "b"), labeled, unlabeled).run(resume=True)
-    for (name, a), (_, b) in zip(straight.method.inference_network().state_dict().items(),
-                                 resumed.method.inference_network().state_dict().items()):
-        assert torch.equal(a, b), name
-
-
 @pytest.mark.parametrize("overrides, message", [
     ({"site_shift_prob": 1.5}, "site_shift_prob"),
     ({"site_shift_families": ["gamma", "x-ray"]}, "x-ray"),
