@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
     base = score_model(args.model, cases, shifted)
     print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site scans; "
-          f"{len(cases)} validation cases; budget {args.budget:g} s; torch threads {torch_threads()}")
+          f"{len(cases)} validation cases; budget {args.budget:g} s; torch threads {torch_threads()}"
+          + (f"; --set {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"base model {base['model']}: Dice {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site "
           f"(shift costs {100 * (base['unshifted'] - base['shifted']):.2f} points)", flush=True)
     rows: List[Dict] = []
