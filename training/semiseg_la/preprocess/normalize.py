@@ -27,6 +27,8 @@ def zscore_stats(array: np.ndarray, eps: float = 1e-8) -> Tuple[float, float]:
     """(mean, std) of `zscore`. Linear resampling commutes with (x - mean) / std (its weights sum to one), so a
     whole scan can be resampled to a coarse grid first and normalised there with its full-resolution figures."""
     data = np.asarray(array)
+    if not data.flags.c_contiguous and data.T.flags.c_contiguous:  # a scan read from a file: a transposed view
+        data = data.T  # the same voxels in memory order, so the slabs below are contiguous
     mean = float(np.mean(data, dtype=np.float64))
     squares = sum(float(np.sum(np.square(s.astype(np.float64) - mean))) for s in _slabs(data))
     return mean, max(float(np.sqrt(squares / data.size)), eps)

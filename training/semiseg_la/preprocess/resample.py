@@ -233,15 +233,28 @@ def _resample(array: np.ndarray, source: ModelGrid, target: ModelGrid, interpola
         data = data.astype(np.uint8)
     elif data.dtype == np.float16 or (interpolation == "linear" and data.dtype.kind != "f"):
         data = data.astype(np.float32)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data))  # no transposed copy: see _axes_reversed
-    image.SetSpacing(source.spacing[::-1])
-    image.SetOrigin(source.origin)
-    image.SetDirection(_axes_reversed(source.direction))
+    image = _sitk_view(data, source)
     result = sitk.Resample(image, [int(s) for s in target.size[::-1]], sitk.Transform(),
                            _INTERPOLATORS[interpolation], target.origin, target.spacing[::-1],
                            _axes_reversed(target.direction), float(default_value), image.GetPixelID())
     out = sitk.GetArrayFromImage(result)  # already (X, Y, Z)
     return out.astype(bool) if was_bool and interpolation == "nearest" else out
+
+
+def _sitk_view(data: np.ndarray, grid: ModelGrid) -> sitk.Image:
+    """`data` (X, Y, Z) on `grid` as a SimpleITK image, without a transposed copy in either memory layout: a
+    C-ordered array is declared with reversed axes (`_axes_reversed`); an array read from a file is the
+    transposed view of SimpleITK's own (Z, Y, X) layout, which goes back as it came, with the plain geometry."""
+    if not data.flags.c_contiguous and data.T.flags.c_contiguous:
+        image = sitk.GetImageFromArray(data.T)
+        image.SetSpacing(grid.spacing)
+        image.SetDirection(grid.direction)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(data))
+        image.SetSpacing(grid.spacing[::-1])
+        image.SetDirection(_axes_reversed(grid.direction))
+    image.SetOrigin(grid.origin)
+    return image
 
 
 def _axes_reversed(direction: Sequence[float]) -> Tuple[float, ...]:
