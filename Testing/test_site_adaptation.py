@@ -74,6 +74,7 @@ def test_a_fine_tune_adapts_to_the_site_and_the_card_says_how(parent_models, tmp
     site, unl = write_site(tmp_path)
     result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
                       "--preset", "finetune-supervised", "--iterations", "60", "--set", "fit_to_budget=false",
+                      "--set", "parent_blend=0",  # averaging with a parent that sees inverted spheres undoes it
                       "--lr", "0.1", "--set", "intensity_prob=0", "--device", "cpu", "--output", str(tmp_path / "run"),
                       "--progress", "json"], env_extra=env_for(parent_models))
     assert result.returncode == 0, result.stderr
@@ -134,6 +135,9 @@ def test_the_guard_rail_flags_a_child_worse_than_its_parent(parent_models, tmp_p
         write_volume(label.with_array(np.roll(label.array, 10, axis=0)), path)
     result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
                       "--iterations", "30", "--set", "fit_to_budget=false", "--lr", "0.05", "--device", "cpu",
+                      # the guard itself, on the fine-tuned weights alone: the default's blend with the parent
+                      # already repairs this child (0.997 against the parent's 0.951 when measured)
+                      "--set", "parent_blend=0",
                       "--output", str(tmp_path / "run"), "--progress", "json"], env_extra=env_for(parent_models))
     assert result.returncode == 0, result.stderr
     done = json_lines(result.stdout)[-1]
