@@ -190,6 +190,20 @@ def test_lineage_chain_to_root(bundled):
     assert lineage("orphan-v0.1.0") == ["orphan-v0.1.0", "deleted-v0.1.0"]
 
 
+def test_models_lineage_says_which_ancestor_is_not_installed(bundled, capsys):
+    import argparse
+
+    from semiseg_la.cli.models import run_lineage
+
+    install(bundled, "root-v0.1.0")
+    install_local("child-v0.1.0", parent="root-v0.1.0")
+    install_local("orphan-v0.1.0", parent="deleted-v0.1.0")
+    run_lineage(argparse.Namespace(model_id="child-v0.1.0"))
+    run_lineage(argparse.Namespace(model_id="orphan-v0.1.0"))
+    assert capsys.readouterr().out.splitlines() == ["child-v0.1.0 <- root-v0.1.0",
+                                                    "orphan-v0.1.0 <- deleted-v0.1.0 (not installed)"]
+
+
 def test_lineage_cycle_is_an_error(bundled):
     install_local("a-v0.1.0", parent="b-v0.1.0")
     install_local("b-v0.1.0", parent="a-v0.1.0")

@@ -101,8 +101,12 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def run_lineage(args: argparse.Namespace) -> int:
     from ..checkpoints import lineage
+    from ..checkpoints.catalog import find_model
 
-    print(" <- ".join(lineage(args.model_id)))
+    chain = lineage(args.model_id)
+    # the chain stops at an ancestor that is not installed (a card names its parent, the parent may be gone)
+    named = chain[:1] + [f"{m} (not installed)" if find_model(m) is None else m for m in chain[1:]]
+    print(" <- ".join(named))
     return 0
 
 
