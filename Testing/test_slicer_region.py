@@ -266,6 +266,12 @@ def test_warnings_are_kept_for_the_user(fake, make_logic):
     assert job.region.candidates == 2
 
 
+def click_segment(widget):
+    """Segment atrium, as a user clicks it, and wait until the job has ended."""
+    widget.ui.segmentButton.click()
+    loop.run(lambda: idle(widget), TIMEOUT)
+
+
 # -- the panel ------------------------------------------------------------------------------------------------
 def test_move_the_automatic_box_and_segment_again_in_one_click(fake, make_widget, tmp_path, monkeypatch):  # noqa: F811
     calls = tmp_path / "calls.jsonl"
@@ -294,8 +300,7 @@ def test_move_the_automatic_box_and_segment_again_in_one_click(fake, make_widget
     assert widget.regionChoice() == "box" and ui.regionBoxSelector.currentNode() is roi
     assert "Region is now Box" in ui.statusLabel.text
     assert widget.logic.panelState()["Region"] == "box" and widget.logic.panelState()["RegionBox"] is roi
-    ui.segmentButton.click()
-    loop.run(lambda: idle(widget), TIMEOUT)
+    click_segment(widget)
     assert widget.job.state is State.FINISHED, widget.job.errorMessage
     assert region_argument(calls_of(calls)[-1]) == ["5", "4", "2", "19", "16", "10"]
     assert widget.job.region.source == "box"
@@ -306,8 +311,7 @@ def test_no_atrium_found_offers_a_box(fake, make_widget):  # noqa: F811
     widget = make_widget("no-atrium")
     ui = widget.ui
     ui.inputVolumeSelector.setCurrentNode(volume)
-    ui.segmentButton.click()
-    loop.run(lambda: idle(widget), TIMEOUT)
+    click_segment(widget)
     assert widget.job.state is State.FAILED
     kinds = [d[0] for d in fake.dialogs]
     assert kinds == ["confirmOkCancel"]  # the offer, not an error dialog
@@ -324,8 +328,7 @@ def test_no_atrium_found_offers_a_box(fake, make_widget):  # noqa: F811
     fake.dialogs.clear()
     ui.regionBoxSelector.setCurrentNode(None)
     ui.regionComboBox.currentIndex = 0
-    ui.segmentButton.click()
-    loop.run(lambda: idle(widget), TIMEOUT)
+    click_segment(widget)
     assert [d[0] for d in fake.dialogs] == ["confirmOkCancel"]
     assert ui.statusLabel.text.startswith("Failed: 'LA_offer': no left atrium found; set Region to Box")
     assert widget.regionChoice() == "auto"
@@ -337,8 +340,7 @@ def test_warnings_reach_the_status_line_and_a_dialog(fake, make_widget):  # noqa
     widget = make_widget("localiser,two-candidates")
     ui = widget.ui
     ui.inputVolumeSelector.setCurrentNode(volume)
-    ui.segmentButton.click()
-    loop.run(lambda: idle(widget), TIMEOUT)
+    click_segment(widget)
     assert widget.job.state is State.FINISHED, widget.job.errorMessage
     status = ui.statusLabel.text
     assert status.startswith("'LA_warn segmentation' created. Check it: 2 atrium-like regions found; segmented the "
@@ -365,14 +367,12 @@ def test_create_box_button_and_box_choice(fake, make_widget, tmp_path, monkeypat
     roi = ui.regionBoxSelector.currentNode()
     assert roi.GetName() == "LA_button box" and widget.regionChoice() == "box"
     assert "move and resize it around the left atrium" in ui.statusLabel.text
-    ui.segmentButton.click()
-    loop.run(lambda: idle(widget), TIMEOUT)
+    click_segment(widget)
     assert widget.job.state is State.FINISHED, widget.job.errorMessage
     assert region_argument(calls_of(calls)[-1]) == ["0", "0", "0", "24", "20", "12"]  # the small volume, whole
     # picking a box in the selector means Box; Whole volume is passed as such
     ui.regionComboBox.currentIndex = 2
-    ui.segmentButton.click()
-    loop.run(lambda: idle(widget), TIMEOUT)
+    click_segment(widget)
     assert region_argument(calls_of(calls)[-1]) == ["whole"]
     ui.regionBoxSelector.setCurrentNode(None)
     ui.regionBoxSelector.setCurrentNode(roi)
