@@ -43,14 +43,18 @@ def la_sized_cases(count: int, shape=(112, 112, 72), seed: int = 0):
     return cases
 
 
-def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path) -> float:
-    config = build_config({
+def bench_config(args: argparse.Namespace, cases, output: Path, **extra):
+    """Supervised, batch 4 x 64x64x48 at 1.25 mm, the host pipeline the command line asks for."""
+    return build_config({
         "method": "supervised", "data": "synthetic", "patch_size": [64, 64, 48], "spacing": [1.25] * 3,
-        "max_iterations": args.iterations + 2, "batch_size": 4, "labeled_bs": 4, "labeled_num": len(cases),
-        "val_num": 0, "validate_every": 0, "checkpoint_every": 10 ** 6, "device": args.device, "seed": 1,
-        "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov, "prefetch": prefetch,
-        "output": str(work / f"prefetch-{prefetch}")})
-    trainer = Trainer(config, cases, [])
+        "batch_size": 4, "labeled_bs": 4, "labeled_num": len(cases), "val_num": 0, "validate_every": 0,
+        "checkpoint_every": 10 ** 6, "seed": 1, "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov,
+        "output": str(output), **extra})
+
+
+def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path) -> float:
+    trainer = Trainer(bench_config(args, cases, work / f"prefetch-{prefetch}", device=args.device,
+                                   prefetch=prefetch, max_iterations=args.iterations + 2), cases, [])
     for _ in range(2):  # warm-up: the first steps allocate
         trainer.train_step()
     synchronize(args.device)
@@ -65,11 +69,7 @@ def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path) -> flo
 
 
 def host_batch_seconds(args: argparse.Namespace, cases, work: Path, repeats: int = 5) -> float:
-    config = build_config({
-        "method": "supervised", "data": "synthetic", "patch_size": [64, 64, 48], "spacing": [1.25] * 3,
-        "batch_size": 4, "labeled_bs": 4, "labeled_num": len(cases), "val_num": 0, "device": "cpu",
-        "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov, "output": str(work / "host")})
-    trainer = Trainer(config, cases, [])
+    trainer = Trainer(bench_config(args, cases, work / "host", device="cpu"), cases, [])
     start = time.perf_counter()
     for _ in range(repeats):
         trainer._make_host_batch()
