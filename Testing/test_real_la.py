@@ -55,19 +55,25 @@ def bundled_default():
 
 
 def test_bundled_default_model_meets_its_card_on_the_validation_split(la_root, tmp_path, bundled_default):
-    """The default model's card states its validation Dice; `evaluate` on those 8 cases must reproduce it."""
+    """The default model's card states its validation Dice (one pass, as training validates); `evaluate
+    --tta none` on those 8 cases must reproduce it, and the default flip TTA must reach issue 13's 0.88."""
     from semiseg_la.checkpoints import ModelCard, resolve_model
 
     card = ModelCard.load(resolve_model(bundled_default))
     ids = list((card.validation or {}).get("cases", {})) or VALIDATION_IDS
     (tmp_path / "val.list").write_text("\n".join(ids) + "\n")
-    out = tmp_path / "metrics.json"
-    proc = run_cli(["evaluate", "--data", str(la_root), "--list", str(tmp_path / "val.list"), "--json", str(out),
-                    "--device", "cpu", "--progress", "none"], timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    measured = json.loads(out.read_text())["mean"]["dice"]
-    assert measured == pytest.approx(card.validation_dice, abs=0.005)
-    assert measured > 0.85  # the default model's floor (0.851 for v0.1.0, trained further since)
+
+    def mean_dice(*extra: str) -> float:
+        out = tmp_path / "metrics.json"
+        proc = run_cli(["evaluate", "--data", str(la_root), "--list", str(tmp_path / "val.list"), "--json", str(out),
+                        "--device", "cpu", "--progress", "none", *extra], timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(out.read_text())["mean"]["dice"]
+
+    one_pass = mean_dice("--tta", "none")
+    assert one_pass == pytest.approx(card.validation_dice, abs=0.005)
+    assert one_pass > 0.85  # the default model's floor (0.851 for v0.1.0, trained further since)
+    assert mean_dice() >= 0.88  # what `segment` gives by default (0.8875 measured, docs/results.md)
 
 
 def test_bundled_default_model_segments_validation_cases_well(la_root, tmp_path, bundled_default):

@@ -7,7 +7,7 @@ CLI (`semiseg-la finetune`, one child process each, one after the other, with th
 its model is scored the same way:
 
     python bench/bench_finetune.py --data ../shared/data/LA --shift scanner [--strength 1] [--budget 600] \
-        [--methods default supervised caml crln semicml-la] [--json out.json] [--work DIR]
+        [--methods default supervised caml crln semicml-la] [--tta flip|none] [--json out.json] [--work DIR]
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
@@ -31,7 +31,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model
-from semiseg_la.inference.predictor import InferenceSpec, Predictor
+from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
 from semiseg_la.io import write_volume
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.metrics import dice
@@ -52,9 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift)
     cases = [record.load() for record in validation]
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
-    base = score_model(args.model, cases, shifted)
+    base = score_model(args.model, cases, shifted, args.tta)
     print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site scans; "
-          f"{len(cases)} validation cases; budget {args.budget:g} s; torch threads {torch_threads()}"
+          f"{len(cases)} validation cases scored with --tta {args.tta}; budget {args.budget:g} s; "
+          f"torch threads {torch_threads()}"
           + (f"; --set {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"base model {base['model']}: Dice {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site "
           f"(shift costs {100 * (base['unshifted'] - base['shifted']):.2f} points)", flush=True)
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append({"method": method, **run})
             print(f"{method:12s} FAILED: {run['error']}", flush=True)
             continue
-        scores = score_model(run["model_dir"], cases, shifted)
+        scores = score_model(run["model_dir"], cases, shifted, args.tta)
         lost = base["unshifted"] - base["shifted"]
         recovered = (scores["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_summary(base, rows)
     if args.json:
         result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
-                  "budget_s": args.budget, "labeled": args.labeled, "unlabeled": args.unlabeled,
+                  "budget_s": args.budget, "tta": args.tta, "labeled": args.labeled, "unlabeled": args.unlabeled,
                   "validation": [r.case_id for r in validation], "base": base, "runs": rows}
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     return 0
@@ -97,6 +98,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--unlabeled", type=int, default=12)
     parser.add_argument("--val", type=int, default=8, help="the last N train.list cases (the base's validation)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tta", choices=("flip", "none"), default="flip",
+                        help="test-time augmentation when scoring (default flip: what `segment` writes by default)")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -120,10 +123,10 @@ def write_site(work: Path, site, labeled: int, shift: SiteShift):
     return site_dir, unlabeled_dir
 
 
-def score_model(model: str, cases, shifted) -> Dict:
+def score_model(model: str, cases, shifted, tta: str) -> Dict:
     network, card = load_network(resolve_model(model))
     spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
-    predictor = Predictor(network, spec, device="cpu")
+    predictor = Predictor(combine_networks(network, tta=tta), spec, device="cpu")
     plain = [dice(predictor.predict(image).label.array, label.array) for image, label in cases]
     moved = [dice(predictor.predict(image).label.array, label.array) for image, label in shifted]
     return {"model": card.id, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),

@@ -9,12 +9,20 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ..inference.predictor import Predictor
+from ..inference.predictor import Predictor, combine_networks
 from ..io.atomic import atomic_write_text
 from ..io.datasets import open_dataset
 from ..io.volume import write_volume
 from ..metrics import METRIC_DEFINITIONS, evaluate_case, format_table, summarize
-from .common import add_device_flag, add_progress_flag, inference_spec, load_catalog_model, reporter_for
+from .common import (
+    add_device_flag,
+    add_progress_flag,
+    add_tta_flag,
+    inference_spec,
+    load_catalog_model,
+    reporter_for,
+    tta_choice,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the largest connected component (largest) or every voxel (none); auto: none with "
                         "--legacy, as the LA papers evaluate (CAML and MC-Net nms=0, CRLN post-processing off), "
                         "largest otherwise, as `segment` does")
+    add_tta_flag(p)
     add_device_flag(p)
     add_progress_flag(p)
     p.set_defaults(handler=run)
@@ -46,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     reporter = reporter_for(args)
     network, card, model_id = load_catalog_model(args.model)
     postprocess = postprocessing(args)
-    predictor = Predictor(network, inference_spec(card), device=args.device, overlap=args.overlap,
-                          mode="legacy" if args.legacy else "fast", largest_component=postprocess == "largest")
+    tta = tta_choice(args)
+    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device=args.device,
+                          overlap=args.overlap, mode="legacy" if args.legacy else "fast",
+                          largest_component=postprocess == "largest")
     records = [r for r in open_dataset(args.data, args.case_list) if r.label_path is not None]
     cases: Dict[str, Dict[str, Any]] = {}
     reporter.start("evaluate", len(records), f"model {model_id}")
@@ -61,13 +72,13 @@ def run(args: argparse.Namespace) -> int:
     reporter.end()
     summary = summarize(cases)
     report = {"model": model_id, "data": str(args.data), "list": args.case_list, "n_cases": len(cases),
-              "inference": "legacy" if args.legacy else "fast", "postprocess": postprocess,
+              "inference": "legacy" if args.legacy else "fast", "tta": tta, "postprocess": postprocess,
               "mean": summary["mean"], "std": summary["std"],
               "summary": summary, "definitions": METRIC_DEFINITIONS, "cases": cases}
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(_finite(report), indent=2) + "\n")
     out = sys.stdout if args.progress != "json" else sys.stderr
-    print(f"inference: {report['inference']}; post-processing: "
+    print(f"inference: {report['inference']}; test-time augmentation: {tta}; post-processing: "
           + ("largest connected component" if postprocess == "largest" else "none (every predicted voxel)"), file=out)
     print(format_table(summary), file=out)
     reporter.done(json=args.json_out, mean=_finite(summary["mean"]), n_cases=len(cases))

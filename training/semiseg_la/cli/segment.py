@@ -17,7 +17,15 @@ from ..io.atomic import atomic_write_json
 from ..io.validate import validate_image
 from ..io.volume import read_volume, write_volume
 from ..progress import ProgressReporter
-from .common import add_device_flag, add_progress_flag, inference_spec, load_catalog_model, reporter_for
+from .common import (
+    add_device_flag,
+    add_progress_flag,
+    add_tta_flag,
+    inference_spec,
+    load_catalog_model,
+    reporter_for,
+    tta_choice,
+)
 
 #: `--region auto` segments images no larger than this (mm, every axis) whole: the training crops were
 #: 92-152 x 82-100 x 55 mm, so such an image already is a region around the atrium
@@ -45,8 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roi-out", default=None, help="write the region used (voxel box, LPS corners) as JSON here")
     p.add_argument("--localiser", default=None,
                    help="localiser model for --region auto (default: the catalog's, $SEMISEG_LA_LOCALISER)")
-    p.add_argument("--tta", choices=("none", "flip"), default="none",
-                   help="flip: average the in-plane flips (4 network passes; measured in docs/results.md)")
+    add_tta_flag(p)
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
                    help="average the probabilities of these catalog models with --model's (same spacing)")
     p.add_argument("--probabilities", default=None, help="also write the foreground probability map here")
@@ -136,7 +143,7 @@ def with_ensemble_and_tta(network, spec, args):
             raise InputError(f"--ensemble {member_id} works at {member_spec.spacing} mm, the model at "
                              f"{spec.spacing} mm; ensemble members must share the spacing")
         members.append(member)
-    return combine_networks(network, members, getattr(args, "tta", "none"))
+    return combine_networks(network, members, tta_choice(args))
 
 
 def check_output_path(path: str) -> None:
