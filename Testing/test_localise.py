@@ -11,7 +11,7 @@ import torch
 from cli_helpers import json_lines, oblique_direction, read_header, run_cli, save_tiny_model, write_case
 from conftest import sphere_volume
 from semiseg_la.engine.config import build_config
-from semiseg_la.engine.data import TrainCase, WideFieldOfView
+from semiseg_la.engine.data import TrainCase, WideFieldOfView, wide_validation_cases
 from semiseg_la.errors import ConfigError, InputError, RegionError
 from semiseg_la.inference.localise import DEFAULT_MARGIN_MM, Localiser
 from semiseg_la.inference.predictor import InferenceSpec, Predictor
@@ -92,6 +92,23 @@ def test_training_widens_samples_and_checks_its_settings():
         build_config({"wide_fov_prob": 1.5})
     with pytest.raises(ConfigError, match="role"):
         build_config({"role": "finder"})
+
+
+def test_whole_scan_validation_scores_fixed_canvases_beside_each_crop():
+    donors = [TrainCase(f"d{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
+                        sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]
+    val = [TrainCase("v0", sphere_volume((40, 36, 24), radius=8, seed=9)[0][None],
+                     sphere_volume((40, 36, 24), radius=8, seed=9)[1])]
+    cases = wide_validation_cases(val, donors, (2.5, 2.5, 2.5), max_mm=250.0)
+    assert [c.case_id for c in cases] == ["v0", "v0-wide", "v0-wide-decoy"]
+    assert cases[0] is val[0]
+    for case in cases[1:]:
+        assert case.image.shape == (1, 100, 100, 24) and case.label.shape == (100, 100, 24)
+        assert case.label.sum() == val[0].label.sum()  # only the target's atrium is labelled
+        assert abs(float(case.image.mean())) < 1e-3  # z-scored as a whole scan
+    again = wide_validation_cases(val, donors, (2.5, 2.5, 2.5), max_mm=250.0)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(cases, again))  # the same canvases every time
+    assert not np.array_equal(cases[1].image, cases[2].image)  # the decoy canvas differs
 
 
 # -- the localiser's region ------------------------------------------------------------------------
@@ -238,6 +255,22 @@ def test_bundled_localiser_finds_the_atrium_in_a_wide_real_case(la_root):
     # lies in a box that is a small part of the scan
     assert wide.label[box].sum() > 0.9 * wide.label.sum()
     assert np.prod(np.array(region.upper) - np.array(region.lower)) < 0.25 * wide.label.size
+
+
+def test_localiser_training_is_validated_on_whole_scan_canvases(la_root, tmp_path):
+    """The localiser preset (wide_fov_prob > 0) selects its checkpoint on each validation crop and on two
+    whole-scan canvases built from it, without and with a decoy."""
+    import csv
+
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--preset", "localiser-la", "--data", str(la_root), "--labeled", "6", "--val", "2",
+                    "--iterations", "2", "--validate-every", "2", "--output", str(out), "--no-export",
+                    "--progress", "none"], timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = next(csv.DictReader((out / "validation.csv").open()))
+    cases = [key[len("dice_"):] for key in row if key.startswith("dice_")]
+    crops = [c for c in cases if not c.endswith(("-wide", "-wide-decoy"))]
+    assert len(crops) == 2 and sorted(cases) == sorted(c + s for c in crops for s in ("", "-wide", "-wide-decoy"))
 
 
 def test_region_settles_around_the_fine_result():

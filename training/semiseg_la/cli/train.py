@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..engine.config import TrainConfig, build_config, load_config_file, load_preset, parse_overrides
-from ..engine.data import Split, TrainCase, prepare_case, split_cases
+from ..engine.data import Split, TrainCase, prepare_case, split_cases, wide_validation_cases
 from ..engine.loop import Trainer, TrainResult
 from ..errors import ConfigError, InputError
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
@@ -156,6 +156,10 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
                                               log=reporter.log)
     else:
         split, labeled, unlabeled, validation = load_split(config, reporter)
+        if config.wide_fov_prob > 0 and validation:  # trained for whole scans: selected on whole-scan canvases
+            validation = wide_validation_cases(validation, labeled, config.spacing, config.wide_fov_max_mm)
+            reporter.log("validation also on whole-scan canvases (without and with a decoy atrium): "
+                         f"{len(validation)} cases")
         validator = make_validator(validation, config.patch_size, config.spacing, device, log=reporter.log)
     reporter.log(f"{len(labeled)} labelled, {len(unlabeled)} unlabelled, {len(validation)} validation cases")
     active_validator = validator if validation else None

@@ -196,8 +196,7 @@ class WideFieldOfView:
     def __init__(self, cases: Sequence[TrainCase], spacing: Sequence[float], prob: float,
                  decoy_prob: float = 0.0, max_mm: float = 360.0) -> None:
         self.spacing, self.prob, self.decoy_prob, self.max_mm = tuple(spacing), prob, decoy_prob, max_mm
-        self.donors: List[Donor] = [make_donor(c.image[0], c.label, spacing, seed=i)
-                                    for i, c in enumerate(cases) if c.label is not None]
+        self.donors = donors_from(cases, spacing)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, index: int, rng: np.random.Generator):
         if self.prob <= 0 or rng.random() >= self.prob:
@@ -206,6 +205,29 @@ class WideFieldOfView:
         shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
         wide = build_wide_case(image[0], label, donors, shape, rng, decoy=rng.random() < self.decoy_prob)
         return zscore(wide.image)[None].astype(np.float32), wide.label
+
+
+def donors_from(cases: Sequence[TrainCase], spacing: Sequence[float]) -> List[Donor]:
+    """The labelled cases' tissue with their atria painted out: what wide canvases are tiled with."""
+    return [make_donor(c.image[0], c.label, spacing, seed=i) for i, c in enumerate(cases) if c.label is not None]
+
+
+def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence[TrainCase],
+                          spacing: Sequence[float], max_mm: float = 360.0, seed: int = 0) -> List[TrainCase]:
+    """Each validation crop as it is, then inside a canvas of `max_mm` in-plane tiled with the training cases'
+    tissue, without and with a decoy atrium: what a model trained for whole scans must find there, scored on the
+    same canvases at every validation (fixed seeds), so that the best checkpoint is the best on whole scans."""
+    donors = donors_from(donor_cases, spacing)
+    cases: List[TrainCase] = []
+    for n, case in enumerate(validation):
+        cases.append(case)
+        rng = np.random.default_rng([seed, n])
+        shape = tuple(max(int(round(max_mm / float(s))), int(c)) for s, c in zip(spacing[:2], case.label.shape[:2]))
+        for decoy in (False, True):
+            wide = build_wide_case(case.image[0], case.label, donors, (*shape, case.label.shape[2]), rng, decoy=decoy)
+            cases.append(TrainCase(f"{case.case_id}-wide{'-decoy' if decoy else ''}",
+                                   zscore(wide.image)[None].astype(np.float32), wide.label))
+    return cases
 
 
 class SiteShiftAugmentation:
