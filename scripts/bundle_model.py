@@ -86,6 +86,7 @@ def validation_run_figures(run_model_id: str, data: str, tmp: str) -> dict:
     network, staged_card = load_network(staged)
     validation = measure(network, staged_card, run_card, data)
     validation["figure"] = "validation run"
+    validation["validation_run"] = run_card.id
     validation["from"] = (f"{run_card.id}: the same recipe with these cases held out; this model was trained on "
                           "every labelled case, these included, so its own figure on them would be a training fit")
     return validation
