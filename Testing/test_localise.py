@@ -111,6 +111,27 @@ def test_whole_scan_validation_scores_fixed_canvases_beside_each_crop():
     assert not np.array_equal(cases[1].image, cases[2].image)  # the decoy canvas differs
 
 
+def test_stored_intensity_canvases_keep_each_crop_on_its_own_scan_scale():
+    """With `wide_fov_intensities: stored` a crop enters the canvas as stored (the z-score of its whole scan),
+    not z-scored alone: a dim crop (RSZY41-like) stays dim beside its brighter neighbours."""
+    def case(name, mean, std, seed):
+        image, label = sphere_volume((40, 36, 24), radius=7, seed=seed)
+        normalized = ((image - image.mean()) / image.std()).astype(np.float32)
+        return TrainCase(name, normalized[None], label, (mean, std))
+
+    cases = [case("bright", 1.5, 1.5, 0), case("dim", 0.05, 0.3, 1), case("other", 1.2, 1.4, 2)]
+    np.testing.assert_allclose(cases[1].stored_image().std(), 0.3, rtol=1e-4)
+    np.testing.assert_allclose(cases[1].stored_image().mean(), 0.05, atol=1e-4)
+    contrast = {}
+    for intensities in ("stored", "normalized"):  # the same canvas layout (same seed), two intensity scales
+        widen = WideFieldOfView(cases, (2.5, 2.5, 2.5), prob=1.0, intensities=intensities)
+        image, label = widen(cases[1].image, cases[1].label, 1, np.random.default_rng(0))
+        contrast[intensities] = float(image[0][label > 0].mean() - image[0][label == 0].mean())
+    assert contrast["stored"] < 0.6 * contrast["normalized"], contrast  # the dim atrium stays dim
+    with pytest.raises(ConfigError, match="wide_fov_intensities"):
+        build_config({"wide_fov_intensities": "raw"})
+
+
 # -- the localiser's region ------------------------------------------------------------------------
 def test_localiser_boxes_the_atrium_with_a_margin():
     vol, label = blobs_image([(60.0, 140.0, 27.0)])

@@ -61,6 +61,10 @@ class TrainConfig:
     wide_fov_prob: float = 0.0
     wide_fov_decoy_prob: float = 0.0
     wide_fov_max_mm: float = 360.0
+    # the intensities canvases are built from: "normalized" (each case as the model sees it alone) or "stored"
+    # (as stored; the LA release z-scores each crop over its whole scan, so an atrium keeps its brightness
+    # relative to its own scan, and to the tissue around it)
+    wide_fov_intensities: str = "normalized"
     # site-shift augmentation (preprocess/site_shift.py): this share of training samples (labelled and unlabelled)
     # passes through a random simulated site, 1-3 of `site_shift_families` at strengths up to
     # `site_shift_strength`, so a model learns what differs between scanners; the mean teacher's teacher sees
@@ -156,6 +160,9 @@ class TrainConfig:
             problems.append("labeled_num must be >= 1")
         if not 0.0 <= self.wide_fov_prob <= 1.0 or not 0.0 <= self.wide_fov_decoy_prob <= 1.0:
             problems.append("wide_fov_prob and wide_fov_decoy_prob must be in [0, 1]")
+        if self.wide_fov_intensities not in WIDE_FOV_INTENSITIES:
+            problems.append(f"wide_fov_intensities={self.wide_fov_intensities!r} must be one of "
+                            + ", ".join(WIDE_FOV_INTENSITIES))
         if self.wide_fov_prob > 0 and self.in_channels != 1:
             problems.append("wide_fov_prob > 0 needs single-channel images (in_channels 1)")
         if not 0.0 <= self.site_shift_prob <= 1.0 or not 0.0 <= self.site_shift_strength <= 2.0:
@@ -182,6 +189,7 @@ LR_POLICIES = ("constant", "step", "poly", "multistep")
 OPTIMIZERS = ("sgd", "adam")
 #: the same names as the model card's `inference.normalization` (engine/data.py normalize_volume)
 NORMALIZATIONS = ("zscore-volume", "stored", "minmax-volume")
+WIDE_FOV_INTENSITIES = ("normalized", "stored")
 
 
 def preset_names() -> List[str]:

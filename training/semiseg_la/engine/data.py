@@ -16,11 +16,11 @@ import numpy as np
 from ..errors import InputError
 from ..io.datasets import CaseRecord
 from ..io.volume import Volume
-from ..preprocess.normalize import zscore
+from ..preprocess.normalize import zscore, zscore_stats
 from ..preprocess.resample import to_model_grid
 from ..preprocess.site_shift import random_site_shifts
 from ..preprocess.wide_fov import Donor, build_wide_case, make_donor, random_canvas_shape
-from .config import NORMALIZATIONS
+from .config import NORMALIZATIONS, WIDE_FOV_INTENSITIES
 
 
 @dataclasses.dataclass
@@ -30,6 +30,16 @@ class TrainCase:
     case_id: str
     image: np.ndarray
     label: Optional[np.ndarray]
+    #: (mean, std) that "zscore-volume" took out of the stored volume, so `stored_image` can put them back
+    source_intensity: Optional[Tuple[float, float]] = None
+
+    def stored_image(self) -> np.ndarray:
+        """Channel 0 with the intensities as stored. The LA release's crops are z-scored over their whole
+        scans, so these keep each crop's brightness relative to its own scan (what a whole scan shows)."""
+        if self.source_intensity is None:
+            return self.image[0]
+        mean, std = self.source_intensity
+        return (self.image[0] * np.float32(std) + np.float32(mean)).astype(np.float32)
 
 
 def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume") -> np.ndarray:
@@ -63,7 +73,9 @@ def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool 
     normalized = image.with_array(normalize_volume(image.array, normalization))
     resampled, _grid = to_model_grid(normalized, spacing, interpolation="linear")
     label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
-    return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array)
+    removed = zscore_stats(image.array) if normalization == "zscore-volume" else None
+    return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array,
+                     removed)
 
 
 def label_on_model_grid(case_id: str, label: Optional[Volume], spacing: Sequence[float]) -> np.ndarray:
@@ -194,37 +206,50 @@ class WideFieldOfView:
     `segment` z-scores a whole scan. The rest of the samples stay the benchmark's own crops."""
 
     def __init__(self, cases: Sequence[TrainCase], spacing: Sequence[float], prob: float,
-                 decoy_prob: float = 0.0, max_mm: float = 360.0) -> None:
+                 decoy_prob: float = 0.0, max_mm: float = 360.0, intensities: str = "normalized") -> None:
         self.spacing, self.prob, self.decoy_prob, self.max_mm = tuple(spacing), prob, decoy_prob, max_mm
-        self.donors = donors_from(cases, spacing)
+        self.cases, self.intensities = cases, intensities
+        self.donors = donors_from(cases, spacing, intensities)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, index: int, rng: np.random.Generator):
         if self.prob <= 0 or rng.random() >= self.prob:
             return image, label
         donors = [d for i, d in enumerate(self.donors) if i != index] or self.donors
         shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
-        wide = build_wide_case(image[0], label, donors, shape, rng, decoy=rng.random() < self.decoy_prob)
+        crop = canvas_intensities(self.cases[index], self.intensities) if self.intensities == "stored" else image[0]
+        wide = build_wide_case(crop, label, donors, shape, rng, decoy=rng.random() < self.decoy_prob)
         return zscore(wide.image)[None].astype(np.float32), wide.label
 
 
-def donors_from(cases: Sequence[TrainCase], spacing: Sequence[float]) -> List[Donor]:
+def canvas_intensities(case: TrainCase, intensities: str) -> np.ndarray:
+    """Channel 0 as a canvas takes it: "normalized" (as the model sees the crop alone) or "stored"."""
+    if intensities not in WIDE_FOV_INTENSITIES:
+        raise InputError(f"unknown wide_fov_intensities {intensities!r}; expected one of "
+                         + ", ".join(WIDE_FOV_INTENSITIES))
+    return case.stored_image() if intensities == "stored" else case.image[0]
+
+
+def donors_from(cases: Sequence[TrainCase], spacing: Sequence[float], intensities: str = "normalized") -> List[Donor]:
     """The labelled cases' tissue with their atria painted out: what wide canvases are tiled with."""
-    return [make_donor(c.image[0], c.label, spacing, seed=i) for i, c in enumerate(cases) if c.label is not None]
+    return [make_donor(canvas_intensities(c, intensities), c.label, spacing, seed=i)
+            for i, c in enumerate(cases) if c.label is not None]
 
 
 def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence[TrainCase],
-                          spacing: Sequence[float], max_mm: float = 360.0, seed: int = 0) -> List[TrainCase]:
+                          spacing: Sequence[float], max_mm: float = 360.0, seed: int = 0,
+                          intensities: str = "normalized") -> List[TrainCase]:
     """Each validation crop as it is, then inside a canvas of `max_mm` in-plane tiled with the training cases'
     tissue, without and with a decoy atrium: what a model trained for whole scans must find there, scored on the
     same canvases at every validation (fixed seeds), so that the best checkpoint is the best on whole scans."""
-    donors = donors_from(donor_cases, spacing)
+    donors = donors_from(donor_cases, spacing, intensities)
     cases: List[TrainCase] = []
     for n, case in enumerate(validation):
         cases.append(case)
         rng = np.random.default_rng([seed, n])
         shape = tuple(max(int(round(max_mm / float(s))), int(c)) for s, c in zip(spacing[:2], case.label.shape[:2]))
         for decoy in (False, True):
-            wide = build_wide_case(case.image[0], case.label, donors, (*shape, case.label.shape[2]), rng, decoy=decoy)
+            wide = build_wide_case(canvas_intensities(case, intensities), case.label, donors,
+                                   (*shape, case.label.shape[2]), rng, decoy=decoy)
             cases.append(TrainCase(f"{case.case_id}-wide{'-decoy' if decoy else ''}",
                                    zscore(wide.image)[None].astype(np.float32), wide.label))
     return cases
