@@ -139,6 +139,19 @@ def test_default_model_resolution_order(bundled, monkeypatch):
         default_model_id()
 
 
+def test_benchmarks_score_a_final_model_through_its_validation_run(bundled):
+    from semiseg_la.checkpoints import validation_model_id
+
+    install(bundled, "run-v0.1.0")
+    final = make_card("final-v0.1.0", labeled=80)
+    final["validation"] = {"dice": 0.86, "figure": "validation run", "validation_run": "run-v0.1.0"}
+    save_model(bundled / "final-v0.1.0", _STATE, final)
+    (bundled / "default.json").write_text(json.dumps({"default": "final-v0.1.0"}))
+    assert validation_model_id() == "run-v0.1.0"  # the default trained on the validation cases
+    assert validation_model_id("final-v0.1.0") == "run-v0.1.0"
+    assert validation_model_id("run-v0.1.0") == "run-v0.1.0"  # a model with its own validation split
+
+
 def test_only_local_models_do_not_count_as_default(bundled):
     install_local("mine-v0.1.0")
     with pytest.raises(CheckpointError, match="no model installed"):

@@ -94,6 +94,8 @@ def test_flip_tta_and_ensemble_average_probabilities():
                  for d in ((), (2,), (3,), (2, 3))]
         tta = torch.softmax(combine_networks(net_a, tta="flip")(x), 1)
         assert torch.allclose(tta, sum(flips) / 4, atol=1e-5)
+        mirror = torch.softmax(combine_networks(net_a, tta="mirror")(x), 1)
+        assert torch.allclose(mirror, (flips[0] + flips[1]) / 2, atol=1e-5)  # identity and the X flip
         assert not torch.allclose(tta, pa, atol=1e-3)  # the flips do change an asymmetric network's answer
     assert combine_networks(net_a) is net_a
     with pytest.raises(ValueError, match="test-time augmentation"):

@@ -30,7 +30,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from semiseg_la.checkpoints import load_network, resolve_model
+from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
 from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
 from semiseg_la.io import write_volume
 from semiseg_la.io.datasets import open_dataset
@@ -45,6 +45,7 @@ STEP_RE = re.compile(r"([0-9.]+) s per iteration")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.model = args.model or validation_model_id()
     shift = SiteShift(args.shift, args.strength, args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
     records = [r for r in open_dataset(args.data, "train.list") if r.label_path]
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="LA h5 root with train.list")
-    parser.add_argument("--model", default="default", help="the base model (catalog id or folder)")
+    parser.add_argument("--model", default=None, help="the base model, catalog id or folder (default: the default's "
+                        "validation run, never trained on the scored cases)")
     parser.add_argument("--shift", default="scanner", choices=shift_families())
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="the simulated site")
@@ -98,7 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--unlabeled", type=int, default=12)
     parser.add_argument("--val", type=int, default=8, help="the last N train.list cases (the base's validation)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tta", choices=("flip", "none"), default="flip",
+    parser.add_argument("--tta", choices=("flip", "mirror", "none"), default="flip",
                         help="test-time augmentation when scoring (default flip: what `segment` writes by default)")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")

@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from semiseg_la.checkpoints import validation_model_id
 from semiseg_la.cli.main import main as cli
 from semiseg_la.io import read_volume, write_volume
 from semiseg_la.io.datasets import open_dataset
@@ -37,11 +38,13 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=8, help="validation cases: the last N of train.list")
     parser.add_argument("--donors", type=int, default=12, help="tissue donors: the first N of train.list")
     parser.add_argument("--sizes", type=int, nargs="+", default=[320, 448, 576], help="canvas sizes (voxels)")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="fine model (default: the default's "
+                        "validation run, never trained on the scored cases)")
     parser.add_argument("--localiser", default=None)
     parser.add_argument("--region", default="auto", choices=("auto", "whole"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    args.model = args.model or validation_model_id()
     records = [r for r in open_dataset(args.data, "train.list") if r.label_path]
     donors = [make_donor(*_arrays(r), SPACING, seed=i) for i, r in enumerate(records[:args.donors])]
     rows: List[Dict[str, float]] = []

@@ -3,7 +3,7 @@
     python bench/bench_inference_options.py --data ../shared/data/LA --model A [--second B] [--cases 8]
 
 Each option segments the same validation cases (the last N of train.list; never trained on by the
-bundled models) in one process, as `segment` does (`--tta flip`, `--ensemble B`). Printed per option:
+validation-run models) in one process, as `segment` does (`--tta flip`, `--ensemble B`). Printed per option:
 mean Dice, HD95 and ASD (mm), seconds per case and the time ratio to plain inference.
 """
 
@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from semiseg_la.checkpoints import load_network, resolve_model
+from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
 from semiseg_la.cli.common import inference_spec
 from semiseg_la.inference.predictor import Predictor, combine_networks
 from semiseg_la.io.datasets import open_dataset
@@ -25,13 +25,15 @@ from semiseg_la.metrics import evaluate_case
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--model", default=None, help="catalog id (default: the default model)")
+    parser.add_argument("--model", default=None, help="catalog id (default: the default's "
+                        "validation run, never trained on the scored cases)")
     parser.add_argument("--second", default=None, help="the ensemble's second model")
     parser.add_argument("--cases", type=int, default=8)
     args = parser.parse_args()
-    network, card = load_network(resolve_model(args.model))
+    network, card = load_network(resolve_model(args.model or validation_model_id()))
     spec = inference_spec(card)
-    options: Dict[str, object] = {"plain": network, "flip TTA": combine_networks(network, tta="flip")}
+    options: Dict[str, object] = {"plain": network, "mirror TTA": combine_networks(network, tta="mirror"),
+                                  "flip TTA": combine_networks(network, tta="flip")}
     if args.second:
         second, _ = load_network(resolve_model(args.second))
         options["ensemble"] = combine_networks(network, [second])

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from semiseg_la.checkpoints import load_network, resolve_model
+from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
 from semiseg_la.inference.predictor import InferenceSpec, Predictor
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.metrics import dice
@@ -28,7 +28,8 @@ from semiseg_la.preprocess.site_shift import SiteShift, shift_families
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="LA h5 root with train.list")
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", default=None, help="catalog id (default: the default's "
+                        "validation run, never trained on the scored cases)")
     parser.add_argument("--families", nargs="+", default=["scanner", "piecewise", "thick-slices", "bias",
                                                            "rician-noise"], choices=shift_families())
     parser.add_argument("--strength", type=float, default=1.0)
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     records = [r for r in open_dataset(args.data, "train.list") if r.label_path][-args.val:]
     cases = [record.load() for record in records]
-    network, card = load_network(resolve_model(args.model))
+    network, card = load_network(resolve_model(args.model or validation_model_id()))
     predictor = Predictor(network, InferenceSpec(tuple(card.patch_size), tuple(card.spacing)), device="cpu")
 
     def mean_dice(pairs) -> float:

@@ -18,7 +18,7 @@ _EXPORTS = {
     "CatalogEntry": "catalog", "list_models": "catalog", "resolve_model": "catalog",
     "default_model_id": "catalog", "new_local_model_dir": "catalog", "remove_local_model": "catalog",
     "lineage": "catalog", "unique_model_id": "catalog", "find_model": "catalog", "models_home": "catalog",
-    "local_models_dir": "catalog",
+    "local_models_dir": "catalog", "validation_model_id": "catalog",
     "import_pth": "import_pth",
 }
 

@@ -134,6 +134,14 @@ def find_model(model_id: str) -> Optional[CatalogEntry]:
 
 
 # ---- resolution ---------------------------------------------------------------------------------
+def validation_model_id(model: Optional[str] = None) -> str:
+    """`model` (default: the default model), or the validation run its card names (`validation.validation_run`):
+    a final model trained on every labelled case would score its own training cases on the validation split,
+    so benchmarks that score that split take its validation run instead."""
+    card = ModelCard.load(resolve_model(model))
+    return str((card.validation or {}).get("validation_run") or card.id)
+
+
 def default_model_id() -> str:
     """`$SEMISEG_LA_DEFAULT_MODEL`, else bundled default.json, else the first bundled model."""
     env = os.environ.get(DEFAULT_ENV, "").strip()
