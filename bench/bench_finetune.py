@@ -7,7 +7,7 @@ CLI (`semiseg-la finetune`, one child process each, one after the other, with th
 its model is scored the same way:
 
     python bench/bench_finetune.py --data ../shared/data/LA --shift scanner [--strength 1] [--budget 600] \
-        [--methods default supervised caml crln semicml-la] [--tta flip|none] [--json out.json] [--work DIR]
+        [--methods default supervised caml crln semicml-la] [--tta flip|mirror|none] [--json out.json] [--work DIR]
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune

@@ -4,7 +4,7 @@ Scores the model on the validation cases (the last N of train.list, never traine
 site family acquires them (`semiseg_la.preprocess.site_shift`, the same site seed and case seeds as
 bench/bench_finetune.py), and prints the Dice of each and what it costs:
 
-    python bench/bench_site_shift.py --data ../shared/data/LA [--model default] \
+    python bench/bench_site_shift.py --data ../shared/data/LA [--model ID] \
         [--families scanner piecewise thick-slices bias rician-noise] [--strength 1] [--json out.json]
 """
 

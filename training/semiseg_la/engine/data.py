@@ -70,10 +70,10 @@ def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool 
                  normalization: str = "zscore-volume") -> TrainCase:
     """Read, validate, normalise over the case (`normalize_volume`) and resample to the model spacing."""
     image, label = record.load()
-    normalized = image.with_array(normalize_volume(image.array, normalization))
-    resampled, _grid = to_model_grid(normalized, spacing, interpolation="linear")
+    removed = zscore_stats(image.array) if normalization == "zscore-volume" else None  # kept on the case
+    array = zscore(image.array, stats=removed) if removed else normalize_volume(image.array, normalization)
+    resampled, _grid = to_model_grid(image.with_array(array), spacing, interpolation="linear")
     label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
-    removed = zscore_stats(image.array) if normalization == "zscore-volume" else None
     return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array,
                      removed)
 
@@ -216,21 +216,22 @@ class WideFieldOfView:
             return image, label
         donors = [d for i, d in enumerate(self.donors) if i != index] or self.donors
         shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
-        crop = canvas_intensities(self.cases[index], self.intensities) if self.intensities == "stored" else image[0]
-        wide = build_wide_case(crop, label, donors, shape, rng, decoy=rng.random() < self.decoy_prob)
+        wide = build_wide_case(canvas_intensities(self.cases[index], self.intensities), label, donors, shape, rng,
+                               decoy=rng.random() < self.decoy_prob)
         return zscore(wide.image)[None].astype(np.float32), wide.label
 
 
 def canvas_intensities(case: TrainCase, intensities: str) -> np.ndarray:
     """Channel 0 as a canvas takes it: "normalized" (as the model sees the crop alone) or "stored"."""
-    if intensities not in WIDE_FOV_INTENSITIES:
-        raise InputError(f"unknown wide_fov_intensities {intensities!r}; expected one of "
-                         + ", ".join(WIDE_FOV_INTENSITIES))
     return case.stored_image() if intensities == "stored" else case.image[0]
 
 
 def donors_from(cases: Sequence[TrainCase], spacing: Sequence[float], intensities: str = "normalized") -> List[Donor]:
-    """The labelled cases' tissue with their atria painted out: what wide canvases are tiled with."""
+    """The labelled cases' tissue with their atria painted out: what wide canvases are tiled with (every
+    canvas builder starts here, so the intensities are checked here once)."""
+    if intensities not in WIDE_FOV_INTENSITIES:
+        raise InputError(f"unknown wide_fov_intensities {intensities!r}; expected one of "
+                         + ", ".join(WIDE_FOV_INTENSITIES))
     return [make_donor(canvas_intensities(c, intensities), c.label, spacing, seed=i)
             for i, c in enumerate(cases) if c.label is not None]
 

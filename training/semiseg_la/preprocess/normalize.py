@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 
-def zscore(array: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """(array - mean) / std over the whole array, as float32.
+def zscore(array: np.ndarray, eps: float = 1e-8, stats: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """(array - mean) / std over the whole array, as float32; `stats`: its `zscore_stats`, when already known.
 
     Statistics accumulate in float64 (float32 sums over millions of voxels lose ~3 digits), slice by
     slice so no float64 copy of the volume is made. A constant array maps to zeros (std floored by eps).
@@ -16,7 +16,7 @@ def zscore(array: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     data = np.asarray(array)
     if data.size == 0:
         return data.astype(np.float32)
-    mean, std = zscore_stats(data, eps)
+    mean, std = stats if stats is not None else zscore_stats(data, eps)
     out = data.astype(np.float32, copy=True)
     out -= np.float32(mean)
     out *= np.float32(1.0 / std)
