@@ -16,7 +16,14 @@ from semiseg_la.errors import ConfigError, InputError, RegionError
 from semiseg_la.inference.localise import DEFAULT_MARGIN_MM, Localiser
 from semiseg_la.inference.predictor import InferenceSpec, Predictor
 from semiseg_la.io.volume import Volume
-from semiseg_la.preprocess.wide_fov import build_wide_case, make_donor, paint_out_atrium, random_canvas_shape
+from semiseg_la.preprocess.wide_fov import (
+    REGION_MARGIN_MM,
+    build_wide_case,
+    make_donor,
+    paint_out_atrium,
+    random_canvas_shape,
+    region_around,
+)
 
 
 class Threshold(torch.nn.Module):
@@ -130,6 +137,51 @@ def test_stored_intensity_canvases_keep_each_crop_on_its_own_scan_scale():
     assert contrast["stored"] < 0.6 * contrast["normalized"], contrast  # the dim atrium stays dim
     with pytest.raises(ConfigError, match="wide_fov_intensities"):
         build_config({"wide_fov_intensities": "raw"})
+
+
+def test_region_view_hands_a_fine_model_what_segment_cuts_from_a_whole_scan():
+    """`wide_fov_region_mm`: the canvas cut to the atrium's box with a random margin per face (as
+    `segment --region auto` cuts a whole scan), at least a patch large, z-scored over itself."""
+    cases = [TrainCase(f"c{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
+                       sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]
+    widen = WideFieldOfView(cases, (2.5, 2.5, 2.5), prob=1.0, region_mm=(5.0, 20.0), min_size=(16, 16, 8))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        image, label = widen(cases[0].image, cases[0].label, 0, rng)
+        assert image.shape[1:] == label.shape and label.sum() == cases[0].label.sum()  # the whole atrium
+        low, high = bounds(label)
+        margins_mm = np.concatenate([low, np.array(label.shape) - high])[[0, 1, 3, 4]] * 2.5  # in-plane faces
+        assert np.all(margins_mm >= 5.0 - 2.5) and np.all(margins_mm <= 20.0 + 2.5), margins_mm  # drawn margins
+        assert max(label.shape[:2]) < 100  # a region, not the whole-scan canvas
+        assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-2  # z-scored over itself
+    with pytest.raises(ConfigError, match="wide_fov_region_mm"):
+        build_config({"wide_fov_region_mm": [20, 5]})
+
+
+def test_region_around_grows_to_a_patch_and_stays_in_the_array():
+    label = np.zeros((100, 80, 30), np.uint8)
+    label[40:50, 30:40, 10:20] = 1
+    box = region_around(label, (1.0, 1.0, 2.0), [5, 5, 4, 5, 5, 4])
+    assert [(b.start, b.stop) for b in box] == [(35, 55), (25, 45), (8, 22)]
+    grown = region_around(label, (1.0, 1.0, 2.0), [5] * 6, min_size=(32, 32, 40))
+    assert [b.stop - b.start for b in grown] == [32, 32, 30]  # z: clipped to the array
+    assert grown[0].start <= 40 and grown[0].stop >= 50
+    with pytest.raises(InputError, match="6 values"):
+        region_around(label, (1.0, 1.0, 1.0), [5, 5])
+
+
+def test_region_validation_cuts_each_canvas_as_segment_does():
+    donors = [TrainCase(f"d{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
+                        sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]
+    val = [TrainCase("v0", sphere_volume((40, 36, 24), radius=8, seed=9)[0][None],
+                     sphere_volume((40, 36, 24), radius=8, seed=9)[1])]
+    cases = wide_validation_cases(val, donors, (2.5, 2.5, 2.5), max_mm=250.0, region=True, min_size=(8, 8, 8))
+    assert [c.case_id for c in cases] == ["v0", "v0-region", "v0-region-decoy"]
+    for case in cases[1:]:
+        low, high = bounds(case.label)
+        margins = np.concatenate([low, np.array(case.label.shape) - high])[[0, 1, 3, 4]]
+        assert np.all(margins == int(round(REGION_MARGIN_MM / 2.5))), margins  # segment's margin, in-plane
+        assert case.label.sum() == val[0].label.sum()
 
 
 # -- the localiser's region ------------------------------------------------------------------------

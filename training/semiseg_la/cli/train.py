@@ -158,7 +158,9 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         split, labeled, unlabeled, validation = load_split(config, reporter)
         if config.wide_fov_prob > 0 and validation:  # trained for whole scans: selected on whole-scan canvases
             validation = wide_validation_cases(validation, labeled, config.spacing, config.wide_fov_max_mm,
-                                               intensities=config.wide_fov_intensities)
+                                               intensities=config.wide_fov_intensities,
+                                               region=config.wide_fov_region_mm is not None,
+                                               min_size=config.patch_size)
             reporter.log("validation also on whole-scan canvases (without and with a decoy atrium): "
                          f"{len(validation)} cases")
         validator = make_validator(validation, config.patch_size, config.spacing, device, log=reporter.log)

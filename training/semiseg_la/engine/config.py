@@ -65,6 +65,9 @@ class TrainConfig:
     # (as stored; the LA release z-scores each crop over its whole scan, so an atrium keeps its brightness
     # relative to its own scan, and to the tissue around it)
     wide_fov_intensities: str = "normalized"
+    # a fine model's view of those canvases: null (the whole canvas: a localiser) or [low, high] mm, the box that
+    # `segment --region auto` cuts around the atrium, each face's margin drawn from that range (it cuts 15 mm)
+    wide_fov_region_mm: Optional[List[float]] = None
     # site-shift augmentation (preprocess/site_shift.py): this share of training samples (labelled and unlabelled)
     # passes through a random simulated site, 1-3 of `site_shift_families` at strengths up to
     # `site_shift_strength`, so a model learns what differs between scanners; the mean teacher's teacher sees
@@ -163,6 +166,9 @@ class TrainConfig:
         if self.wide_fov_intensities not in WIDE_FOV_INTENSITIES:
             problems.append(f"wide_fov_intensities={self.wide_fov_intensities!r} must be one of "
                             + ", ".join(WIDE_FOV_INTENSITIES))
+        region_mm = self.wide_fov_region_mm
+        if region_mm is not None and (len(region_mm) != 2 or not 0 <= region_mm[0] <= region_mm[1]):
+            problems.append(f"wide_fov_region_mm={region_mm} must be null or [low, high] with 0 <= low <= high")
         if self.wide_fov_prob > 0 and self.in_channels != 1:
             problems.append("wide_fov_prob > 0 needs single-channel images (in_channels 1)")
         if not 0.0 <= self.site_shift_prob <= 1.0 or not 0.0 <= self.site_shift_strength <= 2.0:

@@ -19,7 +19,14 @@ from ..io.volume import Volume
 from ..preprocess.normalize import zscore, zscore_stats
 from ..preprocess.resample import to_model_grid
 from ..preprocess.site_shift import random_site_shifts
-from ..preprocess.wide_fov import Donor, build_wide_case, make_donor, random_canvas_shape
+from ..preprocess.wide_fov import (
+    REGION_MARGIN_MM,
+    Donor,
+    build_wide_case,
+    make_donor,
+    random_canvas_shape,
+    region_around,
+)
 from .config import NORMALIZATIONS, WIDE_FOV_INTENSITIES
 
 
@@ -203,12 +210,18 @@ class Augmentation:
 class WideFieldOfView:
     """Places a labelled training case in a whole-scan-sized canvas of the other labelled cases' tissue
     (with probability `prob`; a decoy atrium beside it with `decoy_prob`), then z-scores the canvas as
-    `segment` z-scores a whole scan. The rest of the samples stay the benchmark's own crops."""
+    `segment` z-scores a whole scan. The rest of the samples stay the benchmark's own crops.
+
+    With `region_mm` (a fine model's view) the network gets what `segment --region auto` hands it instead:
+    the box around the atrium, each face's margin drawn from `region_mm` (mm), grown to `min_size` voxels,
+    z-scored over itself, so it learns the tissue of a whole scan beyond a crop's own edges."""
 
     def __init__(self, cases: Sequence[TrainCase], spacing: Sequence[float], prob: float,
-                 decoy_prob: float = 0.0, max_mm: float = 360.0, intensities: str = "normalized") -> None:
+                 decoy_prob: float = 0.0, max_mm: float = 360.0, intensities: str = "normalized",
+                 region_mm: Optional[Sequence[float]] = None, min_size: Sequence[int] = (0, 0, 0)) -> None:
         self.spacing, self.prob, self.decoy_prob, self.max_mm = tuple(spacing), prob, decoy_prob, max_mm
         self.cases, self.intensities = cases, intensities
+        self.region_mm, self.min_size = (tuple(region_mm) if region_mm else None), tuple(min_size)
         self.donors = donors_from(cases, spacing, intensities)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, index: int, rng: np.random.Generator):
@@ -218,7 +231,11 @@ class WideFieldOfView:
         shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
         wide = build_wide_case(canvas_intensities(self.cases[index], self.intensities), label, donors, shape, rng,
                                decoy=rng.random() < self.decoy_prob)
-        return zscore(wide.image)[None].astype(np.float32), wide.label
+        canvas, target = wide.image, wide.label
+        if self.region_mm is not None:
+            box = region_around(target, self.spacing, rng.uniform(*self.region_mm, size=6), self.min_size)
+            canvas, target = canvas[box], target[box]
+        return zscore(canvas)[None].astype(np.float32), np.ascontiguousarray(target)
 
 
 def canvas_intensities(case: TrainCase, intensities: str) -> np.ndarray:
@@ -238,10 +255,13 @@ def donors_from(cases: Sequence[TrainCase], spacing: Sequence[float], intensitie
 
 def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence[TrainCase],
                           spacing: Sequence[float], max_mm: float = 360.0, seed: int = 0,
-                          intensities: str = "normalized") -> List[TrainCase]:
+                          intensities: str = "normalized", region: bool = False,
+                          min_size: Sequence[int] = (0, 0, 0)) -> List[TrainCase]:
     """Each validation crop as it is, then inside a canvas of `max_mm` in-plane tiled with the training cases'
     tissue, without and with a decoy atrium: what a model trained for whole scans must find there, scored on the
-    same canvases at every validation (fixed seeds), so that the best checkpoint is the best on whole scans."""
+    same canvases at every validation (fixed seeds), so that the best checkpoint is the best on whole scans.
+    With `region` (a fine model) each canvas is cut as `segment --region auto` cuts it: the atrium's box with
+    REGION_MARGIN_MM a side, grown to `min_size` voxels."""
     donors = donors_from(donor_cases, spacing, intensities)
     cases: List[TrainCase] = []
     for n, case in enumerate(validation):
@@ -251,8 +271,11 @@ def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence
         for decoy in (False, True):
             wide = build_wide_case(canvas_intensities(case, intensities), case.label, donors,
                                    (*shape, case.label.shape[2]), rng, decoy=decoy)
-            cases.append(TrainCase(f"{case.case_id}-wide{'-decoy' if decoy else ''}",
-                                   zscore(wide.image)[None].astype(np.float32), wide.label))
+            box = (region_around(wide.label, spacing, [REGION_MARGIN_MM] * 6, min_size) if region
+                   else (slice(None),) * 3)
+            cases.append(TrainCase(f"{case.case_id}-{'region' if region else 'wide'}{'-decoy' if decoy else ''}",
+                                   zscore(wide.image[box])[None].astype(np.float32),
+                                   np.ascontiguousarray(wide.label[box])))
     return cases
 
 

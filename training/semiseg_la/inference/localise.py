@@ -25,13 +25,15 @@ from ..errors import RegionError
 from ..io.volume import Volume
 from ..preprocess.normalize import zscore_stats
 from ..preprocess.resample import ModelGrid, roi_from_physical, to_model_grid
+from ..preprocess.wide_fov import REGION_MARGIN_MM
 from .predictor import InferenceSpec, Predictor, largest_component_and_rivals
 
 #: LA volumes of the 80 labelled LA cases: 18.6-132.1 mL (median 49.0); a found atrium outside half the
 #: smallest to twice the largest is not trusted
 PLAUSIBLE_VOLUME_ML = (9.0, 265.0)
 #: margin around the found atrium: the training crops had 6-12 mm around the label, plus localisation error
-DEFAULT_MARGIN_MM = 15.0
+#: (a fine model trained with `wide_fov_region_mm` saw boxes cut this way)
+DEFAULT_MARGIN_MM = REGION_MARGIN_MM
 #: the localiser's map is smoothed over a (4 mm) voxel and thresholded low: it only has to find the atrium,
 #: the fine model outlines it, and a hesitant map's pieces must join into one region
 FIND_THRESHOLD = 0.3

@@ -23,6 +23,9 @@ from ..errors import InputError
 
 #: the in-plane size of a whole LA scan (576 x 576 voxels of 0.625 mm)
 WHOLE_SCAN_MM = 360.0
+#: the margin `segment --region auto` leaves around the atrium it found (inference/localise.py): the fine
+#: model sees a whole scan through a box this much larger than the atrium on each side
+REGION_MARGIN_MM = 15.0
 
 
 @dataclasses.dataclass
@@ -103,6 +106,24 @@ def build_wide_case(image: np.ndarray, label: np.ndarray, donors: Sequence[Donor
     target[box] = label > 0
     decoy_voxels = _place_decoy(canvas, target, donors, rng) if decoy else 0
     return WideCase(canvas, target, offset, decoy_voxels)
+
+
+def region_around(label: np.ndarray, spacing: Sequence[float], margins_mm: Sequence[float],
+                  min_size: Sequence[int] = (0, 0, 0)) -> Tuple[slice, ...]:
+    """The box `segment --region auto` cuts around an atrium: the label's bounding box grown by
+    `margins_mm` (6 values: the lower faces along X, Y, Z, then the upper ones), grown about its centre to
+    at least `min_size` voxels (the fine model's patch), clipped to the array."""
+    if len(margins_mm) != 6:
+        raise InputError(f"region margins need 6 values (lower X Y Z, upper X Y Z), got {len(margins_mm)}")
+    lo, hi = _bounds(label)
+    box = []
+    for axis, size in enumerate(label.shape):
+        low = lo[axis] - int(round(float(margins_mm[axis]) / float(spacing[axis])))
+        high = hi[axis] + int(round(float(margins_mm[axis + 3]) / float(spacing[axis])))
+        grow = max(int(min_size[axis]) - (high - low), 0)
+        low, high = low - grow // 2, high + grow - grow // 2
+        box.append(slice(max(low, 0), min(high, int(size))))
+    return tuple(box)
 
 
 def _tile(donors: Sequence[Donor], shape: Tuple[int, int, int], rng: np.random.Generator,
@@ -188,4 +209,4 @@ def _check_pair(image: np.ndarray, label: Optional[np.ndarray]) -> None:
 
 
 __all__ = ["WHOLE_SCAN_MM", "Donor", "WideCase", "paint_out_atrium", "make_donor", "random_canvas_shape",
-           "build_wide_case"]
+           "build_wide_case", "REGION_MARGIN_MM", "region_around"]
