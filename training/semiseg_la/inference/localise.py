@@ -55,6 +55,7 @@ class Region:
     candidates: int = 1
     warnings: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    settle_seconds: float = 0.0  # the first fine pass over an automatic region, which settles it
     refined: bool = False  # grown (or narrowed) once around the fine result
     searched_whole: bool = False  # "auto" without a usable localiser box: the fine model searched everything
 
