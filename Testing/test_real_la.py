@@ -57,7 +57,8 @@ def bundled_default():
 def test_bundled_default_model_meets_its_card_on_the_validation_split(la_root, tmp_path, bundled_default):
     """The default model's card states its validation Dice (one pass, as training validates). A final model
     trained on every labelled case takes it from its validation run (`validation_run`, bundled too): `evaluate
-    --tta none` on those 8 cases must reproduce it, and the default flip TTA must reach issue 13's 0.88."""
+    --tta none` on those 8 cases must reproduce it, and the default flip TTA must reach 0.89 (issue 13 asked for
+    0.88; the whole-scan stage of issue 14 measured 0.8985)."""
     from semiseg_la.checkpoints import ModelCard, resolve_model
 
     card = ModelCard.load(resolve_model(bundled_default))
@@ -75,7 +76,7 @@ def test_bundled_default_model_meets_its_card_on_the_validation_split(la_root, t
     one_pass = mean_dice(run_id, "--tta", "none")
     assert one_pass == pytest.approx(card.validation_dice, abs=0.005)
     assert one_pass > 0.85  # the default model's floor (0.851 for v0.1.0, trained further since)
-    assert mean_dice(run_id) >= 0.88  # what `segment` gives by default (0.8875 measured, docs/results.md)
+    assert mean_dice(run_id) >= 0.89  # what `segment` gives by default (0.8985 measured, docs/results.md)
     if run_id != bundled_default:  # the final model trained on these cases too: at least its run's figure
         assert mean_dice(bundled_default, "--tta", "none") >= one_pass - 0.005
 
