@@ -112,7 +112,9 @@ def test_fp16_copy_of_the_bundled_model_is_sharded_below_16_mib(tmp_path):
     original, _ = load_model_weights(source)
     weights, card = load_model_weights(tmp_path / copied["id"])
     assert card.weights["dtype"] == "float16" and card.validation == load_model_weights(source)[1].validation
-    assert all(torch.equal(original[k].half().float(), weights[k]) for k in original)
+    for key, value in original.items():  # floats round-trip through fp16; integer buffers stay exact
+        expected = value.half().float() if value.is_floating_point() else value  # (4550 batches: not an fp16)
+        assert torch.equal(expected, weights[key]), key
 
 
 def test_salvage_command_resumes_without_the_budget():
