@@ -5,6 +5,7 @@ on a held-out site case and says so when the child is worse, and `--from default
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -217,6 +218,33 @@ def test_mean_teacher_consistency_reaches_its_weight_in_a_short_run():
     fraction = build_method("mean_teacher", {"consistency": 1.0, "rampup_fraction": 0.5}, 150)
     assert fraction.training_step(Batch(image, label, 2), 20).logs["consistency_weight"] < 0.2
     assert fraction.training_step(Batch(image, label, 2), 75).logs["consistency_weight"] == pytest.approx(1.0)
+
+
+def test_pseudo_label_consistency_counts_only_confident_voxels():
+    """Self-training's loss is the cross-entropy towards the teacher's class on the voxels the teacher is
+    sure of: unsure voxels change nothing, no confident voxel gives 0, and a bad setting is refused."""
+    import torch
+
+    from semiseg_la.errors import ConfigError
+    from semiseg_la.methods import Batch, build_method
+    from semiseg_la.methods.losses import pseudo_label_ce
+
+    teacher = torch.tensor([[0.95, 0.6], [0.05, 0.4]]).reshape(1, 2, 2, 1, 1)  # voxel 0 sure, voxel 1 not
+    student = torch.zeros(1, 2, 2, 1, 1)
+    assert float(pseudo_label_ce(student, teacher, 0.9)) == pytest.approx(math.log(2))
+    student[0, 0, 0] = 5.0  # agrees with the teacher where it is sure: a small loss
+    agreeing = float(pseudo_label_ce(student, teacher, 0.9))
+    student[0, 1, 1] = -50.0  # the unsure voxel moves far: no effect
+    assert float(pseudo_label_ce(student, teacher, 0.9)) == pytest.approx(agreeing) and agreeing < 0.01
+    assert float(pseudo_label_ce(student, teacher, 0.99)) == 0.0
+    method = build_method("mean_teacher", {"consistency_loss": "pseudo_label", "consistency_on": "unlabeled",
+                                           "consistency": 1.0, "rampup_fraction": 0.5}, 10)
+    image, label = torch.randn(4, 1, 16, 16, 16), torch.zeros(4, 16, 16, 16, dtype=torch.long)
+    result = method.training_step(Batch(image, label, 2), 9)
+    assert result.logs["loss_consistency"] > 0.0 and torch.isfinite(result.loss)
+    result.loss.backward()
+    with pytest.raises(ConfigError, match="consistency_loss"):
+        build_method("mean_teacher", {"consistency_loss": "kl"}, 10)
 
 
 def test_legacy_evaluation_keeps_every_component_as_the_papers_do(parent_models, tmp_path):

@@ -29,6 +29,17 @@ def supervised_ce_dice(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch
     return ce, dice_loss_squared(prob, label == 1)
 
 
+def pseudo_label_ce(student_logits: torch.Tensor, teacher_prob: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Cross-entropy towards the teacher's class on the voxels where the teacher is at least `threshold` sure.
+
+    Averaged over the confident voxels only (0 when there are none), with no host synchronisation.
+    """
+    confidence, target = teacher_prob.max(dim=1)
+    mask = (confidence >= threshold).float()
+    ce = F.cross_entropy(student_logits, target, reduction="none")
+    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def sigmoid_rampup(current: float, length: float) -> float:
     """Laine & Aila: exp(-5 (1 - t/T)^2), 1 when T = 0; the LA family evaluates it at iteration // 150."""
     if length == 0:

@@ -7,6 +7,11 @@ or over `rampup_fraction` of the run). Teacher: EMA of the student (decay 0.99).
 
 `consistency_on: unlabeled` computes the teacher and the consistency on the unlabelled samples only:
 the labelled ones already have a label, and the teacher pass costs half as much (fine-tuning on a CPU).
+
+`consistency_loss: pseudo_label` replaces the MSE by self-training: cross-entropy towards the teacher's
+class wherever the teacher is at least `pseudo_threshold` sure. In a 50-iteration fine-tune the MSE on
+softmax outputs stays about 20 times below the supervised loss (docs/results.md, "Site adaptation"),
+so the unlabelled scans change nothing; a cross-entropy has the supervised loss's scale.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import VNet
 from .base import Batch, Method, StepResult, ema_update
-from .losses import consistency_weight, supervised_ce_dice
+from .losses import consistency_weight, pseudo_label_ce, supervised_ce_dice
 
 DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "rampup_fraction": None,
-            "ema_decay": 0.99, "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all"}
+            "ema_decay": 0.99, "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all",
+            "consistency_loss": "mse", "pseudo_threshold": 0.9}
 
 
 class MeanTeacher(Method):
@@ -40,6 +46,9 @@ class MeanTeacher(Method):
         if self.params["consistency_on"] not in ("all", "unlabeled"):
             raise ConfigError(f"mean_teacher consistency_on must be 'all' or 'unlabeled', "
                               f"got {self.params['consistency_on']!r}")
+        if self.params["consistency_loss"] not in ("mse", "pseudo_label"):
+            raise ConfigError(f"mean_teacher consistency_loss must be 'mse' or 'pseudo_label', "
+                              f"got {self.params['consistency_loss']!r}")
         self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
                             has_dropout=bool(self.params.get("dropout", True)))
         self.teacher = copy.deepcopy(self.student)
@@ -57,12 +66,17 @@ class MeanTeacher(Method):
                             -self.params["noise_clip"], self.params["noise_clip"])
         with torch.no_grad():
             teacher_prob = torch.softmax(self.teacher(image + noise).float(), dim=1)
-        student_prob = torch.softmax(logits[rows].float(), dim=1)
-        consistency = torch.mean((student_prob - teacher_prob) ** 2) if image.shape[0] else logits.sum() * 0
+        consistency = (self._consistency(logits[rows].float(), teacher_prob) if image.shape[0]
+                       else logits.sum() * 0)
         weight = consistency_weight(self.params["consistency"], iteration, *self.rampup)
         loss = supervised + weight * consistency
         return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),
                                  "loss_consistency": float(consistency.detach()), "consistency_weight": weight})
+
+    def _consistency(self, student_logits: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
+        if self.params["consistency_loss"] == "mse":
+            return torch.mean((torch.softmax(student_logits, dim=1) - teacher_prob) ** 2)
+        return pseudo_label_ce(student_logits, teacher_prob, float(self.params["pseudo_threshold"]))
 
     def after_optimizer_step(self, iteration: int) -> None:
         ema_update(self.teacher, self.student, self.params["ema_decay"], iteration)
