@@ -1,0 +1,37 @@
+"""The fine-tune benchmark's paired comparison: a difference carried by one case gets an interval that
+spans zero; a difference every case shares does not."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_finetune.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_finetune", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_case_does_not_make_a_difference_certain(bench):
+    low, high = bench.paired_interval([0.08, 0, 0, 0, 0, 0, 0, 0])
+    assert low == pytest.approx(0.0) and high > 0.02
+
+
+def test_a_shared_difference_is_certain(bench):
+    low, high = bench.paired_interval([0.011, 0.009, 0.010, 0.012, 0.008, 0.010, 0.011, 0.009])
+    assert 0.008 < low < 0.010 < high < 0.012
+
+
+def test_summary_names_the_cases_each_side_wins(bench, capsys):
+    rows = [{"method": "default", "shifted": 0.85, "shifted_cases": [0.9, 0.8], "step_s": 5.5},
+            {"method": "supervised", "shifted": 0.84, "shifted_cases": [0.85, 0.83], "step_s": 5.0}]
+    bench.print_summary({}, rows)
+    out = capsys.readouterr().out
+    assert "+1.00 Dice points" in out and "better on 1 of 2 cases" in out and "1.10x" in out
