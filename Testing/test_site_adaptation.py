@@ -191,7 +191,7 @@ def test_fine_tune_presets_exist_for_every_method_and_ramp_up_in_iterations():
     from semiseg_la.cli.train import finetune_preset
     from semiseg_la.engine.config import build_config, load_preset
 
-    for method in ("mean_teacher", "supervised", "caml", "crln", "semicml_la"):
+    for method in ("mean_teacher", "supervised", "caml", "crln", "semicml_la", "site_adapter"):
         preset = load_preset(finetune_preset(method))
         config = build_config(dict(preset, data="x"))
         assert config.method == method and config.fit_to_budget and config.time_budget_s == 600

@@ -39,7 +39,7 @@ from semiseg_la.preprocess.site_shift import SiteShift, shift_families
 
 #: method name on the command line -> the finetune preset it runs ("default" is what Slicer runs)
 PRESETS = {"default": "finetune", "supervised": "finetune-supervised", "caml": "finetune-caml",
-           "crln": "finetune-crln", "semicml-la": "finetune-semicml-la"}
+           "crln": "finetune-crln", "semicml-la": "finetune-semicml-la", "adapter": "finetune-site-adapter"}
 STEP_RE = re.compile(r"([0-9.]+) s per iteration")
 
 

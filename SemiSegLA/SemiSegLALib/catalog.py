@@ -17,6 +17,7 @@ METHOD_LABELS = {
     "crln": "CRLN",
     "semicml": "Semi-CML (PReL)",
     "semi_cml": "Semi-CML (PReL)",
+    "site_adapter": "Site adapter (intensity curve)",
 }
 
 

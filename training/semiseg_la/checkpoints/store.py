@@ -45,7 +45,7 @@ Builder = Callable[[Mapping[str, Any]], nn.Module]
 
 
 # ---- architectures ------------------------------------------------------------------------------
-_VNET_KEYS = ("in_channels", "n_classes", "base", "norm", "has_dropout", "up_type")
+_VNET_KEYS = ("in_channels", "n_classes", "base", "norm", "has_dropout", "up_type", "input_adapter")
 
 
 def _build_vnet(config: Mapping[str, Any]) -> nn.Module:

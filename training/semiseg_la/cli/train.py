@@ -234,12 +234,31 @@ def run_finetune(args: argparse.Namespace) -> int:
                  "normalization": info.get("normalization", "zscore-volume")})  # inputs as the parent saw them
     if "patch_size" in (base.get("method_params") or {}):  # CRLN's DIM grid follows the parent's patch
         base["method_params"]["patch_size"] = list(info["patch_size"])
+    _keep_parent_adapter(base, arch, card)
     if args.data and (args.labeled_num is None or args.val_num is None):
         labeled_num, val_num = _site_split(args)
         base["val_num"] = val_num
         if args.labeled_num is None:
             base["labeled_num"] = labeled_num
     return run_train(args, initial=weights, parent_card=card, base=base)
+
+
+def _keep_parent_adapter(base: Dict[str, Any], arch: Dict[str, Any], card) -> None:
+    """A site-adapted parent (an intensity adapter in front of its V-Net) is fine-tuned with its adapter, by the
+    methods that train one V-Net (the adapter alone, supervised, mean teacher); the others cannot take it."""
+    width = arch.get("input_adapter")
+    if not width:
+        return
+    if base.get("method") not in ADAPTER_METHODS:
+        parent = (card_get(card, "lineage") or {}).get("parent")
+        raise ConfigError(f"{card_get(card, 'id')} is a site-adapted model (an intensity adapter in front of its "
+                          f"parent's V-Net): fine-tune it with --method {' | '.join(ADAPTER_METHODS)}"
+                          + (f", or fine-tune its parent {parent} with this method" if parent else ""))
+    base.setdefault("method_params", {})["input_adapter"] = int(width)
+
+
+#: the methods whose network can carry a site adapter (models/adapter.py)
+ADAPTER_METHODS = ("site_adapter", "supervised", "mean_teacher")
 
 
 def finetune_preset(method: Optional[str]) -> str:

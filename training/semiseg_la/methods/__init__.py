@@ -13,6 +13,7 @@ from .caml import Caml
 from .crln import Crln
 from .mean_teacher import MeanTeacher
 from .semicml import SemiCML, SemiCMLLA
+from .site_adapter import SiteAdapter
 from .supervised import Supervised
 
 METHODS: Dict[str, Callable[..., Method]] = {
@@ -22,6 +23,7 @@ METHODS: Dict[str, Callable[..., Method]] = {
     SemiCMLLA.name: SemiCMLLA,
     Crln.name: Crln,
     Caml.name: Caml,
+    SiteAdapter.name: SiteAdapter,
 }
 
 

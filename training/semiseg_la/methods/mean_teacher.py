@@ -50,7 +50,8 @@ class MeanTeacher(Method):
             raise ConfigError(f"mean_teacher consistency_loss must be 'mse' or 'pseudo_label', "
                               f"got {self.params['consistency_loss']!r}")
         self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
-                            has_dropout=bool(self.params.get("dropout", True)))
+                            has_dropout=bool(self.params.get("dropout", True)),
+                            input_adapter=int(self.params.get("input_adapter", 0)))
         self.teacher = copy.deepcopy(self.student)
         for param in self.teacher.parameters():
             param.requires_grad_(False)

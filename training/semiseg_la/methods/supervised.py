@@ -19,7 +19,8 @@ class Supervised(Method):
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
         super().__init__(params, max_iterations)
         self.net = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
-                        has_dropout=bool(self.params.get("dropout", True)), base=int(self.params.get("base", 16)))
+                        has_dropout=bool(self.params.get("dropout", True)),
+                        input_adapter=int(self.params.get("input_adapter", 0)), base=int(self.params.get("base", 16)))
 
     def training_step(self, batch: Batch, iteration: int) -> StepResult:
         logits = self.net(batch.image[batch.labeled])

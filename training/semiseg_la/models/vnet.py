@@ -2,7 +2,8 @@
 
 Not Milletari's residual V-Net: plain conv stacks with additive skips, BatchNorm + ReLU, 16 base
 filters, 9.45 M parameters. `up_type` 0 = transposed conv (CAML's V, UA-MT, MC-Net), 1 = trilinear
-upsample + conv (CAML's A), 2 = nearest + conv. Spatial sizes must be multiples of 16.
+upsample + conv (CAML's A), 2 = nearest + conv. Spatial sizes must be multiples of 16. `input_adapter` N > 0
+puts an `IntensityAdapter` of width N in front (a site-adapted child; models/adapter.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Dict, Tuple
 
 import torch
 from torch import nn
+
+from .adapter import IntensityAdapter
 
 DOWNSAMPLING_FACTOR = 16
 
@@ -113,15 +116,21 @@ class VNet(nn.Module):
     """V-Net: `forward` returns logits (B, n_classes, X, Y, Z); `forward_features` adds decoder features."""
 
     def __init__(self, in_channels: int = 1, n_classes: int = 2, base: int = 16, norm: str = "batchnorm",
-                 has_dropout: bool = False, up_type: int = 0) -> None:
+                 has_dropout: bool = False, up_type: int = 0, input_adapter: int = 0) -> None:
         super().__init__()
         self.config = {"in_channels": in_channels, "n_classes": n_classes, "base": base, "norm": norm,
                        "has_dropout": has_dropout, "up_type": up_type}
+        self.input_adapter = None
+        if input_adapter:  # recorded only when present: a plain V-Net's card is unchanged
+            self.config["input_adapter"] = int(input_adapter)
+            self.input_adapter = IntensityAdapter(in_channels, int(input_adapter))
         self.encoder = VNetEncoder(in_channels, base, norm, has_dropout)
         self.decoder = VNetDecoder(n_classes, base, norm, has_dropout, up_type)
 
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         check_spatial_size(x.shape[2:])
+        if self.input_adapter is not None:
+            x = self.input_adapter(x)
         features = self.encoder(x)
         logits, decoder_features = self.decoder(features)
         decoder_features["x5"] = features[4]
