@@ -294,3 +294,16 @@ def test_parent_blend_exports_the_wise_ft_average_of_child_and_parent(parent_mod
     for key in child:
         if child[key].is_floating_point():
             assert torch.allclose(blended[key], 0.5 * (child[key].float() + parent[key]), atol=1e-6), key
+
+
+def test_a_misspelt_method_param_is_an_error_not_ignored():
+    """`--set method_params.consistensy=0` must not run the default weight silently."""
+    from semiseg_la.errors import ConfigError
+    from semiseg_la.methods import build_method
+
+    for method, typo in (("mean_teacher", "consistensy"), ("supervised", "consistency"), ("site_adapter", "alignmnet")):
+        with pytest.raises(ConfigError, match=f"{method}: unknown method_params {typo}; it takes"):
+            build_method(method, {typo: 0}, 10)
+    for method, params in (("mean_teacher", {"consistency": 0, "dropout": False, "in_channels": 1}),
+                           ("supervised", {"base": 8, "dropout": False}), ("site_adapter", {"alignment": 1.0})):
+        build_method(method, params, 10)

@@ -8,7 +8,7 @@ checkpoints `state_dict()` and exports `inference_network()`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -106,6 +106,21 @@ class Method:
         """Start every network from the same V-Net weights (fine-tuning from a catalog model)."""
         for module in self.modules().values():
             module.load_state_dict(state_dict, strict=True)
+
+
+#: method_params every method may receive: the engine passes the input channels to all of them
+COMMON_PARAMS = ("in_channels",)
+
+
+def check_param_names(method: str, params: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A misspelt `--set method_params.x=...` is an error, not a setting silently ignored."""
+    allowed = set(known) | set(COMMON_PARAMS)
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{method}: unknown method_params {', '.join(unknown)}; it takes "
+                          + ", ".join(sorted(allowed)))
 
 
 def unwrap(module: nn.Module) -> nn.Module:

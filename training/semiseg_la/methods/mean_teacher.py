@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import VNet
-from .base import Batch, Method, StepResult, ema_update
+from .base import Batch, Method, StepResult, check_param_names, ema_update
 from .losses import consistency_weight, pseudo_label_ce, supervised_ce_dice
 
 DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "rampup_fraction": None,
@@ -38,6 +38,7 @@ class MeanTeacher(Method):
     networks = ("student", "teacher")
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
+        check_param_names(self.name, params, (*DEFAULTS, "dropout", "input_adapter"))
         super().__init__({**DEFAULTS, **params}, max_iterations)
         fraction = self.params["rampup_fraction"]
         # (length, unit): a fraction of the run (a budget-fitted fine-tune) or the LA family's units

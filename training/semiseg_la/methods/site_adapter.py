@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import VNet
-from .base import Batch, Method, StepResult, unwrap
+from .base import Batch, Method, StepResult, check_param_names, unwrap
 from .losses import supervised_ce_dice
 
 DEFAULTS = {"input_adapter": 16, "supervised": 1.0, "alignment": 0.0}
@@ -40,6 +40,7 @@ class SiteAdapter(Method):
     networks = ("net",)
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
+        check_param_names(self.name, params, (*DEFAULTS, "dropout"))  # dropout: accepted, the body never drops
         super().__init__({**DEFAULTS, **params}, max_iterations)
         if int(self.params["input_adapter"]) < 1:
             raise ConfigError("site_adapter input_adapter (its width) must be >= 1, "

@@ -7,8 +7,11 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..models import VNet
-from .base import Batch, Method, StepResult, unwrap
+from .base import Batch, Method, StepResult, check_param_names, unwrap
 from .losses import supervised_ce_dice
+
+#: its method_params: the V-Net's width, dropout, and the width of a site-adapted parent's input adapter
+PARAMS = ("base", "dropout", "input_adapter")
 
 
 class Supervised(Method):
@@ -17,6 +20,7 @@ class Supervised(Method):
     networks = ("net",)
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
+        check_param_names(self.name, params, PARAMS)
         super().__init__(params, max_iterations)
         self.net = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
                         has_dropout=bool(self.params.get("dropout", True)),
