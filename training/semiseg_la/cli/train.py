@@ -243,6 +243,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     return run_train(args, initial=weights, parent_card=card, base=base)
 
 
+#: the methods whose network can carry a site adapter (models/adapter.py)
+ADAPTER_METHODS = ("site_adapter", "supervised", "mean_teacher")
+
+
 def _keep_parent_adapter(base: Dict[str, Any], arch: Dict[str, Any], card) -> None:
     """A site-adapted parent (an intensity adapter in front of its V-Net) is fine-tuned with its adapter, by the
     methods that train one V-Net (the adapter alone, supervised, mean teacher); the others cannot take it."""
@@ -255,10 +259,6 @@ def _keep_parent_adapter(base: Dict[str, Any], arch: Dict[str, Any], card) -> No
                           f"parent's V-Net): fine-tune it with --method {' | '.join(ADAPTER_METHODS)}"
                           + (f", or fine-tune its parent {parent} with this method" if parent else ""))
     base.setdefault("method_params", {})["input_adapter"] = int(width)
-
-
-#: the methods whose network can carry a site adapter (models/adapter.py)
-ADAPTER_METHODS = ("site_adapter", "supervised", "mean_teacher")
 
 
 def finetune_preset(method: Optional[str]) -> str:

@@ -10,7 +10,7 @@ the labelled ones already have a label, and the teacher pass costs half as much 
 
 `consistency_loss: pseudo_label` replaces the MSE by self-training: cross-entropy towards the teacher's
 class wherever the teacher is at least `pseudo_threshold` sure. In a 50-iteration fine-tune the MSE on
-softmax outputs stays about 20 times below the supervised loss (docs/results.md, "Site adaptation"),
+softmax outputs stays 20 to 60 times below the supervised loss (docs/results.md, "Site adaptation"),
 so the unlabelled scans change nothing; a cross-entropy has the supervised loss's scale.
 """
 

@@ -61,15 +61,12 @@ class SiteAdapter(Method):
         """The parent's weights; an adapter it already has (a site child adapted again) is kept, else the new
         adapter starts as the identity. Every other tensor must fit exactly."""
         net = unwrap(self.net)
-        own = net.state_dict()
-        body = {k: v for k, v in state_dict.items() if not k.startswith(ADAPTER_PREFIX)}
-        adapter = {k: v for k, v in state_dict.items() if k.startswith(ADAPTER_PREFIX)}
-        mine = {k: tuple(v.shape) for k, v in own.items() if k.startswith(ADAPTER_PREFIX)}
-        if adapter and {k: tuple(v.shape) for k, v in adapter.items()} != mine:
+        fresh = {k: v for k, v in net.state_dict().items() if k.startswith(ADAPTER_PREFIX)}
+        given = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(ADAPTER_PREFIX)}
+        if given and given != {k: tuple(v.shape) for k, v in fresh.items()}:
             raise ConfigError("site_adapter: the parent's input adapter has another width than input_adapter "
                               f"{self.params['input_adapter']}")
-        net.load_state_dict({**{k: v for k, v in own.items() if k.startswith(ADAPTER_PREFIX)}, **body, **adapter},
-                            strict=True)
+        net.load_state_dict({**fresh, **state_dict}, strict=True)
 
     def train(self, mode: bool = True) -> None:
         """Only the adapter trains: the parent's body stays in eval mode, so its BatchNorm layers normalise with
@@ -88,10 +85,8 @@ class SiteAdapter(Method):
         finally:
             for handle in handles:
                 handle.remove()
-        zero = logits.sum() * 0
-        ce, dice = (supervised_ce_dice(logits[batch.labeled], batch.label[batch.labeled]) if batch.labeled_bs
-                    else (zero, zero))
-        alignment = torch.stack(self._batch_stats).mean() if self._batch_stats else zero
+        ce, dice = supervised_ce_dice(logits[batch.labeled], batch.label[batch.labeled])
+        alignment = torch.stack(self._batch_stats).mean() if self._batch_stats else logits.new_zeros(())
         self._batch_stats = []
         loss = float(self.params["supervised"]) * 0.5 * (ce + dice) + float(self.params["alignment"]) * alignment
         return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),

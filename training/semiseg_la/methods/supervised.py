@@ -23,8 +23,8 @@ class Supervised(Method):
         check_param_names(self.name, params, PARAMS)
         super().__init__(params, max_iterations)
         self.net = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
-                        has_dropout=bool(self.params.get("dropout", True)),
-                        input_adapter=int(self.params.get("input_adapter", 0)), base=int(self.params.get("base", 16)))
+                        has_dropout=bool(self.params.get("dropout", True)), base=int(self.params.get("base", 16)),
+                        input_adapter=int(self.params.get("input_adapter", 0)))
 
     def training_step(self, batch: Batch, iteration: int) -> StepResult:
         logits = self.net(batch.image[batch.labeled])
