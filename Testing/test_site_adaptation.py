@@ -301,9 +301,12 @@ def test_a_misspelt_method_param_is_an_error_not_ignored():
     from semiseg_la.errors import ConfigError
     from semiseg_la.methods import build_method
 
-    for method, typo in (("mean_teacher", "consistensy"), ("supervised", "consistency"), ("site_adapter", "alignmnet")):
+    for method, typo in (("mean_teacher", "consistensy"), ("supervised", "consistency"), ("site_adapter", "alignmnet"),
+                         ("caml", "memory_slot"), ("semicml_la", "gate_alpha"), ("semicml", "modality_name")):
         with pytest.raises(ConfigError, match=f"{method}: unknown method_params {typo}; it takes"):
             build_method(method, {typo: 0}, 10)
     for method, params in (("mean_teacher", {"consistency": 0, "dropout": False, "in_channels": 1}),
-                           ("supervised", {"base": 8, "dropout": False}), ("site_adapter", {"alignment": 1.0})):
+                           ("supervised", {"base": 8, "dropout": False}), ("site_adapter", {"alignment": 1.0}),
+                           ("caml", {"memory_slots": 4, "labeled_num": 4}), ("semicml_la", {"gate_alpha_cap": 0.5}),
+                           ("semicml", {"modality_names": ["T1", "T2"], "in_channels": 2})):
         build_method(method, params, 10)

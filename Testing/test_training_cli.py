@@ -121,3 +121,12 @@ def test_multimodal_semicml_trains_from_a_two_channel_folder_and_exports_one_mod
     assert card["inference"]["in_channels"] == 1  # one modality at inference
     assert card["inference"]["channel_names"]["0"] in ("channel 0 (T1)", "channel 1 (T2)")
     assert card["training"]["modalities"] == ["T1", "T2"]
+
+
+def test_a_misspelt_method_param_stops_the_command_before_the_cases_load(tmp_path):
+    """The data folder does not exist: the method setting is what the command must complain about first."""
+    result = run_cli(["train", "--method", "mean_teacher", "--data", str(tmp_path / "no-such-data"),
+                      "--set", "method_params.consistensy=0", "--output", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.returncode != 0
+    assert "unknown method_params consistensy" in result.stderr
+    assert not (tmp_path / "run").exists()

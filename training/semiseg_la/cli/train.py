@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..engine.config import TrainConfig, build_config, load_config_file, load_preset, parse_overrides
 from ..engine.data import Split, TrainCase, prepare_case, split_cases, wide_validation_cases
-from ..engine.loop import Trainer, TrainResult
+from ..engine.loop import Trainer, TrainResult, method_for
 from ..errors import ConfigError, InputError
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..progress import ProgressReporter
@@ -140,6 +140,7 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
     from ..inference.validation import make_multimodal_validator, make_validator
 
     config = resolve_config(args, base)
+    method_for(config)  # a misspelt or impossible method setting stops here, before the cases load
     reporter = reporter_for(args)
     if args.resume and not (Path(config.output) / "checkpoints" / "last.pt").is_file():
         raise InputError(f"{config.output}: nothing to resume (no checkpoints/last.pt); drop --resume")

@@ -103,8 +103,7 @@ class Trainer:
         self.run_dir = Path(config.output)
         self.ckpt_dir = self.run_dir / "checkpoints"
         seed_everything(config.seed + self.ctx.rank, config.deterministic)
-        params = {"in_channels": config.in_channels, **config.method_params}
-        self.method = build_method(config.method, params, config.max_iterations)
+        self.method = method_for(config)
         if initial_weights is not None:
             self.method.load_initial_weights(initial_weights)
         self.method.to(self.device)
@@ -570,6 +569,12 @@ def train(config: TrainConfig, labeled: List[TrainCase], unlabeled: List[TrainCa
           initial_weights: Optional[Mapping[str, torch.Tensor]] = None, resume: bool = False) -> TrainResult:
     """Train `config.method` into `config.output`; `resume` continues from `checkpoints/last.pt`."""
     return Trainer(config, labeled, unlabeled, validator, reporter, initial_weights).run(resume=resume)
+
+
+def method_for(config: TrainConfig) -> Method:
+    """The run's method, freshly initialised; its method_params are checked here (ConfigError)."""
+    params = {"in_channels": config.in_channels, **config.method_params}
+    return build_method(config.method, params, config.max_iterations)
 
 
 def make_optimizer(config: TrainConfig, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:

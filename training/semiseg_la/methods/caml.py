@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.caml import CamlHeads, SubNetworkA, SubNetworkV
-from .base import Batch, Method, StepResult, unwrap
+from .base import Batch, Method, StepResult, check_param_names, unwrap
 from .losses import consistency_weight, dice_loss_linear
 
 NUM_CLASSES = 2
@@ -255,6 +255,7 @@ class Caml(Method):
 
     def _check_params(self) -> None:
         p = self.params
+        check_param_names(self.name, p, (*DEFAULTS, "labeled_num"))
         if p["memory_flatten"] not in ("voxel", "official"):
             raise ConfigError(f"CAML memory_flatten must be 'voxel' or 'official', got {p['memory_flatten']!r}")
         if p["occ_head_rows"] not in ("agreeing", "selected"):

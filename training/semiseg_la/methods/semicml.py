@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import VNet
-from .base import Batch, Method, StepResult, unwrap
+from .base import Batch, Method, StepResult, check_param_names, unwrap
 from .losses import dice_loss_squared, sigmoid_rampup
 
 #: the paper's schedule is 81 epochs; fractions of training below are its epochs / 81
@@ -288,6 +288,7 @@ class _SemiCMLBase(Method):
     # -- construction ------------------------------------------------------------------------------
     def _check_params(self) -> None:
         p = self.params
+        check_param_names(self.name, p, (*DEFAULTS, *self.form_defaults))
         problems = []
         if int(p.get("in_channels", self.expected_channels)) != self.expected_channels:
             problems.append(f"in_channels must be {self.expected_channels} for {self.name} "
