@@ -247,6 +247,44 @@ def test_pseudo_label_consistency_counts_only_confident_voxels():
         build_method("mean_teacher", {"consistency_loss": "kl"}, 10)
 
 
+def test_copy_paste_mixes_labelled_and_unlabelled_patches_both_ways(monkeypatch):
+    """BCP: the first unlabelled patch receives a labelled box, the second is a box in a labelled patch; the
+    mixed target is the label where the labelled patch shows and the teacher's class elsewhere, whose voxels
+    weigh `unlabeled_weight`; with no unlabelled sample the step is supervised only."""
+    from semiseg_la.errors import ConfigError
+    from semiseg_la.methods import Batch, build_method, mean_teacher
+
+    method = build_method("mean_teacher", {"consistency_loss": "copy_paste", "consistency": 1.0,
+                                           "rampup_fraction": 0.5, "dropout": False, "unlabeled_weight": 0.25}, 10)
+    with torch.no_grad():  # a teacher that calls every voxel background
+        method.teacher.decoder.out_conv.bias.copy_(torch.tensor([50.0, -50.0]))
+    seen, inputs = {}, []
+    method.student.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+
+    def spy(logits, target, weight):
+        seen.update(target=target, weight=weight)
+        return torch.zeros(()), torch.zeros(())
+
+    monkeypatch.setattr(mean_teacher, "weighted_ce_dice", spy)
+    labeled, unlabeled = torch.full((1, 1, 48, 48, 48), 1.0), torch.full((2, 1, 48, 48, 48), -1.0)
+    label = torch.zeros(3, 48, 48, 48, dtype=torch.long)
+    label[0] = 1
+    result = method.training_step(Batch(torch.cat([labeled, unlabeled]), label, 1), 9)
+    assert torch.isfinite(result.loss)
+    mixed = inputs[0][1:, 0]
+    from_label = mixed == 1.0
+    box = 32 ** 3 / 48 ** 3  # 2/3 of each side
+    assert float(from_label[0].float().mean()) == pytest.approx(box)
+    assert float(from_label[1].float().mean()) == pytest.approx(1 - box)
+    assert torch.equal(seen["target"] == 1, from_label)
+    assert torch.equal(seen["weight"], torch.where(from_label, 1.0, 0.25))
+    alone = method.training_step(Batch(labeled, label[:1], 1), 9)
+    assert alone.logs["loss_consistency"] == 0.0 and torch.isfinite(alone.loss)
+    for bad in ({"paste_fraction": 1.0}, {"unlabeled_weight": -1}):
+        with pytest.raises(ConfigError, match="paste_fraction"):
+            build_method("mean_teacher", {"consistency_loss": "copy_paste", **bad}, 10)
+
+
 def test_legacy_evaluation_keeps_every_component_as_the_papers_do(parent_models, tmp_path):
     """Two atria-like blobs in one case: the papers' legacy evaluation (no post-processing) scores both,
     keeping only the largest component drops one; the JSON says which post-processing ran."""

@@ -29,6 +29,19 @@ def supervised_ce_dice(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch
     return ce, dice_loss_squared(prob, label == 1)
 
 
+def weighted_ce_dice(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`supervised_ce_dice` with a weight per voxel (B, X, Y, Z): BCP's mixed loss, where the voxels whose
+    target is a teacher's pseudo-label count less than the labelled ones."""
+    weight = weight.float()
+    ce = (F.cross_entropy(logits.float(), label, reduction="none") * weight).sum() / weight.sum().clamp_min(1e-8)
+    prob = torch.softmax(logits.float(), dim=1)[:, 1]
+    target = (label == 1).float()
+    intersect = (weight * prob * target).sum()
+    dice = 1 - (2 * intersect + 1e-5) / ((weight * prob * prob).sum() + (weight * target).sum() + 1e-5)
+    return ce, dice
+
+
 def pseudo_label_ce(student_logits: torch.Tensor, teacher_prob: torch.Tensor, threshold: float) -> torch.Tensor:
     """Cross-entropy towards the teacher's class on the voxels where the teacher is at least `threshold` sure.
 

@@ -12,6 +12,12 @@ the labelled ones already have a label, and the teacher pass costs half as much 
 class wherever the teacher is at least `pseudo_threshold` sure. In a 50-iteration fine-tune the MSE on
 softmax outputs stays 20 to 60 times below the supervised loss (docs/results.md, "Site adaptation"),
 so the unlabelled scans change nothing; a cross-entropy has the supervised loss's scale.
+
+`consistency_loss: copy_paste` is BCP's bidirectional copy-paste (Bai et al., CVPR 2023): each unlabelled
+patch is mixed with a labelled one, a box (`paste_fraction` of each side, at a random place) of one
+pasted into the other, alternately each way; the student learns the mixed patch against the same mix
+of the label and the teacher's hard pseudo-label, whose voxels weigh `unlabeled_weight`. The unlabelled scans
+then give the labelled anatomy new surroundings, the site's own. The teacher runs on the unlabelled samples.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import VNet
 from .base import Batch, Method, StepResult, check_param_names, ema_update
-from .losses import consistency_weight, pseudo_label_ce, supervised_ce_dice
+from .losses import consistency_weight, pseudo_label_ce, supervised_ce_dice, weighted_ce_dice
 
 DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "rampup_fraction": None,
             "ema_decay": 0.99, "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all",
-            "consistency_loss": "mse", "pseudo_threshold": 0.9}
+            "consistency_loss": "mse", "pseudo_threshold": 0.9, "paste_fraction": 2 / 3, "unlabeled_weight": 0.5}
+CONSISTENCY_LOSSES = ("mse", "pseudo_label", "copy_paste")
 
 
 class MeanTeacher(Method):
@@ -47,9 +54,12 @@ class MeanTeacher(Method):
         if self.params["consistency_on"] not in ("all", "unlabeled"):
             raise ConfigError(f"mean_teacher consistency_on must be 'all' or 'unlabeled', "
                               f"got {self.params['consistency_on']!r}")
-        if self.params["consistency_loss"] not in ("mse", "pseudo_label"):
-            raise ConfigError(f"mean_teacher consistency_loss must be 'mse' or 'pseudo_label', "
+        if self.params["consistency_loss"] not in CONSISTENCY_LOSSES:
+            raise ConfigError(f"mean_teacher consistency_loss must be one of {', '.join(CONSISTENCY_LOSSES)}, "
                               f"got {self.params['consistency_loss']!r}")
+        if not 0 < float(self.params["paste_fraction"]) < 1 or float(self.params["unlabeled_weight"]) < 0:
+            raise ConfigError("mean_teacher paste_fraction must be in (0, 1) and unlabeled_weight >= 0, got "
+                              f"{self.params['paste_fraction']!r}, {self.params['unlabeled_weight']!r}")
         self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
                             has_dropout=bool(self.params.get("dropout", True)),
                             input_adapter=int(self.params.get("input_adapter", 0)))
@@ -58,6 +68,8 @@ class MeanTeacher(Method):
             param.requires_grad_(False)
 
     def training_step(self, batch: Batch, iteration: int) -> StepResult:
+        if self.params["consistency_loss"] == "copy_paste":
+            return self._copy_paste_step(batch, iteration)
         logits = self.student(batch.image)
         ce, dice = supervised_ce_dice(logits[batch.labeled], batch.label[batch.labeled])
         supervised = 0.5 * (ce + dice)
@@ -79,6 +91,47 @@ class MeanTeacher(Method):
         if self.params["consistency_loss"] == "mse":
             return torch.mean((torch.softmax(student_logits, dim=1) - teacher_prob) ** 2)
         return pseudo_label_ce(student_logits, teacher_prob, float(self.params["pseudo_threshold"]))
+
+    def _copy_paste_step(self, batch: Batch, iteration: int) -> StepResult:
+        labeled, label = batch.image[batch.labeled], batch.label[batch.labeled]
+        unlabeled = batch.image[batch.unlabeled]
+        with torch.no_grad():
+            teacher_view = (batch.clean_image if batch.clean_image is not None else batch.image)[batch.unlabeled]
+            pseudo = self.teacher(teacher_view).argmax(dim=1) if len(unlabeled) else None
+        alpha = torch.tensor(float(self.params["unlabeled_weight"]), device=label.device)
+        one = torch.ones((), device=label.device)
+        mixed, target, voxel_weight = [], [], []
+        for k in range(len(unlabeled)):
+            inside = self._paste_cube(label.shape[1:], label.device)
+            if k % 2:  # the other direction: the unlabelled cube in the labelled patch
+                inside = ~inside
+            source = k % len(labeled)
+            mixed.append(torch.where(inside, labeled[source], unlabeled[k]))
+            target.append(torch.where(inside, label[source], pseudo[k]))
+            voxel_weight.append(torch.where(inside, one, alpha))
+        logits = self.student(torch.cat([labeled, *[m[None] for m in mixed]]))
+        ce, dice = supervised_ce_dice(logits[batch.labeled], label)
+        if mixed:
+            mixed_ce, mixed_dice = weighted_ce_dice(logits[batch.unlabeled], torch.stack(target),
+                                                    torch.stack(voxel_weight))
+            mixed_loss = 0.5 * (mixed_ce + mixed_dice)
+        else:
+            mixed_loss = logits.sum() * 0
+        weight = consistency_weight(self.params["consistency"], iteration, *self.rampup)
+        loss = 0.5 * (ce + dice) + weight * mixed_loss
+        return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),
+                                 "loss_consistency": float(mixed_loss.detach()), "consistency_weight": weight})
+
+    def _paste_cube(self, shape, device: torch.device) -> torch.Tensor:
+        """A boolean (X, Y, Z) mask: True in a box `paste_fraction` of each side, at a random place."""
+        inside = torch.zeros(tuple(shape), dtype=torch.bool, device=device)
+        box = []
+        for size in shape:
+            side = max(1, round(float(self.params["paste_fraction"]) * size))
+            start = int(torch.randint(0, size - side + 1, ()))
+            box.append(slice(start, start + side))
+        inside[tuple(box)] = True
+        return inside
 
     def after_optimizer_step(self, iteration: int) -> None:
         ema_update(self.teacher, self.student, self.params["ema_decay"], iteration)
