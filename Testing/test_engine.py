@@ -170,34 +170,6 @@ def test_anchor_weight_keeps_a_fine_tune_near_its_parent(tmp_path):
         tiny_config(tmp_path, anchor_weight=-1)
 
 
-def test_frozen_norm_statistics_keep_the_parents_and_still_train_the_rest(tmp_path):
-    """`norm_statistics: frozen`: the student's and the teacher's BatchNorm running statistics stay the
-    parent's through a mean-teacher fine-tune, while the weights (BatchNorm scales included) move; with
-    `update` the statistics follow the batches."""
-    from semiseg_la.methods import build_method
-
-    parent = build_method("supervised", {}, 4)
-    initial = {k: v.clone() for k, v in parent.net.state_dict().items()}
-    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(2, False, seed=10)
-
-    def fine_tune(mode):
-        trainer = Trainer(tiny_config(tmp_path / mode, method="mean_teacher", max_iterations=3, base_lr=0.05,
-                                      norm_statistics=mode), labeled, unlabeled, initial_weights=initial)
-        trainer.run()
-        return {name: net.state_dict() for name, net in trainer.method.modules().items()}
-
-    def moved(state, suffix):
-        return [k for k in initial if k.endswith(suffix) and not torch.equal(state[k], initial[k])]
-
-    frozen, updated = fine_tune("frozen"), fine_tune("update")
-    for name, state in frozen.items():
-        assert moved(state, "running_mean") == [] and moved(state, "running_var") == [], name
-    assert moved(frozen["student"], ".weight")
-    assert moved(updated["student"], "running_mean")
-    with pytest.raises(ConfigError, match="norm_statistics"):
-        tiny_config(tmp_path, norm_statistics="fixed")
-
-
 def _weights(result):
     return result.method.inference_network().state_dict()
 

@@ -122,10 +122,6 @@ class TrainConfig:
     # parent learnt from many cases (docs/results.md, site adaptation). 0 exports the fine-tuned weights as they are
     parent_blend: float = 0.0
     train_only: Optional[str] = None  # "norm": train the normalisation layers' parameters only
-    # "update": BatchNorm layers normalise with each batch's statistics and track them while training (as
-    # usual); "frozen": they keep normalising with the parent's running statistics, as at inference (the
-    # detection-style fine-tune of a pretrained network on small batches from a few cases)
-    norm_statistics: str = "update"
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -157,8 +153,6 @@ class TrainConfig:
             problems.append(f"normalization={self.normalization!r} must be one of {', '.join(NORMALIZATIONS)}")
         if self.normalization != "zscore-volume" and getattr(self, "wide_fov_prob", 0.0) > 0:
             problems.append("wide_fov_prob > 0 z-scores its canvases: it needs normalization zscore-volume")
-        if self.norm_statistics not in NORM_STATISTICS:
-            problems.append(f"norm_statistics={self.norm_statistics!r} must be one of {', '.join(NORM_STATISTICS)}")
         if self.export_checkpoint not in ("best", "last"):
             problems.append(f"export_checkpoint={self.export_checkpoint!r} must be best or last")
         volume_space = (self.method == "crln" and (self.method_params or {}).get("input_space") == "minmax_volume")
@@ -201,7 +195,6 @@ LR_POLICIES = ("constant", "step", "poly", "multistep")
 OPTIMIZERS = ("sgd", "adam")
 #: the same names as the model card's `inference.normalization` (engine/data.py normalize_volume)
 NORMALIZATIONS = ("zscore-volume", "stored", "minmax-volume")
-NORM_STATISTICS = ("update", "frozen")
 WIDE_FOV_INTENSITIES = ("normalized", "stored")
 
 

@@ -332,8 +332,6 @@ class Trainer:
     def train_step(self) -> tuple:
         """One optimiser step at `self.iteration` (which the caller advances): (learning rate, StepResult)."""
         self.method.train(True)
-        if self.config.norm_statistics == "frozen":
-            hold_norm_statistics(self.method)
         lr = self.learning_rate(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -490,16 +488,6 @@ class Trainer:
         atomic_write_text(self.run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
         for name in ("train_log.csv", "validation.csv"):
             (self.run_dir / name).unlink(missing_ok=True)
-
-
-def hold_norm_statistics(method: Method) -> None:
-    """Put every BatchNorm layer of the method's networks in inference mode: it normalises with the running
-    statistics it has (the parent's) and no longer updates them, while its scale and shift still train. A
-    fine-tune on small batches of a few cases then changes the weights, not what they are normalised with."""
-    for network in method.modules().values():
-        for module in network.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
 
 
 NORM_TYPES = (nn.BatchNorm3d, nn.BatchNorm1d, nn.GroupNorm, nn.InstanceNorm3d, nn.LayerNorm)
