@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recovered = (scores["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
                "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
-               "shifted_cases": scores["shifted_cases"]}
+               "shifted_cases": scores["shifted_cases"], "unshifted_cases": scores["unshifted_cases"]}
         rows.append(row)
         print(format_row(row), flush=True)
     print_summary(base, rows)
@@ -132,7 +132,7 @@ def score_model(model: str, cases, shifted, tta: str) -> Dict:
     plain = [dice(predictor.predict(image).label.array, label.array) for image, label in cases]
     moved = [dice(predictor.predict(image).label.array, label.array) for image, label in shifted]
     return {"model": card.id, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
-            "shifted_cases": [float(d) for d in moved]}
+            "shifted_cases": [float(d) for d in moved], "unshifted_cases": [float(d) for d in plain]}
 
 
 def run_finetune(method: str, args: argparse.Namespace, work: Path, site_dir: Path, unlabeled_dir: Path) -> Dict:
