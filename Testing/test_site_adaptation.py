@@ -94,6 +94,7 @@ def test_a_fine_tune_adapts_to_the_site_and_the_card_says_how(parent_models, tmp
     assert record["site_holdout"]["child_dice"] == pytest.approx(guard["child_dice"])
     assert record["parent_reference"]["dice"] == pytest.approx(0.95)
     assert card["validation"]["figure"] == "site hold-out"
+    assert card["validation"]["checkpoint"] == "last (iteration 60)"  # judged by the held-out case, not picked
     assert card["lineage"]["parent"] == PARENT_ID
     listing = run_cli(["models", "list"], env_extra=env_for(parent_models))
     row = next(line for line in listing.stdout.splitlines() if line.startswith(card["id"]))
