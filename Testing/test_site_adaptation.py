@@ -196,6 +196,7 @@ def test_fine_tune_presets_exist_for_every_method_and_ramp_up_in_iterations():
         preset = load_preset(finetune_preset(method))
         config = build_config(dict(preset, data="x"))
         assert config.method == method and config.fit_to_budget and config.time_budget_s == 600
+        assert config.export_checkpoint == "last", method  # the held-out case judges, it does not pick
     default = load_preset("finetune")["method_params"]
     assert 0 < default["rampup_fraction"] < 1  # the ramp-up completes inside any fitted run
 
