@@ -102,8 +102,8 @@ class MeanTeacher(Method):
         one = torch.ones((), device=label.device)
         mixed, target, voxel_weight = [], [], []
         for k in range(len(unlabeled)):
-            inside = self._paste_cube(label.shape[1:], label.device)
-            if k % 2:  # the other direction: the unlabelled cube in the labelled patch
+            inside = self._paste_box(label.shape[1:], label.device)
+            if k % 2:  # the other direction: the unlabelled box in the labelled patch
                 inside = ~inside
             source = k % len(labeled)
             mixed.append(torch.where(inside, labeled[source], unlabeled[k]))
@@ -122,7 +122,7 @@ class MeanTeacher(Method):
         return StepResult(loss, {"loss_ce": float(ce.detach()), "loss_dice": float(dice.detach()),
                                  "loss_consistency": float(mixed_loss.detach()), "consistency_weight": weight})
 
-    def _paste_cube(self, shape, device: torch.device) -> torch.Tensor:
+    def _paste_box(self, shape, device: torch.device) -> torch.Tensor:
         """A boolean (X, Y, Z) mask: True in a box `paste_fraction` of each side, at a random place."""
         inside = torch.zeros(tuple(shape), dtype=torch.bool, device=device)
         box = []
