@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.crln import CrlnInference, CrlnNet, CrlnOutput, MinMaxVNet, Rectifier, minmax
-from .base import Batch, Method, StepResult, unwrap
+from .base import Batch, Method, StepResult, check_param_names, unwrap
 from .losses import supervised_ce_dice
 
 DEFAULTS: Dict[str, Any] = {
@@ -69,9 +69,7 @@ INPUT_SPACES = ("zscore", "minmax", "minmax_volume")
 
 def checked_params(params: Mapping[str, Any]) -> Dict[str, Any]:
     """Defaults + given values; unknown keys and impossible values are configuration errors."""
-    unknown = sorted(set(params) - set(DEFAULTS) - {"in_channels"})
-    if unknown:
-        raise ConfigError(f"crln: unknown method_params {', '.join(unknown)}")
+    check_param_names("crln", params, DEFAULTS)
     p = {**DEFAULTS, **params}
     problems = []
     if p["export"] not in ("rectified", "teacher"):

@@ -98,8 +98,7 @@ class MeanTeacher(Method):
         with torch.no_grad():
             teacher_view = (batch.clean_image if batch.clean_image is not None else batch.image)[batch.unlabeled]
             pseudo = self.teacher(teacher_view).argmax(dim=1) if len(unlabeled) else None
-        alpha = torch.tensor(float(self.params["unlabeled_weight"]), device=label.device)
-        one = torch.ones((), device=label.device)
+        alpha = float(self.params["unlabeled_weight"])
         mixed, target, voxel_weight = [], [], []
         for k in range(len(unlabeled)):
             inside = self._paste_box(label.shape[1:], label.device)
@@ -108,7 +107,7 @@ class MeanTeacher(Method):
             source = k % len(labeled)
             mixed.append(torch.where(inside, labeled[source], unlabeled[k]))
             target.append(torch.where(inside, label[source], pseudo[k]))
-            voxel_weight.append(torch.where(inside, one, alpha))
+            voxel_weight.append(torch.where(inside, 1.0, alpha))
         logits = self.student(torch.cat([labeled, *[m[None] for m in mixed]]))
         ce, dice = supervised_ce_dice(logits[batch.labeled], label)
         if mixed:
