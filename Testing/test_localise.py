@@ -170,6 +170,36 @@ def test_region_around_grows_to_a_patch_and_stays_in_the_array():
         region_around(label, (1.0, 1.0, 1.0), [5, 5])
 
 
+def test_a_labelled_whole_scan_is_cut_to_the_region_segment_gives_the_fine_model(tmp_path):
+    """Fine-tuning on a site's whole scans (`cut_whole_scans`): the label's box + REGION_MARGIN_MM, at least
+    the fine patch, normalised over the cut; a crop-sized case is not a whole scan and is left whole."""
+    from semiseg_la.engine.data import cut_around_label, label_roi, prepare_case
+    from semiseg_la.io.datasets import CaseRecord
+    from semiseg_la.io.volume import write_volume
+    from semiseg_la.preprocess.wide_fov import is_whole_scan
+
+    vol, label = blobs_image([(60.0, 140.0, 27.0)], radius_mm=10.0)  # 200 x 200 x 55 mm
+    assert is_whole_scan(vol.shape, vol.spacing) and not is_whole_scan((160, 160, 44), SPACING)
+    low, high = bounds(label)
+    roi = label_roi(Volume(label, SPACING), min_size_mm=(10.0, 10.0, 10.0))
+    margin = [int(round(REGION_MARGIN_MM / s)) for s in SPACING]
+    assert roi[:3] == list(np.maximum(low - margin, 0)) and roi[3:] == list(np.minimum(high + margin, vol.shape))
+    grown = label_roi(Volume(label, SPACING), min_size_mm=(80.0, 80.0, 40.0))
+    assert [grown[3 + a] - grown[a] for a in range(3)] == [128, 128, 40]  # 80 mm / 0.625, 40 mm / 1.25 + clip
+    image, cut_label = cut_around_label(vol, Volume(label, SPACING), (10.0, 10.0, 10.0))
+    assert image.shape == cut_label.shape == tuple(roi[3 + a] - roi[a] for a in range(3))
+    assert int(cut_label.array.sum()) == int(label.sum())  # the whole atrium
+    assert np.allclose(image.origin, np.array(roi[:3]) * SPACING)  # still on the scan's physical grid
+    write_volume(vol, tmp_path / "img.nrrd")
+    write_volume(vol.with_array(label), tmp_path / "lab.nrrd")
+    record = CaseRecord("c", [tmp_path / "img.nrrd"], tmp_path / "lab.nrrd")
+    case = prepare_case(record, (2.5, 2.5, 2.5), cut=lambda im, lb: cut_around_label(im, lb, (10.0, 10.0, 10.0)))
+    assert case.image.shape[1:] == tuple(int(round(n * s / 2.5)) for n, s in zip(image.shape, SPACING))
+    assert abs(float(case.image.mean())) < 0.05  # z-scored over the cut, not over the whole scan
+    with pytest.raises(ConfigError, match="cut_whole_scans"):
+        build_config({"cut_whole_scans": True, "role": "localiser"})
+
+
 def test_region_validation_cuts_each_canvas_as_segment_does():
     donors = [TrainCase(f"d{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
                         sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]

@@ -63,6 +63,23 @@ def write_site(root: Path, labeled: int = 4, unlabeled: int = 2, shift: SiteShif
     return site, unl
 
 
+def write_whole_site(root: Path, labeled: int = 4) -> tuple:
+    """Whole scans (200 mm along X): the labelled sphere near one end, a larger bright sphere that is not the
+    target near the other; and one unlabelled scan of noise alone, where no localiser finds an atrium."""
+    site, unl = root / "site", root / "unlabeled"
+    for folder in (site / "images", site / "labels", unl):
+        folder.mkdir(parents=True)
+    shape = (200, 36, 36)
+    for i in range(labeled):
+        image, label = sphere_volume(shape, center=(40, 18, 18), radius=8 + i % 3, seed=300 + i)
+        decoy, _ = sphere_volume(shape, center=(150, 18, 18), radius=13, noise=0.0)
+        write_volume(Volume(image + decoy, (1.0, 1.0, 1.0)), site / "images" / f"case{i}.nrrd")
+        write_volume(Volume(label, (1.0, 1.0, 1.0)), site / "labels" / f"case{i}.nrrd")
+    noise = np.random.default_rng(9).normal(0, 0.1, shape).astype(np.float32)
+    write_volume(Volume(noise, (1.0, 1.0, 1.0)), unl / "noise.nrrd")
+    return site, unl
+
+
 def env_for(models: Path) -> dict:
     return {"SEMISEG_LA_MODELS": str(models)}
 
@@ -149,6 +166,25 @@ def test_the_guard_rail_flags_a_child_worse_than_its_parent(parent_models, tmp_p
     holdout = card["finetune"]["site_holdout"]
     assert holdout["child_dice"] < holdout["parent_dice"]
     assert holdout["cases"] == ["case3"]
+
+
+def test_whole_site_scans_are_trained_and_checked_in_the_atrium_region(parent_models, tmp_path):
+    """A clinician's site cases are whole scans, and `segment --region auto` only ever shows the fine model
+    the atrium's region. The fine-tune trains and checks on that region: each scan here also holds a larger
+    bright sphere far from the atrium, which the model keeps (largest component) when shown the whole scan.
+    An unlabelled whole scan where the localiser finds no atrium is left out, and the log says so."""
+    site, unl = write_whole_site(tmp_path)
+    result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
+                      "--iterations", "2", "--set", "fit_to_budget=false", "--device", "cpu",
+                      "--output", str(tmp_path / "run"), "--progress", "json"], env_extra=env_for(parent_models))
+    assert result.returncode == 0, result.stderr
+    records = json_lines(result.stdout)
+    logs = [r["message"] for r in records if r.get("stage") == "log"]
+    assert any(m.startswith("noise: left out of the unlabelled scans") for m in logs), logs
+    summary = next(m for m in logs if m.startswith("whole scans cut"))
+    assert "4 labelled (the label's box + 15 mm)" in summary  # 3 trained, 1 held out
+    guard = records[-1]["guard"]
+    assert guard["parent_dice"] > 0.8 and guard["child_dice"] > 0.8, guard  # the region's sphere, not the decoy
 
 
 def test_two_labelled_cases_are_all_trained_and_the_check_is_marked_unchecked(parent_models, tmp_path):

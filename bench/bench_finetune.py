@@ -7,7 +7,14 @@ CLI (`semiseg-la finetune`, one child process each, one after the other, with th
 its model is scored the same way:
 
     python bench/bench_finetune.py --data ../shared/data/LA --shift scanner [--strength 1] [--budget 600] \
-        [--methods default supervised caml crln semicml-la] [--tta flip|mirror|none] [--json out.json] [--work DIR]
+        [--methods default supervised caml crln semicml-la] [--tta flip|mirror|none] [--json out.json] [--work DIR] \
+        [--whole 448]
+
+With `--whole VOXELS` every scan is what a clinician brings instead of the benchmark's atrium-centred crop: the
+crop inside a whole-scan canvas (VOXELS x VOXELS in-plane at 0.625 mm, the crop's slices) tiled with the tissue
+of other training cases (preprocess/wide_fov.py), then acquired by the site. The fine-tunes get those files;
+the scored cases go through `semiseg-la segment` as a user runs it (`--region auto`: the localiser finds the
+atrium, the model segments its region), and are scored on the whole canvas.
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
@@ -31,11 +38,17 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
+from semiseg_la.cli.main import main as cli
 from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
-from semiseg_la.io import write_volume
+from semiseg_la.io import read_volume, write_volume
 from semiseg_la.io.datasets import open_dataset
+from semiseg_la.io.volume import Volume
 from semiseg_la.metrics import dice
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
+from semiseg_la.preprocess.wide_fov import build_wide_case, make_donor
+
+#: tissue donors of the whole-scan canvases: the train.list cases after the site's (neither site nor scored)
+WHOLE_DONORS = 12
 
 #: method name on the command line -> the finetune preset it runs ("default" is what Slicer runs)
 PRESETS = {"default": "finetune", "supervised": "finetune-supervised", "caml": "finetune-caml",
@@ -50,11 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
     records = [r for r in open_dataset(args.data, "train.list") if r.label_path]
     site, validation = records[:args.labeled + args.unlabeled], records[-args.val:]
-    site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift)
-    cases = [record.load() for record in validation]
+    acquire = WholeScans(records[len(site):len(site) + WHOLE_DONORS], args.whole) if args.whole else None
+    site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift, acquire)
+    cases = [acquire(record, 1000 + i) if acquire else record.load() for i, record in enumerate(validation)]
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
-    base = score_model(args.model, cases, shifted, args.tta)
-    print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site scans; "
+    scorer = WholeScanScorer(work / "scoring", args.tta) if acquire else None
+    base = score_model(args.model, cases, shifted, args.tta, scorer)
+    print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site "
+          f"{f'whole scans ({args.whole} x {args.whole} in-plane)' if acquire else 'scans'}; "
           f"{len(cases)} validation cases scored with --tta {args.tta}; budget {args.budget:g} s; "
           f"torch threads {torch_threads()}"
           + (f"; --set {' '.join(args.overrides)}" if args.overrides else ""))
@@ -69,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append({"method": method, **run})
             print(f"{method:12s} FAILED: {run['error']}", flush=True)
             continue
-        scores = score_model(run["model_dir"], cases, shifted, args.tta)
+        scores = score_model(run["model_dir"], cases, shifted, args.tta, scorer)
         lost = base["unshifted"] - base["shifted"]
         recovered = (scores["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
@@ -81,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
                   "budget_s": args.budget, "tta": args.tta, "labeled": args.labeled, "unlabeled": args.unlabeled,
+                  "whole": args.whole,
                   "validation": [r.case_id for r in validation], "base": base, "runs": rows}
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     return 0
@@ -102,6 +119,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", choices=("flip", "mirror", "none"), default="flip",
                         help="test-time augmentation when scoring (default flip: what `segment` writes by default)")
+    parser.add_argument("--whole", type=int, default=0, metavar="VOXELS",
+                        help="whole scans instead of crops: canvases of VOXELS x VOXELS in-plane (0.625 mm), scored "
+                        "through `segment --region auto` (default 0: the crops)")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -109,13 +129,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_site(work: Path, site, labeled: int, shift: SiteShift):
+class WholeScans:
+    """A case as a whole scan: its crop inside a canvas tiled with the donors' tissue (seeded by the case)."""
+
+    def __init__(self, donor_records, size: int) -> None:
+        self.size, self.donors = size, []
+        for i, record in enumerate(donor_records):
+            image, label = record.load()
+            self.donors.append(make_donor(np.asarray(image.array, np.float32), np.asarray(label.array) > 0,
+                                          image.spacing, seed=i))
+
+    def __call__(self, record, case_seed: int):
+        image, label = record.load()
+        shape = (max(self.size, image.shape[0]), max(self.size, image.shape[1]), image.shape[2])
+        wide = build_wide_case(np.asarray(image.array, np.float32), np.asarray(label.array) > 0, self.donors, shape,
+                               np.random.default_rng([7, case_seed]))
+        origin = np.asarray(image.origin) - np.asarray(image.direction).reshape(3, 3) @ (
+            np.asarray(image.spacing) * np.asarray(wide.offset))
+        canvas = Volume(wide.image, image.spacing, tuple(origin), image.direction)
+        return canvas, Volume(wide.label, image.spacing, tuple(origin), image.direction)
+
+
+def write_site(work: Path, site, labeled: int, shift: SiteShift, acquire=None):
     """The site's scans as a clinician would bring them: NRRD files, labelled ones with a label map."""
     site_dir, unlabeled_dir = work / "site", work / "unlabeled"
     for sub in (site_dir / "images", site_dir / "labels", unlabeled_dir):
         sub.mkdir(parents=True, exist_ok=True)
     for i, record in enumerate(site):
-        image, label = record.load()
+        image, label = acquire(record, i) if acquire else record.load()
         moved = shift.apply(image, i)
         if i < labeled:
             write_volume(moved, site_dir / "images" / f"{record.case_id}.nrrd")
@@ -125,7 +166,29 @@ def write_site(work: Path, site, labeled: int, shift: SiteShift):
     return site_dir, unlabeled_dir
 
 
-def score_model(model: str, cases, shifted, tta: str) -> Dict:
+class WholeScanScorer:
+    """Labels of whole scans as a user gets them: `semiseg-la segment --region auto`, in this process."""
+
+    def __init__(self, folder: Path, tta: str) -> None:
+        self.folder, self.tta = folder, tta
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, model: str, image: Volume) -> np.ndarray:
+        source, output = self.folder / "scan.nrrd", self.folder / "label.nrrd"
+        write_volume(image, source, compress=False)
+        code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta,
+                    "--progress", "none"])
+        if code != 0:
+            raise RuntimeError(f"segment exited with {code} for model {model}")
+        return read_volume(output).array
+
+
+def score_model(model: str, cases, shifted, tta: str, scorer=None) -> Dict:
+    if scorer is not None:
+        plain = [dice(scorer(model, image), label.array) for image, label in cases]
+        moved = [dice(scorer(model, image), label.array) for image, label in shifted]
+        return {"model": model, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
+                "shifted_cases": [float(d) for d in moved], "unshifted_cases": [float(d) for d in plain]}
     network, card = load_network(resolve_model(model))
     spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
     predictor = Predictor(combine_networks(network, tta=tta), spec, device="cpu")

@@ -12,7 +12,7 @@ import torch
 from ..checkpoints import ModelCard, new_local_model_dir, save_model, unique_model_id
 from ..checkpoints.card import default_classes, default_inference, utc_now_iso, weights_fingerprint
 from ..engine.config import TrainConfig
-from ..engine.data import Split
+from ..engine.data import Split, label_roi
 from ..engine.loop import TrainResult, restore_method
 from ..engine.precision import device_name
 from ..engine.state import load_state
@@ -20,6 +20,7 @@ from ..inference.memory import StickyFallback
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import evaluate_case, summarize
+from ..preprocess.wide_fov import is_whole_scan
 from ..progress import ProgressReporter
 from .common import card_get
 
@@ -148,11 +149,15 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
     fallback = StickyFallback(device, "fast", reporter.log)
     cases = {}
     reporter.start("evaluate", len(records), what)
+    fine_mm = [p * s for p, s in zip(config.patch_size, config.spacing)]
     for i, record in enumerate(records, 1):
         image, label = record.load(channel=channel) if channel is not None else record.load()
-        prediction = fallback(lambda where, image=image: Predictor(
+        # a whole scan is scored on the whole grid, segmented in the region `segment` would give the model
+        roi = (label_roi(label, fine_mm) if config.cut_whole_scans and is_whole_scan(image.shape, image.spacing)
+               else None)
+        prediction = fallback(lambda where, image=image, roi=roi: Predictor(
             network, spec, device=where.device, mode=where.mode, accumulate_on_cpu=where.accumulate_on_cpu
-        ).predict(image))
+        ).predict(image, roi=roi))
         metrics = evaluate_case(prediction.label.array, label.array, image.spacing)
         cases[record.case_id] = {k: (float(v) if not isinstance(v, bool) else v) for k, v in metrics.items()}
         reporter.update(i)

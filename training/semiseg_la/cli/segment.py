@@ -16,6 +16,7 @@ from ..inference.predictor import Predictor, combine_networks
 from ..io.atomic import atomic_write_json
 from ..io.validate import validate_image
 from ..io.volume import read_volume, write_volume
+from ..preprocess.wide_fov import AUTO_WHOLE_MAX_MM, is_whole_scan
 from ..progress import ProgressReporter
 from .common import (
     add_device_flag,
@@ -26,10 +27,6 @@ from .common import (
     reporter_for,
     tta_choice,
 )
-
-#: `--region auto` segments images no larger than this (mm, every axis) whole: the training crops were
-#: 92-152 x 82-100 x 55 mm, so such an image already is a region around the atrium
-AUTO_WHOLE_MAX_MM = 170.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -188,7 +185,7 @@ def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressRepor
     if kind == "whole":
         return whole_region(image.shape)
     extent = physical_extent_mm(image)
-    if max(extent) <= AUTO_WHOLE_MAX_MM:
+    if not is_whole_scan(image.shape, image.spacing):
         region = whole_region(image.shape)
         reporter.log(f"region: the whole image ({' x '.join(f'{e:.0f}' for e in extent)} mm is no larger than "
                      "an atrium crop)")
@@ -199,11 +196,9 @@ def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressRepor
     if localiser_id is None:
         return search_whole(image, "no localiser model installed")
     reporter.start("localise", 1)
-    network, card, used = load_catalog_model(localiser_id)
-    device = "cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    fine_size_mm = [p * s for p, s in zip(spec.patch_size, spec.spacing)]
+    localiser, used = load_localiser(localiser_id, args.device)
     try:
-        region = Localiser(network, inference_spec(card), device=device).find(image, min_size_mm=fine_size_mm)
+        region = localiser.find(image, min_size_mm=fine_size_mm(spec))
     except RegionError as exc:
         reporter.log(f"localiser {used}: {exc}")
         return search_whole(image, "the localiser found no atrium")
@@ -241,6 +236,18 @@ def _settled(region: Region, image, segment_in, reporter: ProgressReporter, scou
     result = segment_in(region) if again or scout_in is not None else first
     check_plausible_volume(result[0].label.array, image)
     return region, result
+
+
+def load_localiser(localiser_id: str, device: str) -> Tuple[Localiser, str]:
+    """(the localiser, its catalog id) on the CUDA device unless `device` is cpu or there is none."""
+    network, card, used = load_catalog_model(localiser_id)
+    device = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    return Localiser(network, inference_spec(card), device=device), used
+
+
+def fine_size_mm(spec) -> List[float]:
+    """A fine model's patch in mm: the smallest region it is given (a smaller found box is grown to it)."""
+    return [p * s for p, s in zip(spec.patch_size, spec.spacing)]
 
 
 def search_whole(image, why: str) -> Region:

@@ -6,13 +6,23 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..engine.config import TrainConfig, build_config, load_config_file, load_preset, parse_overrides
-from ..engine.data import Split, TrainCase, prepare_case, split_cases, wide_validation_cases
+from ..engine.data import (
+    Split,
+    TrainCase,
+    cut_around_label,
+    prepare_case,
+    split_cases,
+    wide_validation_cases,
+)
 from ..engine.loop import Trainer, TrainResult, method_for
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, RegionError
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
+from ..io.volume import Volume
+from ..preprocess.resample import crop_to_roi
+from ..preprocess.wide_fov import REGION_MARGIN_MM, is_whole_scan
 from ..progress import ProgressReporter
 from .common import add_device_flag, add_progress_flag, card_get, command_seconds, reporter_for
 
@@ -100,11 +110,19 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     reporter.start("load", total, "reading and resampling cases")
     done = 0
 
+    cut = WholeScanCut(config, reporter) if config.cut_whole_scans else None
+    left_out = 0
+
     def prep(group: Sequence[CaseRecord], labels: bool) -> List[TrainCase]:
-        nonlocal done
+        nonlocal done, left_out
         out = []
         for record in group:
-            out.append(prepare_case(record, config.spacing, with_label=labels, normalization=config.normalization))
+            try:
+                out.append(prepare_case(record, config.spacing, with_label=labels, normalization=config.normalization,
+                                        cut=cut))
+            except RegionError as exc:  # only an unlabelled whole scan is cut where the localiser finds the atrium
+                reporter.log(f"{record.case_id}: left out of the unlabelled scans: {exc}")
+                left_out += 1
             done += 1
             reporter.update(done)
         return out
@@ -113,7 +131,51 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     unlabeled = prep(split.unlabeled, False)
     validation = prep(split.validation, True)
     reporter.end()
+    summary = cut.summary(left_out) if cut is not None else None
+    if summary:
+        reporter.log(summary)
     return split, labeled, unlabeled, validation
+
+
+class WholeScanCut:
+    """Whole scans cut as `segment --region auto` cuts them (config `cut_whole_scans`): a labelled one around
+    its label, an unlabelled one where the catalog's localiser finds the atrium (RegionError when it finds
+    none); a crop-sized case stays as it is. Counts what it cut, for the log."""
+
+    def __init__(self, config: TrainConfig, reporter: ProgressReporter) -> None:
+        self.fine_mm = [p * s for p, s in zip(config.patch_size, config.spacing)]
+        self.device, self.reporter = config.device, reporter
+        self.localiser = None
+        self.around_label = self.where_found = 0
+
+    def __call__(self, image: Volume, label: Optional[Volume]) -> Tuple[Volume, Optional[Volume]]:
+        if not is_whole_scan(image.shape, image.spacing):
+            return image, label
+        if label is not None:
+            self.around_label += 1
+            return cut_around_label(image, label, self.fine_mm)
+        region = self._localiser().find(image, min_size_mm=self.fine_mm)
+        self.where_found += 1
+        return crop_to_roi(image, region.lower, region.upper), None
+
+    def _localiser(self):
+        if self.localiser is None:
+            from ..checkpoints.catalog import default_localiser_id
+            from .segment import load_localiser
+
+            localiser_id = default_localiser_id()
+            if localiser_id is None:
+                raise RegionError("no localiser model installed to find the atrium in an unlabelled whole scan")
+            self.localiser, used = load_localiser(localiser_id, self.device)
+            self.reporter.log(f"unlabelled whole scans: cut where the localiser {used} finds the atrium")
+        return self.localiser
+
+    def summary(self, left_out: int) -> Optional[str]:
+        if not (self.around_label or self.where_found or left_out):
+            return None
+        return (f"whole scans cut to the atrium's region, as `segment` shows it to the model: {self.around_label} "
+                f"labelled (the label's box + {REGION_MARGIN_MM:g} mm), {self.where_found} unlabelled (where the "
+                f"localiser found the atrium), {left_out} unlabelled left out (no atrium found)")
 
 
 def _load_multimodal(config: TrainConfig, reporter: ProgressReporter) -> tuple:

@@ -75,6 +75,11 @@ class TrainConfig:
     site_shift_prob: float = 0.0
     site_shift_strength: float = 1.0
     site_shift_families: List[str] = dataclasses.field(default_factory=lambda: list(AUGMENTATION_FAMILIES))
+    # whole scans among the cases (larger than an atrium crop, preprocess/wide_fov.py is_whole_scan) are cut as
+    # `segment --region auto` cuts them before a fine model sees them: a labelled one to its atrium's box with a
+    # 15 mm margin, an unlabelled one to the box the localiser finds (left out when it finds none). On in the
+    # fine-tune presets: a clinician's site cases are whole scans, the fine model is only ever shown regions
+    cut_whole_scans: bool = False
     # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
     # atrium in a whole scan; written into the model card
     role: str = "segmenter"
@@ -184,6 +189,8 @@ class TrainConfig:
             problems.append("anchor_weight must be >= 0")
         if self.role not in ("segmenter", "localiser"):
             problems.append(f"role={self.role!r} must be segmenter or localiser")
+        if self.cut_whole_scans and self.role == "localiser":
+            problems.append("cut_whole_scans is for fine models: a localiser is trained on whole scans")
         if self.compile:
             problems.append("compile=true is not implemented yet (torch.compile of the training networks)")
         if problems:

@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..io.datasets import CaseRecord
 from ..io.volume import Volume
 from ..preprocess.normalize import zscore, zscore_stats
-from ..preprocess.resample import to_model_grid
+from ..preprocess.resample import crop_to_roi, to_model_grid
 from ..preprocess.site_shift import random_site_shifts
 from ..preprocess.wide_fov import (
     REGION_MARGIN_MM,
@@ -73,16 +73,40 @@ def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume") ->
     raise InputError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
 
 
+#: a loaded case (image, label or None) -> the part of it that a fine model is trained on (`prepare_case`);
+#: raises RegionError when it finds no atrium in an unlabelled scan
+RegionCut = Callable[[Volume, Optional[Volume]], Tuple[Volume, Optional[Volume]]]
+
+
 def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True,
-                 normalization: str = "zscore-volume") -> TrainCase:
-    """Read, validate, normalise over the case (`normalize_volume`) and resample to the model spacing."""
+                 normalization: str = "zscore-volume", cut: Optional[RegionCut] = None) -> TrainCase:
+    """Read, validate, cut (`cut`: a whole scan to its atrium's region), normalise over the case
+    (`normalize_volume`) and resample to the model spacing."""
     image, label = record.load()
+    if cut is not None:
+        image, label = cut(image, label if with_label else None)
     removed = zscore_stats(image.array) if normalization == "zscore-volume" else None  # kept on the case
     array = zscore(image.array, stats=removed) if removed else normalize_volume(image.array, normalization)
     resampled, _grid = to_model_grid(image.with_array(array), spacing, interpolation="linear")
     label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
     return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array,
                      removed)
+
+
+def label_roi(label: Volume, min_size_mm: Sequence[float]) -> List[int]:
+    """The region `segment --region auto` shows a fine model of a labelled whole scan, as a voxel box
+    [x0, y0, z0, x1, y1, z1]: the atrium's box with REGION_MARGIN_MM on each side (the region it settles on
+    around the atrium it found), grown to at least `min_size_mm` (the fine patch)."""
+    min_size = [int(np.ceil(float(mm) / float(s))) for mm, s in zip(min_size_mm, label.spacing)]
+    box = region_around(np.asarray(label.array) > 0, label.spacing, [REGION_MARGIN_MM] * 6, min_size)
+    return [b.start for b in box] + [b.stop for b in box]
+
+
+def cut_around_label(image: Volume, label: Volume, min_size_mm: Sequence[float]) -> Tuple[Volume, Volume]:
+    """A labelled whole scan cut to `label_roi` (normalised afterwards over the cut, as `segment` normalises
+    a region)."""
+    roi = label_roi(label, min_size_mm)
+    return crop_to_roi(image, roi[:3], roi[3:]), crop_to_roi(label, roi[:3], roi[3:])
 
 
 def label_on_model_grid(case_id: str, label: Optional[Volume], spacing: Sequence[float]) -> np.ndarray:

@@ -26,6 +26,14 @@ WHOLE_SCAN_MM = 360.0
 #: the margin `segment --region auto` leaves around the atrium it found (inference/localise.py): the fine
 #: model sees a whole scan through a box this much larger than the atrium on each side
 REGION_MARGIN_MM = 15.0
+#: `segment --region auto` segments images no larger than this (mm, every axis) whole: the training crops were
+#: 92-152 x 82-100 x 55 mm, so such an image already is a region around the atrium; a larger one is a whole scan
+AUTO_WHOLE_MAX_MM = 170.0
+
+
+def is_whole_scan(shape: Sequence[int], spacing: Sequence[float]) -> bool:
+    """Larger than an atrium crop along some axis: `segment --region auto` cuts a region out of it."""
+    return max(float(n) * float(s) for n, s in zip(shape[:3], spacing)) > AUTO_WHOLE_MAX_MM
 
 
 @dataclasses.dataclass
