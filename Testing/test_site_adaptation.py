@@ -224,6 +224,25 @@ def test_from_default_names_the_default_model(parent_models, tmp_path):
         assert shown.returncode == 0 and PARENT_ID in shown.stdout
 
 
+def test_a_training_preset_fine_tunes_with_the_parents_patch_spacing_and_its_own_split(parent_models, tmp_path):
+    """`finetune --preset supervised-la-8` (112 x 112 x 80 at 0.625 mm, 8 + 8 cases) from a 32-voxel, 1 mm
+    parent: the inputs stay as the parent saw them, and the preset's split is kept (not the site's hold-out of
+    one case), so a site folder too small for it is an error that says so."""
+    site, _ = write_site(tmp_path, labeled=4, unlabeled=0)
+    common = ["finetune", "--from", PARENT_ID, "--data", str(site), "--preset", "supervised-la-8", "--iterations",
+              "1", "--device", "cpu", "--progress", "none"]
+    result = run_cli(common + ["--output", str(tmp_path / "run")], env_extra=env_for(parent_models))
+    assert result.returncode != 0 and "no labelled case left for training" in result.stderr
+    result = run_cli(common + ["--labeled", "3", "--val", "1", "--output", str(tmp_path / "run2")],
+                     env_extra=env_for(parent_models))
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "run2" / "config.yaml").read_text())
+    assert config["patch_size"] == PATCH and config["spacing"] == [1.0, 1.0, 1.0]
+    assert config["labeled_num"] == 3 and config["val_num"] == 1 and config["preset"] == "supervised-la-8"
+
+
 def test_fine_tune_presets_exist_for_every_method_and_ramp_up_in_iterations():
     from semiseg_la.cli.train import finetune_preset
     from semiseg_la.engine.config import build_config, load_preset

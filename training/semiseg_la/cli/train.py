@@ -72,8 +72,10 @@ FLAG_KEYS = ("method", "data", "train_list", "labeled_num", "val_num", "unlabele
 
 
 def resolve_config(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """base (a fine-tune's preset with its parent's patch, spacing and input, already merged) or --preset, then
+    --config, the flags and --set, each over the one before."""
     layers: List[Dict[str, Any]] = [base or {}]
-    if args.preset:
+    if args.preset and base is None:
         layers.append(load_preset(args.preset))
     if args.config:
         layers.append(load_config_file(args.config))
@@ -298,8 +300,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if "patch_size" in (base.get("method_params") or {}):  # CRLN's DIM grid follows the parent's patch
         base["method_params"]["patch_size"] = list(info["patch_size"])
     _keep_parent_adapter(base, arch, card)
-    if args.data and (args.labeled_num is None or args.val_num is None):
-        labeled_num, val_num = _site_split(args)
+    if args.data and (args.labeled_num is None or args.val_num is None) and "labeled_num" not in base:
+        labeled_num, val_num = _site_split(args)  # a site's folder; a training preset keeps its own split
         base["val_num"] = val_num
         if args.labeled_num is None:
             base["labeled_num"] = labeled_num
