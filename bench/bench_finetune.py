@@ -39,6 +39,7 @@ import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
 from semiseg_la.cli.main import main as cli
+from semiseg_la.errors import RegionError
 from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
 from semiseg_la.io import read_volume, write_volume
 from semiseg_la.io.datasets import open_dataset
@@ -178,6 +179,9 @@ class WholeScanScorer:
         write_volume(image, source, compress=False)
         code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta,
                     "--progress", "none"])
+        if code == RegionError.exit_code:  # what the user gets: no segmentation, scored as such
+            print(f"segment with {model}: no plausible atrium found, scored as Dice 0", flush=True)
+            return np.zeros(image.shape, np.uint8)
         if code != 0:
             raise RuntimeError(f"segment exited with {code} for model {model}")
         return read_volume(output).array
