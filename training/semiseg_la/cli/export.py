@@ -20,7 +20,7 @@ from ..inference.memory import StickyFallback
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import evaluate_case, summarize
-from ..preprocess.wide_fov import is_whole_scan
+from ..preprocess.wide_fov import is_whole_scan, patch_mm
 from ..progress import ProgressReporter
 from .common import card_get
 
@@ -149,7 +149,7 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
     fallback = StickyFallback(device, "fast", reporter.log)
     cases = {}
     reporter.start("evaluate", len(records), what)
-    fine_mm = [p * s for p, s in zip(config.patch_size, config.spacing)]
+    fine_mm = patch_mm(config.patch_size, config.spacing)
     for i, record in enumerate(records, 1):
         image, label = record.load(channel=channel) if channel is not None else record.load()
         # a whole scan is scored on the whole grid, segmented in the region `segment` would give the model

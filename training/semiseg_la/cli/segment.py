@@ -16,7 +16,7 @@ from ..inference.predictor import Predictor, combine_networks
 from ..io.atomic import atomic_write_json
 from ..io.validate import validate_image
 from ..io.volume import read_volume, write_volume
-from ..preprocess.wide_fov import AUTO_WHOLE_MAX_MM, is_whole_scan
+from ..preprocess.wide_fov import AUTO_WHOLE_MAX_MM, is_whole_scan, patch_mm
 from ..progress import ProgressReporter
 from .common import (
     add_device_flag,
@@ -198,7 +198,7 @@ def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressRepor
     reporter.start("localise", 1)
     localiser, used = load_localiser(localiser_id, args.device)
     try:
-        region = localiser.find(image, min_size_mm=fine_size_mm(spec))
+        region = localiser.find(image, min_size_mm=patch_mm(spec.patch_size, spec.spacing))
     except RegionError as exc:
         reporter.log(f"localiser {used}: {exc}")
         return search_whole(image, "the localiser found no atrium")
@@ -243,11 +243,6 @@ def load_localiser(localiser_id: str, device: str) -> Tuple[Localiser, str]:
     network, card, used = load_catalog_model(localiser_id)
     device = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
     return Localiser(network, inference_spec(card), device=device), used
-
-
-def fine_size_mm(spec) -> List[float]:
-    """A fine model's patch in mm: the smallest region it is given (a smaller found box is grown to it)."""
-    return [p * s for p, s in zip(spec.patch_size, spec.spacing)]
 
 
 def search_whole(image, why: str) -> Region:

@@ -19,10 +19,11 @@ from ..engine.data import (
 )
 from ..engine.loop import Trainer, TrainResult, method_for
 from ..errors import ConfigError, InputError, RegionError
+from ..inference.localise import Localiser
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..io.volume import Volume
 from ..preprocess.resample import crop_to_roi
-from ..preprocess.wide_fov import REGION_MARGIN_MM, is_whole_scan
+from ..preprocess.wide_fov import REGION_MARGIN_MM, is_whole_scan, patch_mm
 from ..progress import ProgressReporter
 from .common import add_device_flag, add_progress_flag, card_get, command_seconds, reporter_for
 
@@ -145,9 +146,9 @@ class WholeScanCut:
     none); a crop-sized case stays as it is. Counts what it cut, for the log."""
 
     def __init__(self, config: TrainConfig, reporter: ProgressReporter) -> None:
-        self.fine_mm = [p * s for p, s in zip(config.patch_size, config.spacing)]
+        self.fine_mm = patch_mm(config.patch_size, config.spacing)
         self.device, self.reporter = config.device, reporter
-        self.localiser = None
+        self.localiser: Optional[Localiser] = None
         self.around_label = self.where_found = 0
 
     def __call__(self, image: Volume, label: Optional[Volume]) -> Tuple[Volume, Optional[Volume]]:
@@ -160,7 +161,7 @@ class WholeScanCut:
         self.where_found += 1
         return crop_to_roi(image, region.lower, region.upper), None
 
-    def _localiser(self):
+    def _localiser(self) -> Localiser:
         if self.localiser is None:
             from ..checkpoints.catalog import default_localiser_id
             from .segment import load_localiser

@@ -31,6 +31,11 @@ REGION_MARGIN_MM = 15.0
 AUTO_WHOLE_MAX_MM = 170.0
 
 
+def patch_mm(patch_size: Sequence[int], spacing: Sequence[float]) -> List[float]:
+    """A fine model's patch in mm: the smallest region it is given (a smaller box is grown to it)."""
+    return [float(p) * float(s) for p, s in zip(patch_size, spacing)]
+
+
 def is_whole_scan(shape: Sequence[int], spacing: Sequence[float]) -> bool:
     """Larger than an atrium crop along some axis: `segment --region auto` cuts a region out of it."""
     return max(float(n) * float(s) for n, s in zip(shape[:3], spacing)) > AUTO_WHOLE_MAX_MM
