@@ -200,6 +200,41 @@ def test_a_labelled_whole_scan_is_cut_to_the_region_segment_gives_the_fine_model
         build_config({"cut_whole_scans": True, "role": "localiser"})
 
 
+
+def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_path):
+    """`semiseg-la train` on a folder of whole scans: the fine model is only ever shown regions by `segment`,
+    so it is trained on them too (the default); a localiser and multi-modal cases are read whole."""
+    from semiseg_la.cli.train import load_split
+    from semiseg_la.io.volume import write_volume
+    from semiseg_la.progress import ProgressReporter
+
+    assert build_config({}).cut_whole_scans is True
+    assert build_config({"role": "localiser"}).cut_whole_scans is False
+    assert build_config({"in_channels": 2}).cut_whole_scans is False
+    assert build_config({"cut_whole_scans": False}).cut_whole_scans is False
+    with pytest.raises(ConfigError, match="single-channel"):
+        build_config({"cut_whole_scans": True, "in_channels": 2})
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for n, centre in enumerate([(60.0, 140.0, 27.0), (140.0, 60.0, 27.0)]):
+        vol, label = blobs_image([centre], radius_mm=10.0)  # 200 x 200 x 55 mm: a whole scan
+        write_volume(vol, tmp_path / "images" / f"case{n}.nrrd")
+        write_volume(vol.with_array(label), tmp_path / "labels" / f"case{n}.nrrd")
+    class Logs(ProgressReporter):
+        lines: list = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    config = build_config({"data": str(tmp_path), "labeled_num": 1, "val_num": 1, "spacing": [2.5, 2.5, 2.5],
+                           "patch_size": [16, 16, 16]})
+    _, labeled, _, validation = load_split(config, Logs())
+    logs = Logs.lines
+    for case in labeled + validation:  # the label's box + 15 mm a side (+ rounding), not 80 x 80 x 22 voxels
+        assert all(n <= int(np.ceil((20.0 + 2 * REGION_MARGIN_MM) / 2.5)) + 2 for n in case.image.shape[1:])
+        assert int(case.label.sum()) > 0
+    assert any("2 labelled (the label's box + 15 mm)" in m for m in logs), logs
+
 def test_region_validation_cuts_each_canvas_as_segment_does():
     donors = [TrainCase(f"d{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
                         sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]

@@ -77,9 +77,11 @@ class TrainConfig:
     site_shift_families: List[str] = dataclasses.field(default_factory=lambda: list(AUGMENTATION_FAMILIES))
     # whole scans among the cases (larger than an atrium crop, preprocess/wide_fov.py is_whole_scan) are cut as
     # `segment --region auto` cuts them before a fine model sees them: a labelled one to its atrium's box with a
-    # 15 mm margin, an unlabelled one to the box the localiser finds (left out when it finds none). On in the
-    # fine-tune presets: a clinician's site cases are whole scans, the fine model is only ever shown regions
-    cut_whole_scans: bool = False
+    # 15 mm margin, an unlabelled one to the box the localiser finds (left out when it finds none). null (the
+    # default) means on for a single-channel segmenter (a fine model is only ever shown regions, whether it is
+    # fine-tuned on a site's scans or trained from scratch on whole scans), off for a localiser (trained on
+    # whole scans) and for multi-modal cases (read as whole co-registered volumes)
+    cut_whole_scans: Optional[bool] = None
     # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
     # atrium in a whole scan; written into the model card
     role: str = "segmenter"
@@ -128,6 +130,10 @@ class TrainConfig:
     parent_blend: float = 0.0
     train_only: Optional[str] = None  # "norm": train the normalisation layers' parameters only
     method_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cut_whole_scans is None:
+            self.cut_whole_scans = self.role == "segmenter" and self.in_channels == 1
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,6 +197,8 @@ class TrainConfig:
             problems.append(f"role={self.role!r} must be segmenter or localiser")
         if self.cut_whole_scans and self.role == "localiser":
             problems.append("cut_whole_scans is for fine models: a localiser is trained on whole scans")
+        if self.cut_whole_scans and self.in_channels != 1:
+            problems.append("cut_whole_scans needs single-channel images (multi-modal cases are read whole)")
         if self.compile:
             problems.append("compile=true is not implemented yet (torch.compile of the training networks)")
         if problems:
