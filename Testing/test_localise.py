@@ -200,7 +200,6 @@ def test_a_labelled_whole_scan_is_cut_to_the_region_segment_gives_the_fine_model
         build_config({"cut_whole_scans": True, "role": "localiser"})
 
 
-
 def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_path):
     """`semiseg-la train` on a folder of whole scans: the fine model is only ever shown regions by `segment`,
     so it is trained on them too (the default); a localiser and multi-modal cases are read whole."""
@@ -220,6 +219,7 @@ def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_
         vol, label = blobs_image([centre], radius_mm=10.0)  # 200 x 200 x 55 mm: a whole scan
         write_volume(vol, tmp_path / "images" / f"case{n}.nrrd")
         write_volume(vol.with_array(label), tmp_path / "labels" / f"case{n}.nrrd")
+
     class Logs(ProgressReporter):
         lines: list = []
 
@@ -234,6 +234,7 @@ def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_
         assert all(n <= int(np.ceil((20.0 + 2 * REGION_MARGIN_MM) / 2.5)) + 2 for n in case.image.shape[1:])
         assert int(case.label.sum()) > 0
     assert any("2 labelled (the label's box + 15 mm)" in m for m in logs), logs
+
 
 def test_region_validation_cuts_each_canvas_as_segment_does():
     donors = [TrainCase(f"d{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
