@@ -32,7 +32,14 @@ class ConfigError(SemiSegError):
 
 
 class RegionError(SemiSegError):
-    """No left atrium found where one was looked for (or an implausible one): the user must give a region."""
+    """No left atrium found where one was looked for (or an implausible one): the user must give a region.
+
+    `reason` is what was found; `hint` (what a `segment` user can do about it) follows it in the message, and
+    callers for whom the hint does not apply (a fine-tune leaving a scan out) report `reason` alone."""
 
     kind = "region"
     exit_code = 5
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+        self.reason, self.hint = reason, hint

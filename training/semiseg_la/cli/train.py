@@ -19,7 +19,7 @@ from ..engine.data import (
 )
 from ..engine.loop import Trainer, TrainResult, method_for
 from ..errors import ConfigError, InputError, RegionError
-from ..inference.localise import NOT_FOUND_HINT, Localiser
+from ..inference.localise import Localiser
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..io.volume import Volume
 from ..preprocess.resample import crop_to_roi
@@ -160,8 +160,7 @@ class WholeScanCut:
         try:
             region = self._localiser().find(image, min_size_mm=self.fine_mm)
         except RegionError as exc:  # without segment's hint to give a region: here the scan is simply not used
-            reason = str(exc).replace(f"; {NOT_FOUND_HINT}", "")
-            raise RegionError(f"the localiser found no plausible atrium in this whole scan ({reason})") from exc
+            raise RegionError(f"the localiser found no plausible atrium in this whole scan ({exc.reason})") from exc
         self.where_found += 1
         return crop_to_roi(image, region.lower, region.upper), None
 

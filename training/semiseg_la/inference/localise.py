@@ -111,12 +111,11 @@ class Localiser:
         mask, rivals = largest_component_and_rivals((smooth >= FIND_THRESHOLD).astype(np.uint8), voxel_ml)
         volume_ml, candidates = float(mask.sum()) * voxel_ml, rivals + 1
         if volume_ml < NOISE_ML:
-            raise RegionError(f"{image.source}: no left atrium found; {NOT_FOUND_HINT}")
+            raise RegionError(f"{image.source}: no left atrium found", NOT_FOUND_HINT)
         high = self.plausible[1]  # too small is judged on the fine result: the coarse map may find a part
         if volume_ml > high:
             raise RegionError(f"{image.source}: no left atrium found (the most atrium-like region is "
-                              f"{volume_ml:.0f} mL, more than the {high:g} mL of a plausible atrium); "
-                              f"{NOT_FOUND_HINT}")
+                              f"{volume_ml:.0f} mL, more than the {high:g} mL of a plausible atrium)", NOT_FOUND_HINT)
         lower, upper = box_on_input(image, grid, mask, self.margin_mm, min_size_mm)
         region = Region(lower, upper, "auto", volume_ml, candidates, seconds=time.perf_counter() - started)
         if candidates > 1:
@@ -132,7 +131,7 @@ def check_plausible_volume(label: np.ndarray, image: Volume,
     low, high = plausible_volume_ml
     if not low <= volume_ml <= high:
         raise RegionError(f"{image.source}: no left atrium found (the segmented region is {volume_ml:.0f} mL, "
-                          f"outside the {low:g}-{high:g} mL of plausible atria); {NOT_FOUND_HINT}")
+                          f"outside the {low:g}-{high:g} mL of plausible atria)", NOT_FOUND_HINT)
     return volume_ml
 
 
@@ -145,7 +144,7 @@ def settle_region(region: Region, label: np.ndarray, image: Volume,
     result reaches closer than the margin (the localiser may have found part of the atrium) is grown to
     hold it. RegionError when nothing was segmented."""
     if not label.any():
-        raise RegionError(f"{image.source}: no left atrium found in the region {region.box}; {NOT_FOUND_HINT}")
+        raise RegionError(f"{image.source}: no left atrium found in the region {region.box}", NOT_FOUND_HINT)
     where = np.nonzero(label)
     margin = [int(np.ceil(margin_mm / float(s))) for s in image.spacing]
     low = [max(0, int(w.min()) - m) for w, m in zip(where, margin)]
