@@ -220,16 +220,15 @@ def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_
         write_volume(vol, tmp_path / "images" / f"case{n}.nrrd")
         write_volume(vol.with_array(label), tmp_path / "labels" / f"case{n}.nrrd")
 
-    class Logs(ProgressReporter):
-        lines: list = []
+    logs = []
 
+    class Logs(ProgressReporter):
         def log(self, message: str) -> None:
-            self.lines.append(message)
+            logs.append(message)
 
     config = build_config({"data": str(tmp_path), "labeled_num": 1, "val_num": 1, "spacing": [2.5, 2.5, 2.5],
                            "patch_size": [16, 16, 16]})
     _, labeled, _, validation = load_split(config, Logs())
-    logs = Logs.lines
     for case in labeled + validation:  # the label's box + 15 mm a side (+ rounding), not 80 x 80 x 22 voxels
         assert all(n <= int(np.ceil((20.0 + 2 * REGION_MARGIN_MM) / 2.5)) + 2 for n in case.image.shape[1:])
         assert int(case.label.sum()) > 0
