@@ -343,6 +343,34 @@ def test_copy_paste_mixes_labelled_and_unlabelled_patches_both_ways(monkeypatch)
             build_method("mean_teacher", {"consistency_loss": "copy_paste", **bad}, 10)
 
 
+def test_mean_teacher_exports_the_student_when_asked_and_a_restored_run_keeps_the_choice():
+    """After a few steps the EMA teacher and the student differ; `export: student` validates and exports the
+    student, also when rebuilt from checkpoint states, the default stays the teacher, and a typo is refused."""
+    from semiseg_la.engine.loop import restore_method
+    from semiseg_la.errors import ConfigError
+    from semiseg_la.methods import Batch, build_method
+
+    torch.manual_seed(0)
+    params = {"consistency": 1.0, "rampup_fraction": 0.5, "dropout": False, "export": "student"}
+    method = build_method("mean_teacher", params, 3)
+    optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1)
+    image, label = torch.randn(2, 1, 16, 16, 16), torch.zeros(2, 16, 16, 16, dtype=torch.long)
+    for iteration in range(3):
+        optimizer.zero_grad()
+        method.training_step(Batch(image, label, 1), iteration).loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(iteration)
+    networks = {name: getattr(method, name).state_dict() for name in method.networks}
+    key = "decoder.out_conv.weight"
+    assert not torch.equal(networks["student"][key], networks["teacher"][key])
+    for restored, expected in ((restore_method("mean_teacher", params, networks), "student"),
+                               (restore_method("mean_teacher", {**params, "export": "teacher"}, networks), "teacher"),
+                               (restore_method("mean_teacher", {"dropout": False}, networks), "teacher")):
+        assert torch.equal(restored.inference_network().state_dict()[key], networks[expected][key])
+    with pytest.raises(ConfigError, match="export must be one of teacher, student"):
+        build_method("mean_teacher", {"export": "students"}, 10)
+
+
 def test_legacy_evaluation_keeps_every_component_as_the_papers_do(parent_models, tmp_path):
     """Two atria-like blobs in one case: the papers' legacy evaluation (no post-processing) scores both,
     keeping only the largest component drops one; the JSON says which post-processing ran."""

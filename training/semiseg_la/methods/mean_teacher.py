@@ -18,6 +18,8 @@ patch is mixed with a labelled one, a box (`paste_fraction` of each side, at a r
 pasted into the other, alternately each way; the student learns the mixed patch against the same mix
 of the label and the teacher's hard pseudo-label, whose voxels weigh `unlabeled_weight`. The unlabelled scans
 then give the labelled anatomy new surroundings, the site's own. The teacher runs on the unlabelled samples.
+
+`export: student` makes the student the network that is validated and exported (default: the teacher).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from .losses import consistency_weight, pseudo_label_ce, supervised_ce_dice, wei
 
 DEFAULTS = {"consistency": 0.1, "consistency_rampup": 40.0, "rampup_unit": 150, "rampup_fraction": None,
             "ema_decay": 0.99, "noise_std": 0.1, "noise_clip": 0.2, "consistency_on": "all",
-            "consistency_loss": "mse", "pseudo_threshold": 0.9, "paste_fraction": 2 / 3, "unlabeled_weight": 0.5}
+            "consistency_loss": "mse", "pseudo_threshold": 0.9, "paste_fraction": 2 / 3, "unlabeled_weight": 0.5,
+            "export": "teacher"}
 CONSISTENCY_LOSSES = ("mse", "pseudo_label", "copy_paste")
+EXPORTS = ("teacher", "student")
 
 
 class MeanTeacher(Method):
@@ -60,6 +64,8 @@ class MeanTeacher(Method):
         if not 0 < float(self.params["paste_fraction"]) < 1 or float(self.params["unlabeled_weight"]) < 0:
             raise ConfigError("mean_teacher paste_fraction must be in (0, 1) and unlabeled_weight >= 0, got "
                               f"{self.params['paste_fraction']!r}, {self.params['unlabeled_weight']!r}")
+        if self.params["export"] not in EXPORTS:
+            raise ConfigError(f"mean_teacher export must be one of {', '.join(EXPORTS)}, got {self.params['export']!r}")
         self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
                             has_dropout=bool(self.params.get("dropout", True)),
                             input_adapter=int(self.params.get("input_adapter", 0)))
@@ -140,5 +146,9 @@ class MeanTeacher(Method):
         self.teacher.train(mode)
 
     def inference_network(self) -> nn.Module:
-        """The EMA teacher: the smoother of the two, as the mean-teacher literature reports."""
-        return self.teacher
+        """The EMA teacher by default: the smoother of the two, as the mean-teacher literature reports.
+
+        `export: student` validates and exports the student instead: in a short fine-tune the teacher is
+        close to a uniform average of all the student's steps, so it lags behind the adapted student.
+        """
+        return self.student if self.params["export"] == "student" else self.teacher
