@@ -100,8 +100,10 @@ def test_segment_averages_the_flips_by_default(tmp_path, tiny_model):
         return sitk.GetArrayFromImage(sitk.ReadImage(str(prob)))
 
     default, flip, one_pass = probability(), probability("--tta", "flip"), probability("--tta", "none")
-    np.testing.assert_array_equal(default, flip)
-    assert np.abs(default - one_pass).max() > 1e-3  # the random tiny network is not flip-symmetric
+    # Two processes may split the CPU convolutions differently, so equal means equal to float rounding
+    # (CI saw 9e-6); the one-pass output differs by a hundred times more.
+    np.testing.assert_allclose(default, flip, rtol=0, atol=1e-4)
+    assert np.abs(default - one_pass).max() > 1e-2  # the random tiny network is not flip-symmetric
 
 
 def test_models_list_json_shows_local_model(tiny_model):
