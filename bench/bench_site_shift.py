@@ -5,7 +5,17 @@ site family acquires them (`semiseg_la.preprocess.site_shift`, the same site see
 bench/bench_finetune.py), and prints the Dice of each and what it costs:
 
     python bench/bench_site_shift.py --data ../shared/data/LA [--model ID] \
-        [--families scanner piecewise thick-slices bias rician-noise] [--strength 1] [--json out.json]
+        [--families scanner piecewise thick-slices bias rician-noise] [--strength 1] [--json out.json] \
+        [--match-histograms 16]
+
+`--match-histograms N` asks whether intensity standardisation, which needs no labels, undoes a site: each
+family's scans are scored again after quantile matching (Nyul-Udupa, `--landmarks` K percentiles from 0.5 to
+99.5, default 100) onto the pooled histogram of N unshifted train.list cases after the site's 16 (neither
+site nor scored), once with one map fitted on the site's 16 scans as bench/bench_finetune.py acquires them
+(a site-level map, what a fine-tune could learn from unannotated scans) and once with each scan matched on
+its own; the unshifted cases matched on their own show what the standardisation alone costs the model.
+With `--matched-model` the model was trained on scans each matched onto that reference, so every scored scan,
+unshifted or not, is matched on its own first.
 """
 
 from __future__ import annotations
@@ -24,6 +34,9 @@ from semiseg_la.io.datasets import open_dataset
 from semiseg_la.metrics import dice
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
 
+#: bench/bench_finetune.py's site: the first 16 train.list cases (4 labelled + 12 unlabelled, case seeds 0-15)
+SITE_CASES = 16
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,27 +49,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the simulated site")
     parser.add_argument("--val", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--match-histograms", type=int, default=0, metavar="N",
+                        help="also score after quantile matching onto N unshifted reference cases (default 0: off)")
+    parser.add_argument("--landmarks", type=int, default=100, help="percentiles matched (at least 3; default 100)")
+    parser.add_argument("--matched-model", action="store_true", help="the model was trained on scans each matched "
+                        "onto the reference: match every scored scan on its own first (needs --match-histograms)")
     args = parser.parse_args(argv)
-    records = [r for r in open_dataset(args.data, "train.list") if r.label_path][-args.val:]
-    cases = [record.load() for record in records]
+    if args.matched_model and not args.match_histograms:
+        parser.error("--matched-model needs --match-histograms N (the reference the model was trained on)")
+    if args.landmarks < 3:
+        parser.error("--landmarks must be at least 3")
+    every = [r for r in open_dataset(args.data, "train.list") if r.label_path]
+    cases = [record.load() for record in every[-args.val:]]
+    references = every[SITE_CASES:SITE_CASES + args.match_histograms]
+    reference = landmarks([r.load()[0].array for r in references], args.landmarks) if references else None
     network, card = load_network(resolve_model(args.model or validation_model_id()))
     predictor = Predictor(network, InferenceSpec(tuple(card.patch_size), tuple(card.spacing)), device="cpu")
 
     def mean_dice(pairs) -> float:
         return float(np.mean([dice(predictor.predict(image).label.array, label.array) for image, label in pairs]))
 
-    unshifted = mean_dice(cases)
-    print(f"model {card.id}: {len(cases)} validation cases, Dice {unshifted:.4f} unshifted", flush=True)
+    def report(name: str, pairs) -> float:
+        score = mean_dice(pairs)
+        print(f"{name:16s} Dice {score:.4f}  costs {100 * (unshifted - score):5.2f} points", flush=True)
+        return score
+
+    unshifted = mean_dice(matched(cases, reference) if args.matched_model else cases)
+    print(f"model {card.id}: {len(cases)} validation cases, Dice {unshifted:.4f} unshifted"
+          + (", each scan matched (as the model was trained)" if args.matched_model else ""), flush=True)
     rows = {}
+    if reference is not None and not args.matched_model:
+        rows["unshifted, each scan matched"] = report("unshifted, each scan matched", matched(cases, reference))
     for family in args.families:
         shift = SiteShift(family, args.strength, args.seed)
         # case seeds 1000 + i, as bench_finetune.py scores its validation cases
-        rows[family] = mean_dice([(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)])
-        print(f"{family:16s} Dice {rows[family]:.4f}  costs {100 * (unshifted - rows[family]):5.2f} points", flush=True)
+        shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
+        if args.matched_model:
+            shifted = matched(shifted, reference)
+        rows[family] = report(family, shifted)
+        if reference is not None and not args.matched_model:
+            site_scans = [shift.apply(r.load()[0], i).array for i, r in enumerate(every[:SITE_CASES])]
+            site = landmarks(site_scans, args.landmarks)
+            rows[f"{family}, site map"] = report("  site's map", matched(shifted, reference, site))
+            rows[f"{family}, each scan matched"] = report("  each matched", matched(shifted, reference))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": card.id, "strength": args.strength, "seed": args.seed,
                                                "unshifted": unshifted, "families": rows}, indent=2) + "\n")
     return 0
+
+
+def landmarks(arrays: Sequence[np.ndarray], count: int = 100) -> np.ndarray:
+    """The pooled intensity histogram's landmarks: `count` percentiles from 0.5 to 99.5 of every voxel."""
+    return np.percentile(np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays]),
+                         np.linspace(0.5, 99.5, count))
+
+
+def match_quantiles(array: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`array` mapped piecewise-linearly from the `source` landmarks onto the `target` ones, the end segments
+    extended beyond them (Nyul-Udupa). Tied landmarks (8-bit scans) are nudged apart so the map is a function."""
+    source = np.maximum.accumulate(source) + 1e-4 * np.arange(source.size)
+    data = np.asarray(array, np.float64)
+    out = np.interp(data, source, target)
+    below, above = data < source[0], data > source[-1]
+    out[below] = target[0] + (data[below] - source[0]) * (target[1] - target[0]) / (source[1] - source[0])
+    out[above] = target[-1] + (data[above] - source[-1]) * (target[-1] - target[-2]) / (source[-1] - source[-2])
+    return out.astype(np.float32)
+
+
+def matched(pairs, reference: np.ndarray, site: np.ndarray | None = None):
+    """(image, label) pairs with each image matched onto `reference`: by the `site` landmarks, or its own."""
+    return [(image.with_array(match_quantiles(image.array, landmarks([image.array], reference.size) if site is None
+                                              else site, reference)), label) for image, label in pairs]
 
 
 if __name__ == "__main__":
