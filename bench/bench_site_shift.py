@@ -15,7 +15,8 @@ site nor scored), once with one map fitted on the site's 16 scans as bench/bench
 (a site-level map, what a fine-tune could learn from unannotated scans) and once with each scan matched on
 its own; the unshifted cases matched on their own show what the standardisation alone costs the model.
 With `--matched-model` the model was trained on scans each matched onto that reference, so every scored scan,
-unshifted or not, is matched on its own first.
+unshifted or not, is matched on its own first. `--write-matched DIR` writes such training data: every
+train.list case matched on its own, in the LA h5 layout, and exits (docs/results.md, "Standardising").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
@@ -52,17 +54,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--match-histograms", type=int, default=0, metavar="N",
                         help="also score after quantile matching onto N unshifted reference cases (default 0: off)")
     parser.add_argument("--landmarks", type=int, default=100, help="percentiles matched (at least 3; default 100)")
+    parser.add_argument("--write-matched", default=None, metavar="DIR",
+                        help="write every train.list case matched onto the reference to DIR (LA h5 layout) and exit")
     parser.add_argument("--matched-model", action="store_true", help="the model was trained on scans each matched "
                         "onto the reference: match every scored scan on its own first (needs --match-histograms)")
     args = parser.parse_args(argv)
-    if args.matched_model and not args.match_histograms:
-        parser.error("--matched-model needs --match-histograms N (the reference the model was trained on)")
+    if (args.matched_model or args.write_matched) and not args.match_histograms:
+        parser.error("--matched-model and --write-matched need --match-histograms N (the reference to match onto)")
     if args.landmarks < 3:
         parser.error("--landmarks must be at least 3")
     every = [r for r in open_dataset(args.data, "train.list") if r.label_path]
     cases = [record.load() for record in every[-args.val:]]
     references = every[SITE_CASES:SITE_CASES + args.match_histograms]
     reference = landmarks([r.load()[0].array for r in references], args.landmarks) if references else None
+    if args.write_matched:
+        write_matched(every, Path(args.write_matched), reference)
+        return 0
     network, card = load_network(resolve_model(args.model or validation_model_id()))
     predictor = Predictor(network, InferenceSpec(tuple(card.patch_size), tuple(card.spacing)), device="cpu")
 
@@ -114,6 +121,18 @@ def match_quantiles(array: np.ndarray, source: np.ndarray, target: np.ndarray) -
     out[below] = target[0] + (data[below] - source[0]) * (target[1] - target[0]) / (source[1] - source[0])
     out[above] = target[-1] + (data[above] - source[-1]) * (target[-1] - target[-2]) / (source[-1] - source[-2])
     return out.astype(np.float32)
+
+
+def write_matched(records, folder: Path, reference: np.ndarray) -> None:
+    """`records` matched each on its own onto `reference`, as `<folder>/<ID>/mri_norm2.h5` plus train.list."""
+    for record in records:
+        image, label = record.load()
+        (folder / record.case_id).mkdir(parents=True, exist_ok=True)
+        with h5py.File(folder / record.case_id / "mri_norm2.h5", "w") as handle:
+            handle.create_dataset("image", data=matched([(image, label)], reference)[0][0].array, compression="gzip")
+            handle.create_dataset("label", data=np.asarray(label.array, np.uint8), compression="gzip")
+    (folder / "train.list").write_text("".join(f"{record.case_id}\n" for record in records))
+    print(f"wrote {len(records)} matched cases to {folder}")
 
 
 def matched(pairs, reference: np.ndarray, site: np.ndarray | None = None):
