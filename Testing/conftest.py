@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))  # importable without installation, too
 
 LA_ROOT = Path(os.environ.get("SEMISEG_LA_DATA", REPO.parent / "shared" / "data" / "LA"))
+
+
+def load_script(relative: str):
+    """A repository script (bench/, scripts/) as a module, registered in sys.modules under its file name
+    (dataclasses look their module up there)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cli_helpers import run_cli
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "gpu_run.sh"
 
@@ -119,12 +119,7 @@ def test_fp16_copy_of_the_bundled_model_is_sharded_below_16_mib(tmp_path):
 
 def test_salvage_command_resumes_without_the_budget():
     """A run stopped before its export is exported by resuming it at its checkpoint's iteration (no training)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_run", REPO / "scripts" / "gpu_run.py")
-    gpu_run = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_run"] = gpu_run  # dataclasses look their module up there
-    spec.loader.exec_module(gpu_run)
+    gpu_run = load_script("scripts/gpu_run.py")
     cmd = ["python", "-m", "semiseg_la.cli.main", "train", "--preset", "caml-la-8", "--time-budget", "230",
            "--set", "fit_to_budget=true", "--set", "device_data=true", "--iterations", "20000"]
     assert gpu_run._without_budget_flags(cmd) == ["python", "-m", "semiseg_la.cli.main", "train", "--preset",

@@ -434,3 +434,25 @@ def test_a_misspelt_method_param_is_an_error_not_ignored():
                            ("caml", {"memory_slots": 4, "labeled_num": 4}), ("semicml_la", {"gate_alpha_cap": 0.5}),
                            ("semicml", {"modality_names": ["T1", "T2"], "in_channels": 2})):
         build_method(method, params, 10)
+
+
+def test_a_parent_given_as_a_folder_outside_the_catalog_is_blended_and_checked_from_that_folder(parent_models,
+                                                                                               tmp_path):
+    """`finetune --from FOLDER` with a model that is not installed: the blend and the guard rail read the parent
+    from that folder at export (they looked it up by id and failed after the whole training)."""
+    import shutil
+
+    folder = tmp_path / "downloaded" / "spheres-parent"
+    shutil.copytree(parent_models / PARENT_ID, folder)
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    site, unl = write_site(tmp_path, labeled=3, unlabeled=1)
+    result = run_cli(["finetune", "--from", str(folder), "--data", str(site), "--unlabeled", str(unl),
+                      "--iterations", "2", "--set", "fit_to_budget=false", "--set", "parent_blend=0.5",
+                      "--device", "cpu", "--output", str(tmp_path / "run"), "--progress", "json"],
+                     env_extra=env_for(catalog))
+    assert result.returncode == 0, result.stderr
+    card = json.loads((Path(json_lines(result.stdout)[-1]["model_dir"]) / "card.json").read_text())
+    finetune = card["finetune"]
+    assert finetune["parent"] == PARENT_ID and finetune["parent_blend"] == 0.5
+    assert finetune["site_holdout"]["parent_dice"] >= 0 and finetune["held_out_cases"] == 1

@@ -6,7 +6,7 @@ bench/bench_finetune.py), and prints the Dice of each and what it costs:
 
     python bench/bench_site_shift.py --data ../shared/data/LA [--model ID] \
         [--families scanner piecewise thick-slices bias rician-noise] [--strength 1] [--json out.json] \
-        [--match-histograms 16]
+        [--match-histograms 16] [--tta flip]
 
 `--match-histograms N` asks whether intensity standardisation, which needs no labels, undoes a site: each
 family's scans are scored again after quantile matching (Nyul-Udupa, `--landmarks` K percentiles from 0.5 to
@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
-from semiseg_la.inference.predictor import InferenceSpec, Predictor
+from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.metrics import dice
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the simulated site")
     parser.add_argument("--val", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tta", choices=("none", "flip", "mirror"), default="none",
+                        help="test-time augmentation (default none; `segment` and bench_finetune.py use flip)")
     parser.add_argument("--match-histograms", type=int, default=0, metavar="N",
                         help="also score after quantile matching onto N unshifted reference cases (default 0: off)")
     parser.add_argument("--landmarks", type=int, default=100, help="percentiles matched (at least 3; default 100)")
@@ -71,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_matched(every, Path(args.write_matched), reference)
         return 0
     network, card = load_network(resolve_model(args.model or validation_model_id()))
-    predictor = Predictor(network, InferenceSpec(tuple(card.patch_size), tuple(card.spacing)), device="cpu")
+    spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
+    predictor = Predictor(combine_networks(network, tta=args.tta), spec, device="cpu")
 
     def mean_dice(pairs) -> float:
         return float(np.mean([dice(predictor.predict(image).label.array, label.array) for image, label in pairs]))

@@ -29,10 +29,11 @@ HOLDOUT_FROM = 3
 
 
 def export_run(config: TrainConfig, result: TrainResult, split: Split, validation_records: Sequence[CaseRecord],
-               parent_card=None, name: Optional[str] = None, reporter: Optional[ProgressReporter] = None
-               ) -> Tuple[str, Path, Dict[str, Any], Optional[Dict[str, Any]]]:
+               parent_card=None, name: Optional[str] = None, reporter: Optional[ProgressReporter] = None,
+               parent_folder: Optional[Path] = None) -> Tuple[str, Path, Dict[str, Any], Optional[Dict[str, Any]]]:
     """Export the best-by-validation checkpoint (the last one when there is no validation split, or with
     `export_checkpoint: last`): (model id, folder, validation figures, the fine-tune's parent/child record or None).
+    A fine-tune's parent weights are read from `parent_folder` (the one it started from), else by the card's id.
     """
     reporter = reporter or ProgressReporter()
     ckpt_dir = Path(config.output) / "checkpoints"
@@ -44,7 +45,8 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     # network takes) follows the checkpoint, not the run's last state
     exported = restore_method(config.method, params, state["networks"])
     network = exported.inference_network().eval()
-    blended = blend_with_parent(network, parent_card, config.parent_blend, reporter) if parent_card else None
+    blended = (blend_with_parent(network, parent_card, config.parent_blend, reporter, parent_folder)
+               if parent_card else None)
     channel = getattr(exported, "exported_channel", None)  # multi-modal training, one-modality model
     if validation_records:
         validation = evaluate_records(network, config, validation_records, reporter, channel)
@@ -58,7 +60,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     card = make_card(model_id, config, result, split, validation, parent_card, int(state["iteration"]), exported)
     if parent_card is not None:
         card.extra["finetune"] = finetune_record(config, split, validation, parent_card, validation_records,
-                                                 reporter, channel)
+                                                 reporter, channel, parent_folder)
         card.extra["finetune"]["parent_blend"] = blended
         _warn_if_worse(card.extra["finetune"], reporter)
     folder = new_local_model_dir(model_id)
@@ -67,16 +69,16 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
     return model_id, folder, validation, card.extra.get("finetune")
 
 
-def blend_with_parent(network: torch.nn.Module, parent_card, share: float, reporter: ProgressReporter
-                      ) -> Optional[float]:
+def blend_with_parent(network: torch.nn.Module, parent_card, share: float, reporter: ProgressReporter,
+                      parent_folder: Optional[Path] = None) -> Optional[float]:
     """WiSE-FT: the network's floating-point tensors become (1 - share) x its own + share x the parent's, in
     place; the share applied (None when off, or when the parent's tensors do not match the exported network's,
     which is said and leaves the fine-tuned weights as they are)."""
     if share <= 0:
         return None
-    from ..checkpoints import load_model_weights, resolve_model
+    from ..checkpoints import load_model_weights
 
-    parent, _ = load_model_weights(resolve_model(card_get(parent_card, "id")))
+    parent, _ = load_model_weights(_parent_dir(parent_card, parent_folder))
     own = network.state_dict()
     if set(parent) != set(own) or any(parent[k].shape != own[k].shape for k in own):
         reporter.log(f"parent_blend {share:g} skipped: the parent {card_get(parent_card, 'id')} and the exported "
@@ -90,6 +92,13 @@ def blend_with_parent(network: torch.nn.Module, parent_card, share: float, repor
     return float(share)
 
 
+def _parent_dir(parent_card, parent_folder: Optional[Path]) -> Path:
+    """The parent's model folder: the one the fine-tune started from, else the catalog's by the card's id."""
+    from ..checkpoints import resolve_model
+
+    return Path(parent_folder) if parent_folder is not None else resolve_model(card_get(parent_card, "id"))
+
+
 def _figure_kind(validation_records: Sequence[CaseRecord], parent_card) -> str:
     if not validation_records:
         return "training fit"
@@ -98,7 +107,7 @@ def _figure_kind(validation_records: Sequence[CaseRecord], parent_card) -> str:
 
 def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any], parent_card,
                     held_out: Sequence[CaseRecord], reporter: ProgressReporter,
-                    channel: Optional[int] = None) -> Dict[str, Any]:
+                    channel: Optional[int] = None, parent_folder: Optional[Path] = None) -> Dict[str, Any]:
     """What a fine-tune's card says about the site: the parent and the child on the held-out site case(s),
     the verdict, the parent's own (shift-free) figure, the case counts, the budget and the device."""
     parent_validation = card_get(parent_card, "validation") or {}
@@ -114,9 +123,9 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
         record["verdict"] = (f"unchecked: fewer than {HOLDOUT_FROM} labelled cases, so none was held out to "
                              "compare the fine-tuned model with its parent")
         return record
-    from ..checkpoints import load_network, resolve_model
+    from ..checkpoints import load_network
 
-    parent_network, _ = load_network(resolve_model(card_get(parent_card, "id")), device="cpu")
+    parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
     parent = evaluate_records(parent_network.eval(), config, held_out, reporter, channel,
                               what="the parent on the held-out site case(s)")
     child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])

@@ -203,8 +203,8 @@ def _is_la(root: str, list_file: Optional[str] = None) -> bool:
     return bool(list_file) and is_la_cache(root) and ((Path(root) / list_file).is_file() or Path(list_file).is_file())
 
 
-def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Optional[Dict[str, Any]] = None
-              ) -> int:
+def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Optional[Dict[str, Any]] = None,
+              parent_folder: Optional[Path] = None) -> int:
     from ..inference.validation import make_multimodal_validator, make_validator
 
     config = resolve_config(args, base)
@@ -252,7 +252,8 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         from .export import export_run
 
         exported = export_run(config, result, split, validation_records=split.validation,
-                              parent_card=parent_card, name=args.name, reporter=reporter)
+                              parent_card=parent_card, name=args.name, reporter=reporter,
+                              parent_folder=parent_folder)
     if exported:
         reporter.log(f"exported model {exported[0]} to {exported[1]}")
     guard = _guard_summary(exported[3] if exported else None)
@@ -309,7 +310,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         base["val_num"] = val_num
         if args.labeled_num is None:
             base["labeled_num"] = labeled_num
-    return run_train(args, initial=weights, parent_card=card, base=base)
+    # the parent is read again at export (blend, guard rail) from this folder: `--from FOLDER` need not be installed
+    return run_train(args, initial=weights, parent_card=card, base=base, parent_folder=folder)
 
 
 #: the methods whose network can carry a site adapter (models/adapter.py)
