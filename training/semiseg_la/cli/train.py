@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(t)
     t.set_defaults(handler=run_train)
     f = sub.add_parser("finetune", help="fine-tune a catalog model on your own cases (records the parent)")
-    f.add_argument("--from", dest="from_model", default=None, help="parent catalog model (default: default)")
+    f.add_argument("--from", dest="from_model", default=None,
+                   help="parent: catalog id or model folder (default: default)")
     _add_common(f)
     f.set_defaults(handler=run_finetune)
 
