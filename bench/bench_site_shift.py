@@ -66,12 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.landmarks < 3:
         parser.error("--landmarks must be at least 3")
     every = [r for r in open_dataset(args.data, "train.list") if r.label_path]
-    cases = [record.load() for record in every[-args.val:]]
     references = every[SITE_CASES:SITE_CASES + args.match_histograms]
     reference = landmarks([r.load()[0].array for r in references], args.landmarks) if references else None
     if args.write_matched:
         write_matched(every, Path(args.write_matched), reference)
         return 0
+    cases = [record.load() for record in every[-args.val:]]
+    # the site's own scans, for the site-level map (as bench_finetune.py writes them: case seeds 0-15)
+    site_images = [r.load()[0] for r in every[:SITE_CASES]] if reference is not None and not args.matched_model else []
     network, card = load_network(resolve_model(args.model or validation_model_id()))
     spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
     predictor = Predictor(combine_networks(network, tta=args.tta), spec, device="cpu")
@@ -98,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shifted = matched(shifted, reference)
         rows[family] = report(family, shifted)
         if reference is not None and not args.matched_model:
-            site_scans = [shift.apply(r.load()[0], i).array for i, r in enumerate(every[:SITE_CASES])]
-            site = landmarks(site_scans, args.landmarks)
+            site = landmarks([shift.apply(image, i).array for i, image in enumerate(site_images)], args.landmarks)
             rows[f"{family}, site map"] = report("  site's map", matched(shifted, reference, site))
             rows[f"{family}, each scan matched"] = report("  each matched", matched(shifted, reference))
     if args.json:
@@ -132,16 +133,21 @@ def write_matched(records, folder: Path, reference: np.ndarray) -> None:
         image, label = record.load()
         (folder / record.case_id).mkdir(parents=True, exist_ok=True)
         with h5py.File(folder / record.case_id / "mri_norm2.h5", "w") as handle:
-            handle.create_dataset("image", data=matched([(image, label)], reference)[0][0].array, compression="gzip")
+            handle.create_dataset("image", data=match_own(image.array, reference), compression="gzip")
             handle.create_dataset("label", data=np.asarray(label.array, np.uint8), compression="gzip")
     (folder / "train.list").write_text("".join(f"{record.case_id}\n" for record in records))
     print(f"wrote {len(records)} matched cases to {folder}")
 
 
+def match_own(array: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """One scan matched onto `reference` by its own landmarks (as many as the reference has)."""
+    return match_quantiles(array, landmarks([array], reference.size), reference)
+
+
 def matched(pairs, reference: np.ndarray, site: np.ndarray | None = None):
     """(image, label) pairs with each image matched onto `reference`: by the `site` landmarks, or its own."""
-    return [(image.with_array(match_quantiles(image.array, landmarks([image.array], reference.size) if site is None
-                                              else site, reference)), label) for image, label in pairs]
+    return [(image.with_array(match_own(image.array, reference) if site is None
+                              else match_quantiles(image.array, site, reference)), label) for image, label in pairs]
 
 
 if __name__ == "__main__":
