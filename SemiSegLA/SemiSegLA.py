@@ -1204,7 +1204,7 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
                 def adopt() -> None:  # once the model list (with the new model) is in
                     if getattr(job, "guardWarning", None):
-                        # the child is worse than its parent on the held-out case: keep the parent selected
+                        # the child is worse than its parent on the held-out case(s): keep the parent selected
                         self.fillModelCombos(base)
                         self.setStatus(job.guardWarning, error=True)
                         slicer.util.warningDisplay(job.guardWarning,

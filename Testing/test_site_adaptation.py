@@ -103,7 +103,7 @@ def test_a_fine_tune_adapts_to_the_site_and_the_card_says_how(parent_models, tmp
     # the held-out site case: the parent misses the inverted spheres, the child finds them
     assert guard["parent_dice"] < 0.1
     assert guard["child_dice"] > 0.6, (guard, [r for r in records if r["stage"] == "log"])
-    assert guard["verdict"] == "better or equal"
+    assert guard["verdict"] == "better or equal" and guard["held_out_cases"] == 1
     card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
     record = card["finetune"]
     assert record["parent"] == PARENT_ID and record["labeled_cases"] == 3 and record["held_out_cases"] == 1
@@ -199,6 +199,26 @@ def test_two_labelled_cases_are_all_trained_and_the_check_is_marked_unchecked(pa
     card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
     assert card["finetune"]["labeled_cases"] == 2 and card["finetune"]["held_out_cases"] == 0
     assert card["validation"]["figure"] == "training fit"
+
+
+def test_one_labelled_case_in_five_is_held_out_up_to_five():
+    from semiseg_la.cli.export import held_out_count
+
+    assert [held_out_count(n) for n in (0, 2, 3, 9, 10, 15, 16, 25, 64)] == [0, 0, 1, 1, 2, 3, 3, 5, 5]
+
+
+def test_ten_labelled_cases_hold_two_out_and_the_guard_says_how_many(parent_models, tmp_path):
+    site, unl = write_site(tmp_path, labeled=10, unlabeled=1)
+    result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
+                      "--iterations", "2", "--set", "fit_to_budget=false", "--device", "cpu",
+                      "--output", str(tmp_path / "run"), "--progress", "json"], env_extra=env_for(parent_models))
+    assert result.returncode == 0, result.stderr
+    done = json_lines(result.stdout)[-1]
+    assert done["guard"]["held_out_cases"] == 2
+    card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
+    record = card["finetune"]
+    assert record["labeled_cases"] == 8 and record["held_out_cases"] == 2
+    assert len(record["site_holdout"]["cases"]) == 2
 
 
 def test_a_budget_too_small_to_train_is_a_clear_error(parent_models, tmp_path):

@@ -237,3 +237,7 @@ def test_guard_warning_only_for_a_worse_child():
     assert guardWarning({"verdict": "unchecked: fewer than 3 labelled cases"}, "p") is None
     text = guardWarning({"verdict": "worse", "parent": "base-v1", "parent_dice": 0.85, "child_dice": 0.61}, "x")
     assert "worse than its parent base-v1" in text and "(Dice 0.610 vs 0.850)" in text and "stays selected" in text
+    assert "your held-out case (Dice" in text
+    three = guardWarning({"verdict": "worse", "parent": "b", "parent_dice": 0.8, "child_dice": 0.7,
+                          "held_out_cases": 3}, "x")
+    assert "on your 3 held-out cases (Dice 0.700 vs 0.800)" in three

@@ -77,7 +77,9 @@ def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str
     child, parent = _float_or_none(guard.get("child_dice")), _float_or_none(guard.get("parent_dice"))
     figures = f" (Dice {child:.3f} vs {parent:.3f})" if child is not None and parent is not None else ""
     parentId = str(guard.get("parent") or parentId)
-    return (f"The fine-tuned model is worse than its parent {parentId} on your held-out case{figures}, so "
+    count = guard.get("held_out_cases")
+    cases = f"{count} held-out cases" if isinstance(count, int) and count > 1 else "held-out case"
+    return (f"The fine-tuned model is worse than its parent {parentId} on your {cases}{figures}, so "
             f"{parentId} stays selected. The new model is kept in the list. Check the labels, or annotate more "
             "cases, and fine-tune again.")
 

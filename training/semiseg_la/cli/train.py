@@ -47,7 +47,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", dest="train_list", default=None, help="case list (LA: train.list)")
     p.add_argument("--labeled", dest="labeled_num", type=int, default=None, help="labelled cases: the first N")
     p.add_argument("--val", dest="val_num", type=int, default=None,
-                   help="validation cases: the last N labelled cases (selection only, never trained on)")
+                   help="validation cases: the last N labelled cases, never trained on (finetune: from 3 "
+                   "labelled cases one in five, 1 to 5, held out to check the child against its parent)")
     p.add_argument("--unlabeled", dest="unlabeled_dir", default=None, help="extra folder of unlabelled scans")
     p.add_argument("--iterations", dest="max_iterations", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -271,7 +272,8 @@ def _guard_summary(finetune: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any
         return None
     holdout = finetune.get("site_holdout") or {}
     return {"verdict": finetune.get("verdict"), "parent": finetune.get("parent"),
-            "parent_dice": holdout.get("parent_dice"), "child_dice": holdout.get("child_dice")}
+            "parent_dice": holdout.get("parent_dice"), "child_dice": holdout.get("child_dice"),
+            "held_out_cases": finetune.get("held_out_cases")}
 
 
 def _with_saved_plan(config: TrainConfig) -> TrainConfig:
@@ -347,13 +349,13 @@ def finetune_preset(method: Optional[str]) -> str:
 
 
 def _site_split(args: argparse.Namespace) -> tuple:
-    """(labelled, held out): every labelled case trains, except one held out for the parent/child check
-    once there are HOLDOUT_FROM or more (its image still joins the unlabelled pool)."""
-    from .export import HOLDOUT_FROM
+    """(labelled, held out): every labelled case trains, except the last `held_out_count` ones, held out for
+    the parent/child check (their images still join the unlabelled pool)."""
+    from .export import held_out_count
 
     records = open_dataset(args.data, args.train_list)
     n = sum(1 for r in records if r.label_path is not None)
-    val = args.val_num if args.val_num is not None else (1 if n >= HOLDOUT_FROM else 0)
+    val = args.val_num if args.val_num is not None else held_out_count(n)
     if n - val < 1:
         raise InputError(f"{args.data}: fine-tuning needs at least one labelled case outside validation")
     return n - val, val
