@@ -188,13 +188,18 @@ def test_whole_site_scans_are_trained_and_checked_in_the_atrium_region(parent_mo
     assert guard["parent_dice"] > 0.8 and guard["child_dice"] > 0.8, guard  # the region's sphere, not the decoy
 
 
-def test_two_labelled_cases_are_all_trained_and_the_check_is_marked_unchecked(parent_models, tmp_path):
-    site, unl = write_site(tmp_path, labeled=2, unlabeled=1)
+def two_step_finetune(models: Path, root: Path, labeled: int) -> dict:
+    """A 2-iteration default fine-tune on `labeled` site cases and one unlabelled scan: its `done` record."""
+    site, unl = write_site(root, labeled=labeled, unlabeled=1)
     result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
                       "--iterations", "2", "--set", "fit_to_budget=false", "--device", "cpu",
-                      "--output", str(tmp_path / "run"), "--progress", "json"], env_extra=env_for(parent_models))
+                      "--output", str(root / "run"), "--progress", "json"], env_extra=env_for(models))
     assert result.returncode == 0, result.stderr
-    done = json_lines(result.stdout)[-1]
+    return json_lines(result.stdout)[-1]
+
+
+def test_two_labelled_cases_are_all_trained_and_the_check_is_marked_unchecked(parent_models, tmp_path):
+    done = two_step_finetune(parent_models, tmp_path, labeled=2)
     assert done["guard"]["verdict"].startswith("unchecked")
     card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
     assert card["finetune"]["labeled_cases"] == 2 and card["finetune"]["held_out_cases"] == 0
@@ -208,12 +213,7 @@ def test_one_labelled_case_in_five_is_held_out_up_to_five():
 
 
 def test_ten_labelled_cases_hold_two_out_and_the_guard_says_how_many(parent_models, tmp_path):
-    site, unl = write_site(tmp_path, labeled=10, unlabeled=1)
-    result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
-                      "--iterations", "2", "--set", "fit_to_budget=false", "--device", "cpu",
-                      "--output", str(tmp_path / "run"), "--progress", "json"], env_extra=env_for(parent_models))
-    assert result.returncode == 0, result.stderr
-    done = json_lines(result.stdout)[-1]
+    done = two_step_finetune(parent_models, tmp_path, labeled=10)
     assert done["guard"]["held_out_cases"] == 2
     card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
     record = card["finetune"]
