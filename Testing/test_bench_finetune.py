@@ -29,3 +29,18 @@ def test_summary_names_the_cases_each_side_wins(bench, capsys):
     bench.print_summary({}, rows)
     out = capsys.readouterr().out
     assert "+1.00 Dice points" in out and "better on 1 of 2 cases" in out and "1.10x" in out
+
+
+@pytest.mark.parametrize("unlabeled", [0, 12])
+def test_a_site_without_unlabelled_scans_is_fine_tuned_without_the_flag(bench, monkeypatch, tmp_path, unlabeled):
+    """`finetune --unlabeled` refuses an empty folder, so `--unlabeled 0` must not pass one."""
+    import argparse
+    import subprocess
+
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: seen.append(command) or
+                        subprocess.CompletedProcess(command, 2, "", "stopped here"))
+    args = argparse.Namespace(model="m", budget=600.0, device="cpu", overrides=[], unlabeled=unlabeled)
+    run = bench.run_finetune("default", args, tmp_path, tmp_path / "site", tmp_path / "unlabeled")
+    assert run["error"] == "exit 2: stopped here"
+    assert ("--unlabeled" in seen[0]) == bool(unlabeled)

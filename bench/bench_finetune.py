@@ -206,7 +206,8 @@ def run_finetune(method: str, args: argparse.Namespace, work: Path, site_dir: Pa
     """One `semiseg-la finetune` in a child process: wall time, iterations, step time, model folder, guard."""
     output = work / "runs" / method
     command = [sys.executable, "-m", "semiseg_la.cli.main", "finetune", "--from", args.model,
-               "--data", str(site_dir), "--unlabeled", str(unlabeled_dir), "--preset", PRESETS[method],
+               "--data", str(site_dir), *(["--unlabeled", str(unlabeled_dir)] if args.unlabeled else []),
+               "--preset", PRESETS[method],
                "--time-budget", f"{args.budget:g}", "--device", args.device, "--output", str(output),
                "--name", f"bench-{method}", "--progress", "json"]
     for item in args.overrides:
