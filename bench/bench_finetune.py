@@ -38,9 +38,10 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
+from semiseg_la.cli.common import inference_spec
 from semiseg_la.cli.main import main as cli
 from semiseg_la.errors import RegionError
-from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
+from semiseg_la.inference.predictor import Predictor, combine_networks
 from semiseg_la.io import read_volume, write_volume
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.io.volume import Volume
@@ -194,8 +195,7 @@ def score_model(model: str, cases, shifted, tta: str, scorer=None) -> Dict:
         return {"model": model, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
                 "shifted_cases": [float(d) for d in moved], "unshifted_cases": [float(d) for d in plain]}
     network, card = load_network(resolve_model(model))
-    spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
-    predictor = Predictor(combine_networks(network, tta=tta), spec, device="cpu")
+    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device="cpu")
     plain = [dice(predictor.predict(image).label.array, label.array) for image, label in cases]
     moved = [dice(predictor.predict(image).label.array, label.array) for image, label in shifted]
     return {"model": card.id, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),

@@ -15,7 +15,9 @@ site nor scored), once with one map fitted on the site's 16 scans as bench/bench
 (a site-level map, what a fine-tune could learn from unannotated scans) and once with each scan matched on
 its own; the unshifted cases matched on their own show what the standardisation alone costs the model.
 With `--matched-model` the model was trained on scans each matched onto that reference, so every scored scan,
-unshifted or not, is matched on its own first. `--write-matched DIR` writes such training data: every
+unshifted or not, is matched on its own first. (A model trained with `normalization: standardized-zscore`
+standardises its inputs itself, onto the reference in its card: score it without these options.)
+`--write-matched DIR` writes such training data: every
 train.list case matched on its own, in the LA h5 layout, and exits (docs/results.md, "Standardising").
 """
 
@@ -31,9 +33,11 @@ import h5py
 import numpy as np
 
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
-from semiseg_la.inference.predictor import InferenceSpec, Predictor, combine_networks
+from semiseg_la.cli.common import inference_spec
+from semiseg_la.inference.predictor import Predictor, combine_networks
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.metrics import dice
+from semiseg_la.preprocess.normalize import landmarks, match_quantiles, standardize
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
 
 #: bench/bench_finetune.py's site: the first 16 train.list cases (4 labelled + 12 unlabelled, case seeds 0-15)
@@ -67,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--landmarks must be at least 3")
     every = [r for r in open_dataset(args.data, "train.list") if r.label_path]
     references = every[SITE_CASES:SITE_CASES + args.match_histograms]
-    reference = landmarks([r.load()[0].array for r in references], args.landmarks) if references else None
+    reference = pooled_landmarks([r.load()[0].array for r in references], args.landmarks) if references else None
     if args.write_matched:
         write_matched(every, Path(args.write_matched), reference)
         return 0
@@ -75,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the site's own scans, for the site-level map (as bench_finetune.py writes them: case seeds 0-15)
     site_images = [r.load()[0] for r in every[:SITE_CASES]] if reference is not None and not args.matched_model else []
     network, card = load_network(resolve_model(args.model or validation_model_id()))
-    spec = InferenceSpec(tuple(card.patch_size), tuple(card.spacing))
-    predictor = Predictor(combine_networks(network, tta=args.tta), spec, device="cpu")
+    predictor = Predictor(combine_networks(network, tta=args.tta), inference_spec(card), device="cpu")
 
     def mean_dice(pairs) -> float:
         return float(np.mean([dice(predictor.predict(image).label.array, label.array) for image, label in pairs]))
@@ -100,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shifted = matched(shifted, reference)
         rows[family] = report(family, shifted)
         if reference is not None and not args.matched_model:
-            site = landmarks([shift.apply(image, i).array for i, image in enumerate(site_images)], args.landmarks)
+            site = pooled_landmarks([shift.apply(image, i).array for i, image in enumerate(site_images)],
+                                    args.landmarks)
             rows[f"{family}, site map"] = report("  site's map", matched(shifted, reference, site))
             rows[f"{family}, each scan matched"] = report("  each matched", matched(shifted, reference))
     if args.json:
@@ -109,22 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def landmarks(arrays: Sequence[np.ndarray], count: int = 100) -> np.ndarray:
+def pooled_landmarks(arrays: Sequence[np.ndarray], count: int = 100) -> np.ndarray:
     """The pooled intensity histogram's landmarks: `count` percentiles from 0.5 to 99.5 of every voxel."""
-    return np.percentile(np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays]),
-                         np.linspace(0.5, 99.5, count))
-
-
-def match_quantiles(array: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """`array` mapped piecewise-linearly from the `source` landmarks onto the `target` ones, the end segments
-    extended beyond them (Nyul-Udupa). Tied landmarks (8-bit scans) are nudged apart so the map is a function."""
-    source = np.maximum.accumulate(source) + 1e-4 * np.arange(source.size)
-    data = np.asarray(array, np.float64)
-    out = np.interp(data, source, target)
-    below, above = data < source[0], data > source[-1]
-    out[below] = target[0] + (data[below] - source[0]) * (target[1] - target[0]) / (source[1] - source[0])
-    out[above] = target[-1] + (data[above] - source[-1]) * (target[-1] - target[-2]) / (source[-1] - source[-2])
-    return out.astype(np.float32)
+    return landmarks(np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays]), count)
 
 
 def write_matched(records, folder: Path, reference: np.ndarray) -> None:
@@ -133,20 +124,15 @@ def write_matched(records, folder: Path, reference: np.ndarray) -> None:
         image, label = record.load()
         (folder / record.case_id).mkdir(parents=True, exist_ok=True)
         with h5py.File(folder / record.case_id / "mri_norm2.h5", "w") as handle:
-            handle.create_dataset("image", data=match_own(image.array, reference), compression="gzip")
+            handle.create_dataset("image", data=standardize(image.array, reference), compression="gzip")
             handle.create_dataset("label", data=np.asarray(label.array, np.uint8), compression="gzip")
     (folder / "train.list").write_text("".join(f"{record.case_id}\n" for record in records))
     print(f"wrote {len(records)} matched cases to {folder}")
 
 
-def match_own(array: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """One scan matched onto `reference` by its own landmarks (as many as the reference has)."""
-    return match_quantiles(array, landmarks([array], reference.size), reference)
-
-
 def matched(pairs, reference: np.ndarray, site: np.ndarray | None = None):
     """(image, label) pairs with each image matched onto `reference`: by the `site` landmarks, or its own."""
-    return [(image.with_array(match_own(image.array, reference) if site is None
+    return [(image.with_array(standardize(image.array, reference) if site is None
                               else match_quantiles(image.array, site, reference)), label) for image, label in pairs]
 
 

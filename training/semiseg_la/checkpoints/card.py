@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..errors import CheckpointError
 from ..io.atomic import atomic_write_text
+from ..preprocess.normalize import NORMALIZATIONS, check_reference
 
 FORMAT_VERSION = 1
 CARD_FILE = "card.json"
@@ -295,6 +296,16 @@ def _validate_inference(inf: Any, source: str) -> None:
     if "in_channels" in inf:
         _expect(isinstance(inf["in_channels"], int) and inf["in_channels"] > 0, source, "inference.in_channels",
                 "a positive integer")
+    normalization = inf.get("normalization", "zscore-volume")
+    _expect(normalization in NORMALIZATIONS, source, "inference.normalization", "one of " + ", ".join(NORMALIZATIONS))
+    if normalization == "standardized-zscore" or "intensity_reference" in inf:
+        reference = inf.get("intensity_reference")
+        _expect(_is_list_of(reference, (int, float), len(reference) if isinstance(reference, list) else 0),
+                source, "inference.intensity_reference", "a list of numbers (standardized-zscore's landmarks)")
+        try:
+            check_reference(reference, "inference.intensity_reference")
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
 
 
 def _validate_classes(classes: Any, source: str) -> None:

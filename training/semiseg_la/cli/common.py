@@ -67,5 +67,7 @@ def inference_spec(card):
     from ..inference.predictor import InferenceSpec
 
     info = card_get(card, "inference") or {}
+    reference = info.get("intensity_reference")
     return InferenceSpec(tuple(int(p) for p in info["patch_size"]), tuple(float(s) for s in info["spacing"]),
-                         normalization=info.get("normalization", "zscore-volume"))
+                         normalization=info.get("normalization", "zscore-volume"),
+                         intensity_reference=tuple(float(v) for v in reference) if reference is not None else None)

@@ -164,7 +164,7 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
     """Full metrics on the input grid (mm and legacy conventions) of the validation records."""
     if not records:
         return {"split": "none (no validation cases): figures unavailable"}
-    spec = InferenceSpec(tuple(config.patch_size), tuple(config.spacing), normalization=config.normalization)
+    spec = InferenceSpec.of_training(config)
     device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
     fallback = StickyFallback(device, "fast", reporter.log)
     cases = {}
@@ -225,6 +225,8 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
     name = model_id.rsplit("-v", 1)[0]
     inference = default_inference(config.patch_size, config.spacing)
     inference["normalization"] = config.normalization  # the Predictor normalises inputs the same way
+    if config.intensity_reference is not None:
+        inference["intensity_reference"] = [float(v) for v in config.intensity_reference]
     modality = getattr(exported, "exported_modality", None)
     if modality:  # multi-modal training, one-modality inference: say which modality the model takes
         inference["channel_names"] = {"0": str(modality)}

@@ -22,6 +22,7 @@ from ..errors import ConfigError, InputError, RegionError
 from ..inference.localise import Localiser
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..io.volume import Volume
+from ..preprocess.normalize import reference_landmarks
 from ..preprocess.resample import crop_to_roi
 from ..preprocess.wide_fov import REGION_MARGIN_MM, is_whole_scan, patch_mm
 from ..progress import ProgressReporter
@@ -118,13 +119,18 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     cut = WholeScanCut(config, reporter) if config.cut_whole_scans else None
     left_out = 0
 
+    if config.normalization == "standardized-zscore" and config.intensity_reference is None:
+        config.intensity_reference = training_reference(split.labeled, config)
+        reporter.log(f"standardized-zscore: reference landmarks from the {len(split.labeled)} labelled cases: "
+                     + ", ".join(f"{v:.3g}" for v in config.intensity_reference))
+
     def prep(group: Sequence[CaseRecord], labels: bool) -> List[TrainCase]:
         nonlocal done, left_out
         out = []
         for record in group:
             try:
                 out.append(prepare_case(record, config.spacing, with_label=labels, normalization=config.normalization,
-                                        cut=cut))
+                                        cut=cut, reference=config.intensity_reference))
             except RegionError as exc:  # only an unlabelled whole scan is cut where the localiser finds the atrium
                 reporter.log(f"{record.case_id}: left out of the unlabelled scans: {exc}")
                 left_out += 1
@@ -140,6 +146,20 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
     if summary:
         reporter.log(summary)
     return split, labeled, unlabeled, validation
+
+
+def training_reference(records: Sequence[CaseRecord], config: TrainConfig) -> List[float]:
+    """standardized-zscore's reference histogram: the mean landmarks of the labelled training cases, each as
+    the model is trained on it (a whole scan cut around its label, as `WholeScanCut` cuts it)."""
+    fine_mm = patch_mm(config.patch_size, config.spacing)
+
+    def trained_on(record: CaseRecord) -> Volume:
+        image, label = record.load()
+        if config.cut_whole_scans and is_whole_scan(image.shape, image.spacing):
+            image = cut_around_label(image, label, fine_mm)[0]
+        return image
+
+    return [float(v) for v in reference_landmarks(trained_on(r).array for r in records)]
 
 
 class WholeScanCut:
@@ -218,6 +238,8 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         raise InputError(f"{config.output} already holds a run; add --resume to continue it or choose --output")
     if args.resume and config.fit_to_budget:
         config = _with_saved_plan(config)
+    if args.resume and config.intensity_reference is None:
+        config = _with_saved_reference(config)
     device = _validation_device(config.device)
     trainer_ref: list = []
     if config.in_channels > 1:
@@ -231,7 +253,8 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
             validation = wide_validation_cases(validation, labeled, config.spacing, config.wide_fov_max_mm,
                                                intensities=config.wide_fov_intensities,
                                                region=config.wide_fov_region_mm is not None,
-                                               min_size=config.patch_size)
+                                               min_size=config.patch_size, normalization=config.normalization,
+                                               reference=config.intensity_reference)
             reporter.log("validation also on whole-scan canvases (without and with a decoy atrium): "
                          f"{len(validation)} cases")
         validator = make_validator(validation, config.patch_size, config.spacing, device, log=reporter.log)
@@ -285,6 +308,15 @@ def _with_saved_plan(config: TrainConfig) -> TrainConfig:
                                loop_budget_s=saved.get("loop_budget_s"), iteration_cap=saved.get("iteration_cap"))
 
 
+def _with_saved_reference(config: TrainConfig) -> TrainConfig:
+    """A resumed run standardises onto the reference its weights were trained with (its saved config.yaml),
+    even if cases were added to its data folder since."""
+    import dataclasses
+
+    saved = load_config_file(Path(config.output) / "config.yaml")
+    return dataclasses.replace(config, intensity_reference=saved.get("intensity_reference"))
+
+
 def _validation_device(name: str) -> str:
     import torch
 
@@ -305,6 +337,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     base.update({"patch_size": info["patch_size"], "spacing": info["spacing"],
                  "in_channels": int(arch.get("in_channels", 1)),
                  "normalization": info.get("normalization", "zscore-volume")})  # inputs as the parent saw them
+    if info.get("intensity_reference") is not None:  # standardised onto the parent's reference histogram
+        base["intensity_reference"] = list(info["intensity_reference"])
     if "patch_size" in (base.get("method_params") or {}):  # CRLN's DIM grid follows the parent's patch
         base["method_params"]["patch_size"] = list(info["patch_size"])
     _keep_parent_adapter(base, arch, card)

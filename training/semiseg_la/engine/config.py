@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
+from ..preprocess.normalize import NORMALIZATIONS, Z_SCORED, check_reference
 from ..preprocess.site_shift import AUGMENTATION_FAMILIES, FAMILIES
 
 
@@ -88,8 +89,13 @@ class TrainConfig:
     # intensities of every training, validation and exported-model input (a volume as read):
     # "zscore-volume" (default; what `segment` does with user scans), "stored" (as stored: the LA h5
     # release is already z-scored over the whole uncropped scan, and the official code uses it as is) or
-    # "minmax-volume" (the whole volume min-max scaled to [0, 1], CRLN's LA loader); recorded in the model card
+    # "minmax-volume" (the whole volume min-max scaled to [0, 1], CRLN's LA loader) or "standardized-zscore"
+    # (each volume matched by its own percentiles onto `intensity_reference`, then z-scored: another scanner's
+    # contrast curve is undone before the network sees the scan); recorded in the model card
     normalization: str = "zscore-volume"
+    # standardized-zscore's reference landmarks (intensities at 0.5 ... 99.5 %); null: taken at the start of
+    # training from the labelled training cases (a fine-tune keeps its parent's)
+    intensity_reference: Optional[List[float]] = None
     # run control
     seed: int = 1337
     deterministic: bool = False
@@ -162,8 +168,16 @@ class TrainConfig:
             problems.append(f"lr_milestones={self.lr_milestones} must be increasing")
         if self.normalization not in NORMALIZATIONS:
             problems.append(f"normalization={self.normalization!r} must be one of {', '.join(NORMALIZATIONS)}")
-        if self.normalization != "zscore-volume" and getattr(self, "wide_fov_prob", 0.0) > 0:
-            problems.append("wide_fov_prob > 0 z-scores its canvases: it needs normalization zscore-volume")
+        if self.normalization not in Z_SCORED and getattr(self, "wide_fov_prob", 0.0) > 0:
+            problems.append("wide_fov_prob > 0 z-scores its canvases: it needs normalization zscore-volume or "
+                            "standardized-zscore")
+        if self.normalization == "standardized-zscore" and self.in_channels != 1:
+            problems.append("normalization standardized-zscore needs single-channel images (in_channels 1)")
+        if self.intensity_reference is not None:
+            try:
+                check_reference(self.intensity_reference)
+            except ValueError as exc:
+                problems.append(str(exc))
         if self.export_checkpoint not in ("best", "last"):
             problems.append(f"export_checkpoint={self.export_checkpoint!r} must be best or last")
         volume_space = (self.method == "crln" and (self.method_params or {}).get("input_space") == "minmax_volume")
@@ -208,8 +222,6 @@ class TrainConfig:
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 LR_POLICIES = ("constant", "step", "poly", "multistep")
 OPTIMIZERS = ("sgd", "adam")
-#: the same names as the model card's `inference.normalization` (engine/data.py normalize_volume)
-NORMALIZATIONS = ("zscore-volume", "stored", "minmax-volume")
 WIDE_FOV_INTENSITIES = ("normalized", "stored")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.datasets import CaseRecord
 from ..io.volume import Volume
-from ..preprocess.normalize import zscore, zscore_stats
+from ..preprocess.normalize import standardize, zscore, zscore_stats
 from ..preprocess.resample import crop_to_roi, to_model_grid
 from ..preprocess.site_shift import random_site_shifts
 from ..preprocess.wide_fov import (
@@ -27,7 +27,7 @@ from ..preprocess.wide_fov import (
     random_canvas_shape,
     region_around,
 )
-from .config import NORMALIZATIONS, WIDE_FOV_INTENSITIES
+from .config import NORMALIZATIONS, WIDE_FOV_INTENSITIES, Z_SCORED
 
 
 @dataclasses.dataclass
@@ -49,10 +49,13 @@ class TrainCase:
         return (self.image[0] * np.float32(std) + np.float32(mean)).astype(np.float32)
 
 
-def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume") -> np.ndarray:
+def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume",
+                     reference: Optional[Sequence[float]] = None) -> np.ndarray:
     """One volume's intensities as a model expects them, float32:
 
     * "zscore-volume": (x - mean) / std over the whole volume (the default, and what `segment` does);
+    * "standardized-zscore": matched by its own percentiles onto the model's `reference` landmarks
+      (`preprocess.normalize.standardize`, undoing another scanner's contrast curve), then z-scored;
     * "stored": unchanged (the LA h5 release is z-scored over the whole uncropped scan already, and the
       official LA code feeds it as is; re-z-scoring the stored crop changes every intensity slightly);
     * "minmax-volume": (x - min) / (max - min) over the whole volume, [0, 1] (CRLN's LA loader; a constant
@@ -60,6 +63,8 @@ def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume") ->
     """
     if normalization == "zscore-volume":
         return zscore(array)
+    if normalization == "standardized-zscore":
+        return zscore(standardize(array, _reference(reference)))
     if normalization == "stored":
         return np.asarray(array, dtype=np.float32)
     if normalization == "minmax-volume":
@@ -73,20 +78,31 @@ def normalize_volume(array: np.ndarray, normalization: str = "zscore-volume") ->
     raise InputError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
 
 
+def _reference(reference: Optional[Sequence[float]]) -> np.ndarray:
+    if reference is None:
+        raise InputError("normalization standardized-zscore needs the model's intensity_reference landmarks")
+    return np.asarray(reference, np.float64)
+
+
 #: a loaded case (image, label or None) -> the part of it that a fine model is trained on (`prepare_case`);
 #: raises RegionError when it finds no atrium in an unlabelled scan
 RegionCut = Callable[[Volume, Optional[Volume]], Tuple[Volume, Optional[Volume]]]
 
 
 def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True,
-                 normalization: str = "zscore-volume", cut: Optional[RegionCut] = None) -> TrainCase:
+                 normalization: str = "zscore-volume", cut: Optional[RegionCut] = None,
+                 reference: Optional[Sequence[float]] = None) -> TrainCase:
     """Read, validate, cut (`cut`: a whole scan to its atrium's region), normalise over the case
-    (`normalize_volume`) and resample to the model spacing."""
+    (`normalize_volume`; `reference`: the landmarks of "standardized-zscore") and resample to the model
+    spacing."""
     image, label = record.load()
     if cut is not None:
         image, label = cut(image, label if with_label else None)
-    removed = zscore_stats(image.array) if normalization == "zscore-volume" else None  # kept on the case
-    array = zscore(image.array, stats=removed) if removed else normalize_volume(image.array, normalization)
+    source = image.array
+    if normalization == "standardized-zscore":  # `stored_image` then gives the standardised intensities
+        source = standardize(source, _reference(reference))
+    removed = zscore_stats(source) if normalization in Z_SCORED else None  # kept on the case
+    array = zscore(source, stats=removed) if removed else normalize_volume(source, normalization)
     resampled, _grid = to_model_grid(image.with_array(array), spacing, interpolation="linear")
     label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
     return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array,
@@ -233,18 +249,21 @@ class Augmentation:
 
 class WideFieldOfView:
     """Places a labelled training case in a whole-scan-sized canvas of the other labelled cases' tissue
-    (with probability `prob`; a decoy atrium beside it with `decoy_prob`), then z-scores the canvas as
-    `segment` z-scores a whole scan. The rest of the samples stay the benchmark's own crops.
+    (with probability `prob`; a decoy atrium beside it with `decoy_prob`), then normalises the canvas as
+    `segment` normalises a whole scan (`normalization`, `reference`: the model's, by default a z-score). The rest
+    of the samples stay the benchmark's own crops.
 
     With `region_mm` (a fine model's view) the network gets what `segment --region auto` hands it instead:
     the box around the atrium, each face's margin drawn from `region_mm` (mm), grown to `min_size` voxels,
-    z-scored over itself, so it learns the tissue of a whole scan beyond a crop's own edges."""
+    normalised over itself, so it learns the tissue of a whole scan beyond a crop's own edges."""
 
     def __init__(self, cases: Sequence[TrainCase], spacing: Sequence[float], prob: float,
                  decoy_prob: float = 0.0, max_mm: float = 360.0, intensities: str = "normalized",
-                 region_mm: Optional[Sequence[float]] = None, min_size: Sequence[int] = (0, 0, 0)) -> None:
+                 region_mm: Optional[Sequence[float]] = None, min_size: Sequence[int] = (0, 0, 0),
+                 normalization: str = "zscore-volume", reference: Optional[Sequence[float]] = None) -> None:
         self.spacing, self.prob, self.decoy_prob, self.max_mm = tuple(spacing), prob, decoy_prob, max_mm
         self.cases, self.intensities = cases, intensities
+        self.normalization, self.reference = normalization, reference
         self.region_mm, self.min_size = (tuple(region_mm) if region_mm else None), tuple(min_size)
         self.donors = donors_from(cases, spacing, intensities)
 
@@ -259,7 +278,8 @@ class WideFieldOfView:
         if self.region_mm is not None:
             box = region_around(target, self.spacing, rng.uniform(*self.region_mm, size=6), self.min_size)
             canvas, target = canvas[box], target[box]
-        return zscore(canvas)[None].astype(np.float32), np.ascontiguousarray(target)
+        return (normalize_volume(canvas, self.normalization, self.reference)[None].astype(np.float32),
+                np.ascontiguousarray(target))
 
 
 def canvas_intensities(case: TrainCase, intensities: str) -> np.ndarray:
@@ -280,12 +300,14 @@ def donors_from(cases: Sequence[TrainCase], spacing: Sequence[float], intensitie
 def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence[TrainCase],
                           spacing: Sequence[float], max_mm: float = 360.0, seed: int = 0,
                           intensities: str = "normalized", region: bool = False,
-                          min_size: Sequence[int] = (0, 0, 0)) -> List[TrainCase]:
+                          min_size: Sequence[int] = (0, 0, 0), normalization: str = "zscore-volume",
+                          reference: Optional[Sequence[float]] = None) -> List[TrainCase]:
     """Each validation crop as it is, then inside a canvas of `max_mm` in-plane tiled with the training cases'
     tissue, without and with a decoy atrium: what a model trained for whole scans must find there, scored on the
     same canvases at every validation (fixed seeds), so that the best checkpoint is the best on whole scans.
     With `region` (a fine model) each canvas is cut as `segment --region auto` cuts it: the atrium's box with
-    REGION_MARGIN_MM a side, grown to `min_size` voxels."""
+    REGION_MARGIN_MM a side, grown to `min_size` voxels. Each canvas is normalised as `segment` normalises a
+    scan (`normalization`, `reference`)."""
     donors = donors_from(donor_cases, spacing, intensities)
     cases: List[TrainCase] = []
     for n, case in enumerate(validation):
@@ -298,7 +320,8 @@ def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence
             box = (region_around(wide.label, spacing, [REGION_MARGIN_MM] * 6, min_size) if region
                    else (slice(None),) * 3)
             cases.append(TrainCase(f"{case.case_id}-{'region' if region else 'wide'}{'-decoy' if decoy else ''}",
-                                   zscore(wide.image[box])[None].astype(np.float32),
+                                   normalize_volume(wide.image[box], normalization, reference)[None]
+                                   .astype(np.float32),
                                    np.ascontiguousarray(wide.label[box])))
     return cases
 

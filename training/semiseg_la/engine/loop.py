@@ -142,7 +142,8 @@ class Trainer:
                        if prefetch and self.device_batcher is None else None)
         self.widen = (WideFieldOfView(labeled, config.spacing, config.wide_fov_prob, config.wide_fov_decoy_prob,
                                       config.wide_fov_max_mm, config.wide_fov_intensities,
-                                      config.wide_fov_region_mm, config.patch_size)
+                                      config.wide_fov_region_mm, config.patch_size, config.normalization,
+                                      config.intensity_reference)
                       if config.wide_fov_prob > 0 else None)
         self.iteration = 0
         self.history: List[Dict[str, float]] = []

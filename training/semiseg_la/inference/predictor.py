@@ -43,6 +43,15 @@ class InferenceSpec:
     spacing: Tuple[float, float, float]
     n_classes: int = 2
     normalization: str = "zscore-volume"
+    #: "standardized-zscore"'s reference landmarks (the card's `inference.intensity_reference`)
+    intensity_reference: Optional[Tuple[float, ...]] = None
+
+    @classmethod
+    def of_training(cls, config) -> InferenceSpec:
+        """What a model trained with `config` (engine.config.TrainConfig) expects."""
+        reference = config.intensity_reference
+        return cls(tuple(config.patch_size), tuple(config.spacing), normalization=config.normalization,
+                   intensity_reference=tuple(reference) if reference is not None else None)
 
 
 @dataclasses.dataclass
@@ -122,7 +131,8 @@ class Predictor:
         validate_image(image)
         region = crop_to_roi(image, roi[:3], roi[3:]) if roi is not None else image
         # a region is normalised over itself, as each training crop was (engine/data.py prepare_case)
-        region = region.with_array(normalize_volume(region.array, self.spec.normalization))
+        region = region.with_array(normalize_volume(region.array, self.spec.normalization,
+                                                    self.spec.intensity_reference))
         on_grid, grid = to_model_grid(region, self.spec.spacing, interpolation="linear")
         reporter.update(1)
         timings["preprocess_s"] = time.perf_counter() - t0
