@@ -207,3 +207,34 @@ def test_whole_scan_canvases_are_standardised_as_segment_standardises_a_region()
                                      min_size=(16, 16, 8), normalization="standardized-zscore", reference=REFERENCE)
     for canvas in canvases[1:]:
         assert _is_affine_image_of(landmarks(canvas.image[0], len(REFERENCE)), REFERENCE)
+
+
+def test_the_guard_rail_scores_the_parent_with_the_parents_own_normalisation(tmp_path):
+    """A fine-tune that switches to standardisation: the held-out case is segmented by the parent as the
+    parent's card says (z-score), not as the child's config says."""
+    from semiseg_la.checkpoints import load_network, resolve_model
+    from semiseg_la.cli.common import inference_spec
+    from semiseg_la.metrics import dice
+
+    data = tmp_path / "Dataset001_Tiny"
+    nnunet_dataset(data, n_labeled=3, n_unlabeled=0)
+    env = {"SEMISEG_LA_HOME": str(tmp_path / "home")}
+    common = ["--data", str(data), "--iterations", "2", "--device", "cpu", "--progress", "none"]
+    result = run_cli(["train", "--method", "supervised", "--labeled", "2", "--val", "1", "--patch", "32", "32", "32",
+                      "--spacing", "1", "1", "1", "--output", str(tmp_path / "parent"), "--name", "z-parent",
+                      *common], env_extra=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parent_dir = next((tmp_path / "home" / "models").glob("z-parent-*"))
+    result = run_cli(["finetune", "--from", str(parent_dir), "--preset", "finetune-supervised", "--set",
+                      "fit_to_budget=false", "--set", "normalization=standardized-zscore", "--set", "parent_blend=0",
+                      "--output", str(tmp_path / "child"), "--name", "std-child", *common], env_extra=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    child = json.loads(next((tmp_path / "home" / "models").glob("std-child-*/card.json")).read_text())
+    holdout = child["finetune"]["site_holdout"]
+    assert holdout["cases"] == ["case02"]
+    network, card = load_network(resolve_model(str(parent_dir)))
+    image, label = read_volume(data / "imagesTr" / "case02_0000.nrrd"), read_volume(data / "labelsTr" / "case02.nrrd")
+    spec = inference_spec(card)
+    assert spec.normalization == "zscore-volume"
+    expected = dice(Predictor(network, spec, device="cpu").predict(image).label.array, label.array)
+    assert holdout["parent_dice"] == pytest.approx(expected, abs=1e-6)

@@ -60,7 +60,8 @@ STEP_RE = re.compile(r"([0-9.]+) s per iteration")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    args.model = args.model or validation_model_id()
+    # a folder, so that the fine-tunes, which run with the work folder's own catalog, find a model of the user's
+    args.model = str(resolve_model(args.model or validation_model_id()))
     shift = SiteShift(args.shift, args.strength, args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
     records = [r for r in open_dataset(args.data, "train.list") if r.label_path]

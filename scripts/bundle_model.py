@@ -23,7 +23,7 @@ from pathlib import Path
 
 from semiseg_la.checkpoints import ModelCard, load_model_weights, load_network, resolve_model, save_model
 from semiseg_la.checkpoints.catalog import BUNDLED_DIR
-from semiseg_la.cli.export import evaluate_records
+from semiseg_la.cli.export import evaluate_records, with_card_inputs
 from semiseg_la.engine.config import TrainConfig
 from semiseg_la.io.atomic import atomic_write_json
 from semiseg_la.io.datasets import open_dataset
@@ -69,7 +69,7 @@ def measure(network, staged_card: ModelCard, card: ModelCard, data: str) -> dict
     """The card's validation figures re-measured with the shipped (fp16) weights, on the card's own cases."""
     ids = list((card.validation or {}).get("cases", {}))
     records = [r for r in open_dataset(data, "train.list") if r.case_id in ids]
-    config = TrainConfig(patch_size=staged_card.patch_size, spacing=staged_card.spacing, device="cpu")
+    config = with_card_inputs(TrainConfig(device="cpu"), staged_card)  # its normalisation too
     validation = evaluate_records(network, config, records, TqdmProgress())
     validation["checkpoint"] = (card.validation or {}).get("checkpoint")
     validation["weights"] = "float16 (as shipped)"

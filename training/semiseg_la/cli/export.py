@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 from pathlib import Path
@@ -137,14 +138,25 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
     from ..checkpoints import load_network
 
     parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
-    parent = evaluate_records(parent_network.eval(), config, held_out, reporter, channel,
-                              what="the parent on the held-out site case(s)")
+    parent = evaluate_records(parent_network.eval(), with_card_inputs(config, parent_card), held_out, reporter,
+                              channel, what="the parent on the held-out site case(s)")
     child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])
     record["site_holdout"] = {"cases": [r.case_id for r in held_out], "parent_dice": parent_dice,
                               "child_dice": child_dice, "parent_hd95_mm": parent.get("hd95_mm"),
                               "child_hd95_mm": validation.get("hd95_mm")}
     record["verdict"] = "worse" if child_dice < parent_dice else "better or equal"
     return record
+
+
+def with_card_inputs(config: TrainConfig, card) -> TrainConfig:
+    """`config` with the inputs a model's card says it takes (patch, spacing, normalisation and its reference):
+    how a parent is scored when its child normalises otherwise, and how a shipped model is scored."""
+    info = card_get(card, "inference") or {}
+    reference = info.get("intensity_reference")
+    return dataclasses.replace(config, patch_size=[int(p) for p in info["patch_size"]],
+                               spacing=[float(s) for s in info["spacing"]],
+                               normalization=info.get("normalization", "zscore-volume"),
+                               intensity_reference=[float(v) for v in reference] if reference is not None else None)
 
 
 def _warn_if_worse(record: Dict[str, Any], reporter: ProgressReporter) -> None:
