@@ -129,7 +129,7 @@ def test_the_exports_evaluation_falls_back_on_oom(monkeypatch, fake_gpu):
     record = SimpleNamespace(case_id="c1", load=lambda: (Volume(label.astype("float32"), (1.0, 1.0, 1.0)),
                                                          Volume(label, (1.0, 1.0, 1.0))))
     config = SimpleNamespace(patch_size=(32, 32, 16), spacing=(1.0, 1.0, 1.0), normalization="zscore-volume",
-                             device="cuda", cut_whole_scans=False)
+                             intensity_reference=None, device="cuda", cut_whole_scans=False)
     reporter = Recorder()
     reporter.start = reporter.update = reporter.end = lambda *a, **k: None
     result = export.evaluate_records(None, config, [record], reporter)
