@@ -300,8 +300,8 @@ def _validate_inference(inf: Any, source: str) -> None:
     _expect(normalization in NORMALIZATIONS, source, "inference.normalization", "one of " + ", ".join(NORMALIZATIONS))
     if normalization == "standardized-zscore" or "intensity_reference" in inf:
         reference = inf.get("intensity_reference")
-        _expect(_is_list_of(reference, (int, float), len(reference) if isinstance(reference, list) else 0),
-                source, "inference.intensity_reference", "a list of numbers (standardized-zscore's landmarks)")
+        _expect(_is_list_of(reference, (int, float), None), source, "inference.intensity_reference",
+                "a list of numbers (standardized-zscore's landmarks)")
         try:
             check_reference(reference, "inference.intensity_reference")
         except ValueError as exc:
