@@ -200,6 +200,61 @@ def test_a_labelled_whole_scan_is_cut_to_the_region_segment_gives_the_fine_model
         build_config({"cut_whole_scans": True, "role": "localiser"})
 
 
+def test_the_guard_rail_scores_a_held_out_whole_scan_in_the_region_segment_finds(monkeypatch):
+    """A fine-tune's held-out figures judge the label `segment --region auto` gives: the first pass runs in the
+    localiser's region (not in a box drawn from the reference label), the localiser is loaded once for every
+    scan, and a network that finds no atrium scores an empty label, as the user would get none."""
+    from types import SimpleNamespace
+
+    from semiseg_la.cli import export, segment
+    from semiseg_la.engine.data import label_roi
+    from semiseg_la.inference.localise import Region
+    from semiseg_la.preprocess.wide_fov import patch_mm
+    from semiseg_la.progress import ProgressReporter
+
+    vol, label = blobs_image([(60.0, 140.0, 27.0)])  # 200 x 200 x 55 mm: a whole scan, a 33 mL atrium
+    low, high = bounds(label)
+    found = Region(tuple(int(max(0, v)) for v in low - 30), tuple(int(min(n, v)) for v, n in zip(high + 30, vol.shape)),
+                   "auto")
+    loads = []
+
+    class FoundLocaliser:
+        def find(self, image, min_size_mm=None):
+            return Region(found.lower, found.upper, "auto", found_volume_ml=33.0)
+
+    monkeypatch.setattr(segment, "load_localiser", lambda lid, device: (loads.append(lid), (FoundLocaliser(), lid))[1])
+    monkeypatch.setattr("semiseg_la.checkpoints.catalog.default_localiser_id", lambda: "loc")
+    rois = []
+
+    def segmenter(finds_it: bool):
+        class Segmenter:  # segments the atrium (or nothing) inside the box it is given
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def predict(self, image, roi=None):
+                rois.append(roi)
+                out = np.zeros_like(label)
+                box = tuple(slice(a, b) for a, b in zip(roi[:3], roi[3:])) if roi else (slice(None),) * 3
+                out[box] = label[box] if finds_it else 0
+                return SimpleNamespace(label=vol.with_array(out))
+        return Segmenter
+
+    records = [SimpleNamespace(case_id=f"c{i}", load=lambda: (vol, vol.with_array(label))) for i in range(2)]
+    config = SimpleNamespace(patch_size=(32, 32, 16), spacing=(2.5, 2.5, 2.5), normalization="zscore-volume",
+                             intensity_reference=None, device="cpu", cut_whole_scans=True)
+    logs = []
+    reporter = ProgressReporter()
+    reporter.log = logs.append
+    monkeypatch.setattr(export, "Predictor", segmenter(True))
+    result = export.evaluate_records(None, config, records, reporter)
+    assert result["dice"] == pytest.approx(1.0) and loads == ["loc"], logs
+    assert rois[0] == found.box != label_roi(vol.with_array(label), patch_mm(config.patch_size, config.spacing))
+    monkeypatch.setattr(export, "Predictor", segmenter(False))
+    result = export.evaluate_records(None, config, records[:1], reporter)
+    assert result["cases"]["c0"]["dice"] == 0.0 and result["cases"]["c0"]["pred_empty"] is True
+    assert any("no plausible atrium found" in m and "empty segmentation" in m for m in logs), logs
+
+
 def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_path):
     """`semiseg-la train` on a folder of whole scans: the fine model is only ever shown regions by `segment`,
     so it is trained on them too (the default); a localiser and multi-modal cases are read whole."""

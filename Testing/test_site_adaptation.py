@@ -15,7 +15,7 @@ import torch
 
 from cli_helpers import json_lines, run_cli
 from conftest import sphere_volume, synthetic_cases
-from semiseg_la.io.volume import Volume, write_volume
+from semiseg_la.io.volume import Volume, read_volume, write_volume
 from semiseg_la.preprocess.site_shift import SiteShift
 
 PATCH = [32, 32, 32]
@@ -64,15 +64,15 @@ def write_site(root: Path, labeled: int = 4, unlabeled: int = 2, shift: SiteShif
 
 
 def write_whole_site(root: Path, labeled: int = 4) -> tuple:
-    """Whole scans (200 mm along X): the labelled sphere near one end, a larger bright sphere that is not the
+    """Whole scans (200 mm along X): the labelled sphere near one end, a smaller bright sphere that is not the
     target near the other; and one unlabelled scan of noise alone, where no localiser finds an atrium."""
     site, unl = root / "site", root / "unlabeled"
     for folder in (site / "images", site / "labels", unl):
         folder.mkdir(parents=True)
     shape = (200, 36, 36)
     for i in range(labeled):
-        image, label = sphere_volume(shape, center=(40, 18, 18), radius=8 + i % 3, seed=300 + i)
-        decoy, _ = sphere_volume(shape, center=(150, 18, 18), radius=13, noise=0.0)
+        image, label = sphere_volume(shape, center=(40, 18, 18), radius=14 + i % 2, seed=300 + i)  # 11-14 mL
+        decoy, _ = sphere_volume(shape, center=(150, 18, 18), radius=8, noise=0.0)
         write_volume(Volume(image + decoy, (1.0, 1.0, 1.0)), site / "images" / f"case{i}.nrrd")
         write_volume(Volume(label, (1.0, 1.0, 1.0)), site / "labels" / f"case{i}.nrrd")
     noise = np.random.default_rng(9).normal(0, 0.1, shape).astype(np.float32)
@@ -170,9 +170,12 @@ def test_the_guard_rail_flags_a_child_worse_than_its_parent(parent_models, tmp_p
 
 def test_whole_site_scans_are_trained_and_checked_in_the_atrium_region(parent_models, tmp_path):
     """A clinician's site cases are whole scans, and `segment --region auto` only ever shows the fine model
-    the atrium's region. The fine-tune trains and checks on that region: each scan here also holds a larger
-    bright sphere far from the atrium, which the model keeps (largest component) when shown the whole scan.
-    An unlabelled whole scan where the localiser finds no atrium is left out, and the log says so."""
+    the atrium's region. The fine-tune trains on that region (the label's box), and its check scores each
+    held-out scan as `segment --region auto` segments it: the guard's figures are the Dice of what `segment`
+    writes for the parent and for the child. An unlabelled whole scan where the localiser finds no atrium is
+    left out, and the log says so."""
+    from semiseg_la.metrics import dice
+
     site, unl = write_whole_site(tmp_path)
     result = run_cli(["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl),
                       "--iterations", "2", "--set", "fit_to_budget=false", "--device", "cpu",
@@ -185,7 +188,14 @@ def test_whole_site_scans_are_trained_and_checked_in_the_atrium_region(parent_mo
     summary = next(m for m in logs if m.startswith("whole scans cut"))
     assert "4 labelled (the label's box + 15 mm)" in summary  # 3 trained, 1 held out
     guard = records[-1]["guard"]
-    assert guard["parent_dice"] > 0.8 and guard["child_dice"] > 0.8, guard  # the region's sphere, not the decoy
+    assert guard["parent_dice"] > 0.8 and guard["child_dice"] > 0.8, guard  # the target, not the small decoy
+    truth = read_volume(site / "labels" / "case3.nrrd").array
+    for model, figure in ((PARENT_ID, guard["parent_dice"]), (records[-1]["model_dir"], guard["child_dice"])):
+        out = tmp_path / "segmented.nrrd"
+        seg = run_cli(["segment", str(site / "images" / "case3.nrrd"), "-o", str(out), "--model", model,
+                       "--tta", "none", "--device", "cpu", "--progress", "none"], env_extra=env_for(parent_models))
+        assert seg.returncode == 0, seg.stderr
+        assert dice(read_volume(out).array, truth) == pytest.approx(figure, abs=1e-6), model
 
 
 def two_step_finetune(models: Path, root: Path, labeled: int) -> dict:

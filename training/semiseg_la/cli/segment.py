@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -184,6 +184,14 @@ def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressRepor
         return Region(tuple(box[:3]), tuple(box[3:]), "box")
     if kind == "whole":
         return whole_region(image.shape)
+    return auto_region(image, spec, reporter, args.localiser, args.device)
+
+
+def auto_region(image, spec, reporter: ProgressReporter, localiser_id: Optional[str] = None, device: str = "auto",
+                localisers: Optional[Dict[str, Tuple[Localiser, str]]] = None) -> Region:
+    """`--region auto`'s first region: the whole image when it is no larger than an atrium crop, else where the
+    localiser (`localiser_id`, default the catalog's) finds the atrium, else a whole-scan search.
+    `localisers` keeps the loaded localisers across calls (one load for many scans)."""
     extent = physical_extent_mm(image)
     if not is_whole_scan(image.shape, image.spacing):
         region = whole_region(image.shape)
@@ -192,11 +200,14 @@ def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressRepor
         return region
     from ..checkpoints.catalog import default_localiser_id
 
-    localiser_id = args.localiser or default_localiser_id()
+    localiser_id = localiser_id or default_localiser_id()
     if localiser_id is None:
         return search_whole(image, "no localiser model installed")
     reporter.start("localise", 1)
-    localiser, used = load_localiser(localiser_id, args.device)
+    localisers = {} if localisers is None else localisers
+    if localiser_id not in localisers:
+        localisers[localiser_id] = load_localiser(localiser_id, device)
+    localiser, used = localisers[localiser_id]
     try:
         region = localiser.find(image, min_size_mm=patch_mm(spec.patch_size, spec.spacing))
     except RegionError as exc:
@@ -206,6 +217,23 @@ def choose_region(args: argparse.Namespace, image, spec, reporter: ProgressRepor
     reporter.log(f"region (auto, localiser {used}): voxels {region.box}, found atrium "
                  f"{region.found_volume_ml:.0f} mL, {region.seconds:.2f} s")
     return region
+
+
+def segment_as_auto(image, spec, predict, reporter: ProgressReporter, device: str = "auto",
+                    localisers: Optional[Dict[str, Tuple[Localiser, str]]] = None):
+    """(region, prediction) of one network as `segment --region auto` gives them: `predict(box or None)` is
+    the network's prediction in a voxel box of `image` (None: the whole image). How a fine-tune's guard rail
+    scores a held-out whole scan, so that it judges the label the user will get. RegionError when no
+    plausible atrium is found."""
+    region = auto_region(image, spec, reporter, None, device, localisers)
+    if region.source != "auto":
+        return region, predict(None)
+
+    def segment_in(chosen: Region):
+        return (predict(chosen.box),)
+
+    region, (prediction,) = segment_automatic(region, image, segment_in, reporter)
+    return region, prediction
 
 
 def segment_automatic(region: Region, image, segment_in, reporter: ProgressReporter, scout_in=None):
