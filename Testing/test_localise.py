@@ -288,6 +288,21 @@ def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_
         assert all(n <= int(np.ceil((20.0 + 2 * REGION_MARGIN_MM) / 2.5)) + 2 for n in case.image.shape[1:])
         assert int(case.label.sum()) > 0
     assert any("2 labelled (the label's box + 15 mm)" in m for m in logs), logs
+    # several views of a labelled whole scan, margins drawn per face; the held-out case keeps one, as scored
+    logs.clear()
+    several = build_config({**config.to_dict(), "output": "", "labelled_cuts": 3, "labelled_cut_margin_mm": [0, 40]})
+    _, views, _, validation = load_split(several, Logs())
+    assert len(views) == 3 and len(validation) == 1 and all(c.case_id == "case0" for c in views)
+    assert views[0].image.shape == labeled[0].image.shape and np.array_equal(views[0].label, labeled[0].label)
+    shapes = {c.image.shape for c in views}
+    whole = int(views[0].label.sum())  # the whole atrium in each (resampled from different corners)
+    assert len(shapes) == 3 and all(abs(int(c.label.sum()) - whole) <= 0.15 * whole for c in views), shapes
+    assert [c.image.shape for c in load_split(several, Logs())[1]] == [c.image.shape for c in views]  # resumable
+    assert any("3 views each: one at 15 mm, the others with margins of 0-40 mm" in m for m in logs), logs
+    with pytest.raises(ConfigError, match="labelled_cuts"):
+        build_config({"labelled_cuts": 0})
+    with pytest.raises(ConfigError, match="labelled_cut_margin_mm"):
+        build_config({"labelled_cut_margin_mm": [20, 5]})
 
 
 def test_region_validation_cuts_each_canvas_as_segment_does():

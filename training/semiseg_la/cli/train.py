@@ -8,12 +8,14 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from ..engine.config import TrainConfig, build_config, load_config_file, load_preset, parse_overrides
 from ..engine.data import (
     Split,
     TrainCase,
     cut_around_label,
-    prepare_case,
+    prepare_views,
     split_cases,
     wide_validation_cases,
 )
@@ -124,13 +126,15 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
         reporter.log(f"standardized-zscore: reference landmarks from the {len(split.labeled)} labelled cases: "
                      + ", ".join(f"{v:.3g}" for v in config.intensity_reference))
 
-    def prep(group: Sequence[CaseRecord], labels: bool) -> List[TrainCase]:
+    def prep(group: Sequence[CaseRecord], labels: bool, one_view: bool = False) -> List[TrainCase]:
         nonlocal done, left_out
+        views = (lambda image, label: cut(image, label)[:1]) if cut is not None and one_view else cut
         out = []
         for record in group:
             try:
-                out.append(prepare_case(record, config.spacing, with_label=labels, normalization=config.normalization,
-                                        cut=cut, reference=config.intensity_reference))
+                out.extend(prepare_views(record, config.spacing, with_label=labels,
+                                         normalization=config.normalization, views=views,
+                                         reference=config.intensity_reference))
             except RegionError as exc:  # only an unlabelled whole scan is cut where the localiser finds the atrium
                 reporter.log(f"{record.case_id}: left out of the unlabelled scans: {exc}")
                 left_out += 1
@@ -140,7 +144,7 @@ def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
 
     labeled = prep(split.labeled, True)
     unlabeled = prep(split.unlabeled, False)
-    validation = prep(split.validation, True)
+    validation = prep(split.validation, True, one_view=True)  # scored as `segment` shows it
     reporter.end()
     summary = cut.summary(left_out) if cut is not None else None
     if summary:
@@ -164,27 +168,36 @@ def training_reference(records: Sequence[CaseRecord], config: TrainConfig) -> Li
 
 class WholeScanCut:
     """Whole scans cut as `segment --region auto` cuts them (config `cut_whole_scans`): a labelled one around
-    its label, an unlabelled one where the catalog's localiser finds the atrium (RegionError when it finds
-    none); a crop-sized case stays as it is. Counts what it cut, for the log."""
+    its label (`labelled_cuts` times: the first with REGION_MARGIN_MM a side, the others with margins drawn from
+    `labelled_cut_margin_mm`), an unlabelled one where the catalog's localiser finds the atrium (RegionError when
+    it finds none); a crop-sized case stays as it is. Called with a case, it gives the list of its views; counts
+    what it cut, for the log."""
 
     def __init__(self, config: TrainConfig, reporter: ProgressReporter) -> None:
         self.fine_mm = patch_mm(config.patch_size, config.spacing)
         self.device, self.reporter = config.device, reporter
+        self.cuts, self.margin_mm, self.seed = config.labelled_cuts, config.labelled_cut_margin_mm, config.seed
         self.localiser: Optional[Localiser] = None
         self.around_label = self.where_found = 0
 
-    def __call__(self, image: Volume, label: Optional[Volume]) -> Tuple[Volume, Optional[Volume]]:
+    def __call__(self, image: Volume, label: Optional[Volume]) -> List[Tuple[Volume, Optional[Volume]]]:
         if not is_whole_scan(image.shape, image.spacing):
-            return image, label
+            return [(image, label)]
         if label is not None:
-            self.around_label += 1
-            return cut_around_label(image, label, self.fine_mm)
+            return [cut_around_label(image, label, self.fine_mm, margins) for margins in self._margins()]
         try:
             region = self._localiser().find(image, min_size_mm=self.fine_mm)
         except RegionError as exc:  # without segment's hint to give a region: here the scan is simply not used
             raise RegionError(f"the localiser found no plausible atrium in this whole scan ({exc.reason})") from exc
         self.where_found += 1
-        return crop_to_roi(image, region.lower, region.upper), None
+        return [(crop_to_roi(image, region.lower, region.upper), None)]
+
+    def _margins(self) -> List[Optional[List[float]]]:
+        """Each cut's six margins (None: REGION_MARGIN_MM a side), drawn from a stream seeded by the run's seed and
+        the labelled scan's order, so a resumed run cuts the same views."""
+        rng = np.random.default_rng([self.seed, self.around_label])
+        self.around_label += 1
+        return [None] + [list(rng.uniform(*self.margin_mm, size=6)) for _ in range(self.cuts - 1)]
 
     def _localiser(self) -> Localiser:
         if self.localiser is None:
@@ -201,9 +214,11 @@ class WholeScanCut:
     def summary(self, left_out: int) -> Optional[str]:
         if not (self.around_label or self.where_found or left_out):
             return None
+        views = (f", {self.cuts} views each: one at {REGION_MARGIN_MM:g} mm, the others with margins of "
+                 f"{self.margin_mm[0]:g}-{self.margin_mm[1]:g} mm" if self.cuts > 1 else "")
         return (f"whole scans cut to the atrium's region, as `segment` shows it to the model: {self.around_label} "
-                f"labelled (the label's box + {REGION_MARGIN_MM:g} mm), {self.where_found} unlabelled (where the "
-                f"localiser found the atrium), {left_out} unlabelled left out (no atrium found)")
+                f"labelled (the label's box + {REGION_MARGIN_MM:g} mm{views}), {self.where_found} unlabelled "
+                f"(where the localiser found the atrium), {left_out} unlabelled left out (no atrium found)")
 
 
 def _load_multimodal(config: TrainConfig, reporter: ProgressReporter) -> tuple:

@@ -83,6 +83,11 @@ class TrainConfig:
     # fine-tuned on a site's scans or trained from scratch on whole scans), off for a localiser (trained on
     # whole scans) and for multi-modal cases (read as whole co-registered volumes)
     cut_whole_scans: Optional[bool] = None
+    # how many times a labelled whole scan is cut (1: once, with that 15 mm margin); each further cut draws each
+    # face's margin from `labelled_cut_margin_mm`, so a model fine-tuned on a few whole scans learns the atrium
+    # in the regions `segment` may settle on (its own first pass decides them), not one region's intensities
+    labelled_cuts: int = 1
+    labelled_cut_margin_mm: List[float] = dataclasses.field(default_factory=lambda: [5.0, 25.0])
     # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
     # atrium in a whole scan; written into the model card
     role: str = "segmenter"
@@ -191,9 +196,12 @@ class TrainConfig:
         if self.wide_fov_intensities not in WIDE_FOV_INTENSITIES:
             problems.append(f"wide_fov_intensities={self.wide_fov_intensities!r} must be one of "
                             + ", ".join(WIDE_FOV_INTENSITIES))
-        region_mm = self.wide_fov_region_mm
-        if region_mm is not None and (len(region_mm) != 2 or not 0 <= region_mm[0] <= region_mm[1]):
-            problems.append(f"wide_fov_region_mm={region_mm} must be null or [low, high] with 0 <= low <= high")
+        for name, span in (("wide_fov_region_mm", self.wide_fov_region_mm),
+                           ("labelled_cut_margin_mm", self.labelled_cut_margin_mm)):
+            if span is not None and (len(span) != 2 or not 0 <= span[0] <= span[1]):
+                problems.append(f"{name}={span} must be [low, high] with 0 <= low <= high")
+        if self.labelled_cuts < 1:
+            problems.append("labelled_cuts must be >= 1")
         if self.wide_fov_prob > 0 and self.in_channels != 1:
             problems.append("wide_fov_prob > 0 needs single-channel images (in_channels 1)")
         if not 0.0 <= self.site_shift_prob <= 1.0 or not 0.0 <= self.site_shift_strength <= 2.0:

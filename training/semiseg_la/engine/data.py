@@ -87,6 +87,9 @@ def _reference(reference: Optional[Sequence[float]]) -> np.ndarray:
 #: a loaded case (image, label or None) -> the part of it that a fine model is trained on (`prepare_case`);
 #: raises RegionError when it finds no atrium in an unlabelled scan
 RegionCut = Callable[[Volume, Optional[Volume]], Tuple[Volume, Optional[Volume]]]
+#: the same, giving every view of the case a fine model is trained on (`prepare_views`): a labelled whole scan
+#: may be cut several times, with different margins
+RegionViews = Callable[[Volume, Optional[Volume]], List[Tuple[Volume, Optional[Volume]]]]
 
 
 def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool = True,
@@ -95,33 +98,48 @@ def prepare_case(record: CaseRecord, spacing: Sequence[float], with_label: bool 
     """Read, validate, cut (`cut`: a whole scan to its atrium's region), normalise over the case
     (`normalize_volume`; `reference`: the landmarks of "standardized-zscore") and resample to the model
     spacing."""
+    views = (lambda image, label: [cut(image, label)]) if cut is not None else None
+    return prepare_views(record, spacing, with_label, normalization, views, reference)[0]
+
+
+def prepare_views(record: CaseRecord, spacing: Sequence[float], with_label: bool = True,
+                  normalization: str = "zscore-volume", views: Optional[RegionViews] = None,
+                  reference: Optional[Sequence[float]] = None) -> List[TrainCase]:
+    """`prepare_case` for each view `views` gives of the case (read once), each normalised over itself."""
     image, label = record.load()
-    if cut is not None:
-        image, label = cut(image, label if with_label else None)
+    pairs = views(image, label if with_label else None) if views is not None else [(image, label)]
+    return [_on_model_grid(record.case_id, view, view_label, spacing, with_label, normalization, reference)
+            for view, view_label in pairs]
+
+
+def _on_model_grid(case_id: str, image: Volume, label: Optional[Volume], spacing: Sequence[float], with_label: bool,
+                   normalization: str, reference: Optional[Sequence[float]]) -> TrainCase:
     source = image.array
     if normalization == "standardized-zscore":  # `stored_image` then gives the standardised intensities
         source = standardize(source, _reference(reference))
     removed = zscore_stats(source) if normalization in Z_SCORED else None  # kept on the case
     array = zscore(source, stats=removed) if removed else normalize_volume(source, normalization)
     resampled, _grid = to_model_grid(image.with_array(array), spacing, interpolation="linear")
-    label_array = label_on_model_grid(record.case_id, label, spacing) if with_label else None
-    return TrainCase(record.case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array,
-                     removed)
+    label_array = label_on_model_grid(case_id, label, spacing) if with_label else None
+    return TrainCase(case_id, np.ascontiguousarray(resampled.array[None].astype(np.float32)), label_array, removed)
 
 
-def label_roi(label: Volume, min_size_mm: Sequence[float]) -> List[int]:
+def label_roi(label: Volume, min_size_mm: Sequence[float], margins_mm: Optional[Sequence[float]] = None) -> List[int]:
     """The region `segment --region auto` shows a fine model of a labelled whole scan, as a voxel box
     [x0, y0, z0, x1, y1, z1]: the atrium's box with REGION_MARGIN_MM on each side (the region it settles on
-    around the atrium it found), grown to at least `min_size_mm` (the fine patch)."""
+    around the atrium it found; `margins_mm`: six others, lower X Y Z then upper), grown to at least
+    `min_size_mm` (the fine patch)."""
     min_size = [int(np.ceil(float(mm) / float(s))) for mm, s in zip(min_size_mm, label.spacing)]
-    box = region_around(np.asarray(label.array) > 0, label.spacing, [REGION_MARGIN_MM] * 6, min_size)
+    margins = [REGION_MARGIN_MM] * 6 if margins_mm is None else [float(m) for m in margins_mm]
+    box = region_around(np.asarray(label.array) > 0, label.spacing, margins, min_size)
     return [b.start for b in box] + [b.stop for b in box]
 
 
-def cut_around_label(image: Volume, label: Volume, min_size_mm: Sequence[float]) -> Tuple[Volume, Volume]:
+def cut_around_label(image: Volume, label: Volume, min_size_mm: Sequence[float],
+                     margins_mm: Optional[Sequence[float]] = None) -> Tuple[Volume, Volume]:
     """A labelled whole scan cut to `label_roi` (normalised afterwards over the cut, as `segment` normalises
     a region)."""
-    roi = label_roi(label, min_size_mm)
+    roi = label_roi(label, min_size_mm, margins_mm)
     return crop_to_roi(image, roi[:3], roi[3:]), crop_to_roi(label, roi[:3], roi[3:])
 
 
