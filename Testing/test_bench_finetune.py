@@ -44,3 +44,31 @@ def test_a_site_without_unlabelled_scans_is_fine_tuned_without_the_flag(bench, m
     run = bench.run_finetune("default", args, tmp_path, tmp_path / "site", tmp_path / "unlabeled")
     assert run["error"] == "exit 2: stopped here"
     assert ("--unlabeled" in seen[0]) == bool(unlabeled)
+
+
+def test_whole_scans_are_also_scored_in_one_fixed_region_when_asked(bench, monkeypatch, tmp_path):
+    """`--fixed-region`: every model is scored twice per case, with `--region auto` and in the label's box
+    + 15 mm (the same box for every model), and the figures are reported side by side."""
+    import numpy as np
+
+    from semiseg_la.io.volume import Volume, write_volume
+
+    label = np.zeros((40, 30, 20), np.uint8)
+    label[10:20, 10:20, 5:15] = 1
+    seen = []
+
+    def fake_segment(argv):
+        seen.append(argv)
+        write_volume(Volume(label, (1.0, 1.0, 1.0)), argv[argv.index("-o") + 1])
+        return 0
+
+    monkeypatch.setattr(bench, "cli", fake_segment)
+    monkeypatch.setattr(bench.WholeScanScorer, "fixed_region", lambda self, model, lab: [1, 2, 3, 30, 25, 18])
+    scorer = bench.WholeScanScorer(tmp_path, "none", fixed=True)
+    pair = (Volume(label.astype(np.float32), (1.0, 1.0, 1.0)), Volume(label, (1.0, 1.0, 1.0)))
+    scores = bench.score_model("m", [pair], [pair], "none", scorer)
+    assert scores["shifted"] == scores["fixed_region"]["shifted"] == 1.0
+    assert ["--region" in argv for argv in seen] == [False, False, True, True]
+    assert seen[-1][-6:] == ["1", "2", "3", "30", "25", "18"]
+    text = bench.format_fixed({"shifted": 0.75, "unshifted": 0.89}, {"shifted": 0.70, "unshifted": 0.90})
+    assert "recovered 25.0%" in text and "-1.00p" in text

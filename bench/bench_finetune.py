@@ -8,13 +8,17 @@ its model is scored the same way:
 
     python bench/bench_finetune.py --data ../shared/data/LA --shift scanner [--strength 1] [--budget 600] \
         [--methods default supervised caml crln semicml-la] [--tta flip|mirror|none] [--json out.json] [--work DIR] \
-        [--whole 448]
+        [--whole 448 [--fixed-region]]
 
 With `--whole VOXELS` every scan is what a clinician brings instead of the benchmark's atrium-centred crop: the
 crop inside a whole-scan canvas (VOXELS x VOXELS in-plane at 0.625 mm, the crop's slices) tiled with the tissue
 of other training cases (preprocess/wide_fov.py), then acquired by the site. The fine-tunes get those files;
 the scored cases go through `semiseg-la segment` as a user runs it (`--region auto`: the localiser finds the
-atrium, the model segments its region), and are scored on the whole canvas.
+atrium, the model segments its region), and are scored on the whole canvas. `--fixed-region` also scores each
+model in one region per case, the atrium's box + 15 mm drawn from the reference label: a shifted whole scan's
+Dice moves by several points with a few millimetres of region (docs/results.md), and `--region auto` settles
+each model's region on its own first pass, so the auto figures mix what a fine-tune changed in the network with
+where its region settled; the fixed-region figures hold the region still.
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
@@ -40,6 +44,7 @@ import numpy as np
 from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
 from semiseg_la.cli.common import inference_spec
 from semiseg_la.cli.main import main as cli
+from semiseg_la.engine.data import label_roi
 from semiseg_la.errors import RegionError
 from semiseg_la.inference.predictor import Predictor, combine_networks
 from semiseg_la.io import read_volume, write_volume
@@ -47,7 +52,7 @@ from semiseg_la.io.datasets import open_dataset
 from semiseg_la.io.volume import Volume
 from semiseg_la.metrics import dice
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
-from semiseg_la.preprocess.wide_fov import build_wide_case, make_donor
+from semiseg_la.preprocess.wide_fov import build_wide_case, make_donor, patch_mm
 
 #: tissue donors of the whole-scan canvases: the train.list cases after the site's (neither site nor scored)
 WHOLE_DONORS = 12
@@ -70,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift, acquire)
     cases = [acquire(record, 1000 + i) if acquire else record.load() for i, record in enumerate(validation)]
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
-    scorer = WholeScanScorer(work / "scoring", args.tta) if acquire else None
+    scorer = WholeScanScorer(work / "scoring", args.tta, args.fixed_region) if acquire else None
     base = score_model(args.model, cases, shifted, args.tta, scorer)
     print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site "
           f"{f'whole scans ({args.whole} x {args.whole} in-plane)' if acquire else 'scans'}; "
@@ -79,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"; --set {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"base model {base['model']}: Dice {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site "
           f"(shift costs {100 * (base['unshifted'] - base['shifted']):.2f} points)", flush=True)
+    if "fixed_region" in base:
+        fixed = base["fixed_region"]
+        print(f"  in the label's box + 15 mm: {fixed['unshifted']:.4f} unshifted, {fixed['shifted']:.4f} at the site",
+              flush=True)
     rows: List[Dict] = []
     print(f"{'fine-tune':12s} {'iters':>5s} {'s/it':>5s} {'wall s':>6s} {'site Dice':>9s} {'recovered':>9s} "
           f"{'unshifted':>9s} {'d unshift':>9s}  guard", flush=True)
@@ -94,8 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
                "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
                "shifted_cases": scores["shifted_cases"], "unshifted_cases": scores["unshifted_cases"]}
+        if "fixed_region" in scores:
+            row["fixed_region"] = scores["fixed_region"]
         rows.append(row)
         print(format_row(row), flush=True)
+        if "fixed_region" in row:
+            print(format_fixed(row["fixed_region"], base["fixed_region"]), flush=True)
     print_summary(base, rows)
     if args.json:
         result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
@@ -125,6 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--whole", type=int, default=0, metavar="VOXELS",
                         help="whole scans instead of crops: canvases of VOXELS x VOXELS in-plane (0.625 mm), scored "
                         "through `segment --region auto` (default 0: the crops)")
+    parser.add_argument("--fixed-region", action="store_true",
+                        help="with --whole: also score every model in the label's box + 15 mm (the region held still)")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -170,17 +185,18 @@ def write_site(work: Path, site, labeled: int, shift: SiteShift, acquire=None):
 
 
 class WholeScanScorer:
-    """Labels of whole scans as a user gets them: `semiseg-la segment --region auto`, in this process."""
+    """Labels of whole scans as a user gets them: `semiseg-la segment --region auto`, in this process; with
+    `fixed`, also in the region `--region X0 .. Z1` of the atrium's box + 15 mm (the same box for every model)."""
 
-    def __init__(self, folder: Path, tta: str) -> None:
-        self.folder, self.tta = folder, tta
+    def __init__(self, folder: Path, tta: str, fixed: bool = False) -> None:
+        self.folder, self.tta, self.fixed = folder, tta, fixed
         folder.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, model: str, image: Volume) -> np.ndarray:
+    def __call__(self, model: str, image: Volume, region: Sequence[int] = ()) -> np.ndarray:
         source, output = self.folder / "scan.nrrd", self.folder / "label.nrrd"
         write_volume(image, source, compress=False)
         code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta,
-                    "--progress", "none"])
+                    "--progress", "none", *(["--region", *map(str, region)] if region else [])])
         if code == RegionError.exit_code:  # what the user gets: no segmentation, scored as such
             print(f"segment with {model}: no plausible atrium found, scored as Dice 0", flush=True)
             return np.zeros(image.shape, np.uint8)
@@ -188,18 +204,32 @@ class WholeScanScorer:
             raise RuntimeError(f"segment exited with {code} for model {model}")
         return read_volume(output).array
 
+    def fixed_region(self, model: str, label: Volume) -> List[int]:
+        """The atrium's box + REGION_MARGIN_MM, at least the model's patch (`label_roi`, as a fine-tune cuts)."""
+        card = load_network(resolve_model(model))[1]
+        spec = inference_spec(card)
+        return label_roi(label, patch_mm(spec.patch_size, spec.spacing))
+
 
 def score_model(model: str, cases, shifted, tta: str, scorer=None) -> Dict:
     if scorer is not None:
-        plain = [dice(scorer(model, image), label.array) for image, label in cases]
-        moved = [dice(scorer(model, image), label.array) for image, label in shifted]
-        return {"model": model, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
-                "shifted_cases": [float(d) for d in moved], "unshifted_cases": [float(d) for d in plain]}
+        scores = _scored(model, cases, shifted, lambda image, label: dice(scorer(model, image), label.array))
+        if scorer.fixed:
+            fixed = _scored(model, cases, shifted, lambda image, label: dice(
+                scorer(model, image, scorer.fixed_region(model, label)), label.array))
+            scores["fixed_region"] = {k: v for k, v in fixed.items() if k != "model"}
+        return scores
     network, card = load_network(resolve_model(model))
     predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device="cpu")
-    plain = [dice(predictor.predict(image).label.array, label.array) for image, label in cases]
-    moved = [dice(predictor.predict(image).label.array, label.array) for image, label in shifted]
-    return {"model": card.id, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
+    return _scored(card.id, cases, shifted, lambda image, label: dice(predictor.predict(image).label.array,
+                                                                      label.array))
+
+
+def _scored(model: str, cases, shifted, score) -> Dict:
+    """Mean and per-case Dice on the unshifted and the shifted cases: `score(image, label)`."""
+    plain = [score(image, label) for image, label in cases]
+    moved = [score(image, label) for image, label in shifted]
+    return {"model": model, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
             "shifted_cases": [float(d) for d in moved], "unshifted_cases": [float(d) for d in plain]}
 
 
@@ -237,6 +267,15 @@ def format_row(row: Dict) -> str:
     return (f"{row['method']:12s} {row['iterations']:5d} {row['step_s']:5.2f} {row['wall_s']:6.0f} "
             f"{row['shifted']:9.4f} {100 * row['recovered']:8.1f}% {row['unshifted']:9.4f} "
             f"{100 * row['unshifted_change']:+8.2f}p  {verdict}")
+
+
+def format_fixed(fixed: Dict, base: Dict) -> str:
+    """The fixed-region figures of a fine-tune against the base's, in the same region."""
+    lost = base["unshifted"] - base["shifted"]
+    recovered = (fixed["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
+    return (f"  in the label's box + 15 mm: site {fixed['shifted']:.4f} (base {base['shifted']:.4f}, recovered "
+            f"{100 * recovered:.1f}%), unshifted {fixed['unshifted']:.4f} "
+            f"({100 * (fixed['unshifted'] - base['unshifted']):+.2f}p)")
 
 
 def print_summary(base: Dict, rows: List[Dict]) -> None:
