@@ -305,6 +305,41 @@ def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_
         build_config({"labelled_cut_margin_mm": [20, 5]})
 
 
+def test_a_labelled_whole_scan_can_be_cut_where_segment_would_settle():
+    """`labelled_region: localiser`: the localiser's box, grown to hold the label's box + 15 mm (what `segment`
+    settles on when its first pass is right); the label's box when the localiser finds nothing."""
+    from semiseg_la.cli.train import WholeScanCut
+    from semiseg_la.engine.data import label_roi
+    from semiseg_la.inference.localise import Region
+    from semiseg_la.progress import ProgressReporter
+
+    vol, label = blobs_image([(60.0, 140.0, 27.0)])
+    low, high = bounds(label)
+    found = Region(tuple(int(v) for v in low + 4), tuple(int(min(n, v)) for v, n in zip(high + 60, vol.shape)),
+                   "auto", found_volume_ml=33.0)
+
+    class Finds:
+        def find(self, image, min_size_mm=None):
+            if found is None:
+                raise RegionError("nothing here")
+            return Region(found.lower, found.upper, "auto")
+
+    config = build_config({"patch_size": [16, 16, 16], "spacing": [2.5, 2.5, 2.5], "labelled_region": "localiser"})
+    cut = WholeScanCut(config, ProgressReporter())
+    cut.localiser = Finds()
+    (image, cut_label), = cut(vol, Volume(label, SPACING))
+    box = label_roi(Volume(label, SPACING), (40.0, 40.0, 40.0))
+    expected_low = [min(a, b) for a, b in zip(box[:3], found.lower)]  # grown below, to the label's margin
+    assert np.allclose(image.origin, np.array(expected_low) * SPACING)
+    assert image.shape[0] >= found.upper[0] - expected_low[0]  # the localiser's larger upper side is kept
+    assert int(cut_label.array.sum()) == int(label.sum())
+    found = None
+    (image, _), = cut(vol, Volume(label, SPACING))
+    assert image.shape == tuple(b - a for a, b in zip(box[:3], box[3:]))
+    with pytest.raises(ConfigError, match="labelled_region"):
+        build_config({"labelled_region": "anywhere"})
+
+
 def test_region_validation_cuts_each_canvas_as_segment_does():
     donors = [TrainCase(f"d{i}", sphere_volume((40, 36, 24), radius=7, seed=i)[0][None],
                         sphere_volume((40, 36, 24), radius=7, seed=i)[1]) for i in range(3)]

@@ -21,7 +21,7 @@ from ..engine.data import (
 )
 from ..engine.loop import Trainer, TrainResult, method_for
 from ..errors import ConfigError, InputError, RegionError
-from ..inference.localise import Localiser
+from ..inference.localise import Localiser, settle_region
 from ..io.datasets import CaseRecord, open_dataset, open_unlabeled_folder
 from ..io.volume import Volume
 from ..preprocess.normalize import reference_landmarks
@@ -177,6 +177,7 @@ class WholeScanCut:
         self.fine_mm = patch_mm(config.patch_size, config.spacing)
         self.device, self.reporter = config.device, reporter
         self.cuts, self.margin_mm, self.seed = config.labelled_cuts, config.labelled_cut_margin_mm, config.seed
+        self.labelled_region = config.labelled_region
         self.localiser: Optional[Localiser] = None
         self.around_label = self.where_found = 0
 
@@ -184,7 +185,10 @@ class WholeScanCut:
         if not is_whole_scan(image.shape, image.spacing):
             return [(image, label)]
         if label is not None:
-            return [cut_around_label(image, label, self.fine_mm, margins) for margins in self._margins()]
+            views = [cut_around_label(image, label, self.fine_mm, margins) for margins in self._margins()]
+            if self.labelled_region == "localiser":
+                views[0] = self._as_segment_settles(image, label)
+            return views
         try:
             region = self._localiser().find(image, min_size_mm=self.fine_mm)
         except RegionError as exc:  # without segment's hint to give a region: here the scan is simply not used
@@ -199,6 +203,16 @@ class WholeScanCut:
         self.around_label += 1
         return [None] + [list(rng.uniform(*self.margin_mm, size=6)) for _ in range(self.cuts - 1)]
 
+    def _as_segment_settles(self, image: Volume, label: Volume) -> Tuple[Volume, Volume]:
+        """The localiser's box grown to hold the label's box + REGION_MARGIN_MM (`settle_region` with the label as
+        the first pass); the label's box alone when the localiser finds nothing."""
+        try:
+            region = self._localiser().find(image, min_size_mm=self.fine_mm)
+        except RegionError:
+            return cut_around_label(image, label, self.fine_mm)
+        region, _ = settle_region(region, np.asarray(label.array) > 0, image)
+        return crop_to_roi(image, region.lower, region.upper), crop_to_roi(label, region.lower, region.upper)
+
     def _localiser(self) -> Localiser:
         if self.localiser is None:
             from ..checkpoints.catalog import default_localiser_id
@@ -208,7 +222,7 @@ class WholeScanCut:
             if localiser_id is None:
                 raise RegionError("no localiser model installed to find the atrium in an unlabelled whole scan")
             self.localiser, used = load_localiser(localiser_id, self.device)
-            self.reporter.log(f"unlabelled whole scans: cut where the localiser {used} finds the atrium")
+            self.reporter.log(f"whole scans: the localiser {used} finds the atrium (unlabelled ones are cut there)")
         return self.localiser
 
     def summary(self, left_out: int) -> Optional[str]:

@@ -87,6 +87,10 @@ class TrainConfig:
     # face's margin from `labelled_cut_margin_mm`, so a model fine-tuned on a few whole scans learns the atrium
     # in the regions `segment` may settle on (its own first pass decides them), not one region's intensities
     labelled_cuts: int = 1
+    # where a labelled whole scan's (first) cut lies: "label" (the label's box + 15 mm) or "localiser" (the box the
+    # localiser finds, grown to hold the label's box + 15 mm: the region `segment` settles on when its first pass
+    # is right; the label's box when the localiser finds nothing)
+    labelled_region: str = "label"
     labelled_cut_margin_mm: List[float] = dataclasses.field(default_factory=lambda: [5.0, 25.0])
     # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
     # atrium in a whole scan; written into the model card
@@ -202,6 +206,8 @@ class TrainConfig:
                 problems.append(f"{name}={span} must be [low, high] with 0 <= low <= high")
         if self.labelled_cuts < 1:
             problems.append("labelled_cuts must be >= 1")
+        if self.labelled_region not in ("label", "localiser"):
+            problems.append(f"labelled_region={self.labelled_region!r} must be label or localiser")
         if self.wide_fov_prob > 0 and self.in_channels != 1:
             problems.append("wide_fov_prob > 0 needs single-channel images (in_channels 1)")
         if not 0.0 <= self.site_shift_prob <= 1.0 or not 0.0 <= self.site_shift_strength <= 2.0:
