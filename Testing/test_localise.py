@@ -298,7 +298,7 @@ def test_training_from_scratch_on_whole_scans_cuts_them_as_a_fine_tune_does(tmp_
     whole = int(views[0].label.sum())  # the whole atrium in each (resampled from different corners)
     assert len(shapes) == 3 and all(abs(int(c.label.sum()) - whole) <= 0.15 * whole for c in views), shapes
     assert [c.image.shape for c in load_split(several, Logs())[1]] == [c.image.shape for c in views]  # resumable
-    assert any("3 views each: one at 15 mm, the others with margins of 0-40 mm" in m for m in logs), logs
+    assert any("box + 15 mm, 3 views each: that one, the others with margins of 0-40 mm" in m for m in logs), logs
     with pytest.raises(ConfigError, match="labelled_cuts"):
         build_config({"labelled_cuts": 0})
     with pytest.raises(ConfigError, match="labelled_cut_margin_mm"):

@@ -168,8 +168,9 @@ def training_reference(records: Sequence[CaseRecord], config: TrainConfig) -> Li
 
 class WholeScanCut:
     """Whole scans cut as `segment --region auto` cuts them (config `cut_whole_scans`): a labelled one around
-    its label (`labelled_cuts` times: the first with REGION_MARGIN_MM a side, the others with margins drawn from
-    `labelled_cut_margin_mm`), an unlabelled one where the catalog's localiser finds the atrium (RegionError when
+    its label (`labelled_cuts` times: the first with REGION_MARGIN_MM a side, or where `segment` would settle with
+    `labelled_region: localiser`; the others with margins drawn from `labelled_cut_margin_mm`), an unlabelled one
+    where the catalog's localiser finds the atrium (RegionError when
     it finds none); a crop-sized case stays as it is. Called with a case, it gives the list of its views; counts
     what it cut, for the log."""
 
@@ -228,10 +229,12 @@ class WholeScanCut:
     def summary(self, left_out: int) -> Optional[str]:
         if not (self.around_label or self.where_found or left_out):
             return None
-        views = (f", {self.cuts} views each: one at {REGION_MARGIN_MM:g} mm, the others with margins of "
+        first = (f"the localiser's box grown to hold the label's box + {REGION_MARGIN_MM:g} mm"
+                 if self.labelled_region == "localiser" else f"the label's box + {REGION_MARGIN_MM:g} mm")
+        views = (f", {self.cuts} views each: that one, the others with margins of "
                  f"{self.margin_mm[0]:g}-{self.margin_mm[1]:g} mm" if self.cuts > 1 else "")
         return (f"whole scans cut to the atrium's region, as `segment` shows it to the model: {self.around_label} "
-                f"labelled (the label's box + {REGION_MARGIN_MM:g} mm{views}), {self.where_found} unlabelled "
+                f"labelled ({first}{views}), {self.where_found} unlabelled "
                 f"(where the localiser found the atrium), {left_out} unlabelled left out (no atrium found)")
 
 

@@ -87,11 +87,12 @@ class TrainConfig:
     # face's margin from `labelled_cut_margin_mm`, so a model fine-tuned on a few whole scans learns the atrium
     # in the regions `segment` may settle on (its own first pass decides them), not one region's intensities
     labelled_cuts: int = 1
+    labelled_cut_margin_mm: List[float] = dataclasses.field(default_factory=lambda: [5.0, 25.0])
     # where a labelled whole scan's (first) cut lies: "label" (the label's box + 15 mm) or "localiser" (the box the
     # localiser finds, grown to hold the label's box + 15 mm: the region `segment` settles on when its first pass
-    # is right; the label's box when the localiser finds nothing)
+    # is right; the label's box when the localiser finds nothing). Both options measured, neither adopted
+    # (docs/results.md, "Whole scans at `scanner`")
     labelled_region: str = "label"
-    labelled_cut_margin_mm: List[float] = dataclasses.field(default_factory=lambda: [5.0, 25.0])
     # "segmenter" (the default) or "localiser": a coarse model that `segment --region auto` uses to find the
     # atrium in a whole scan; written into the model card
     role: str = "segmenter"
