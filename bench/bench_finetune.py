@@ -144,7 +144,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every fine-tune (e.g. --set base_lr=0.002)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.fixed_region and not args.whole:
+        parser.error("--fixed-region scores whole scans in a fixed region: give --whole VOXELS too")
+    return args
 
 
 class WholeScans:
