@@ -41,7 +41,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from semiseg_la.checkpoints import load_network, resolve_model, validation_model_id
+from semiseg_la.checkpoints import ModelCard, load_network, resolve_model, validation_model_id
 from semiseg_la.cli.common import inference_spec
 from semiseg_la.cli.main import main as cli
 from semiseg_la.engine.data import label_roi
@@ -209,8 +209,7 @@ class WholeScanScorer:
 
     def fixed_region(self, model: str, label: Volume) -> List[int]:
         """The atrium's box + REGION_MARGIN_MM, at least the model's patch (`label_roi`, as a fine-tune cuts)."""
-        card = load_network(resolve_model(model))[1]
-        spec = inference_spec(card)
+        spec = inference_spec(ModelCard.load(resolve_model(model)))  # the card alone: no weights read per case
         return label_roi(label, patch_mm(spec.patch_size, spec.spacing))
 
 

@@ -186,10 +186,10 @@ class WholeScanCut:
         if not is_whole_scan(image.shape, image.spacing):
             return [(image, label)]
         if label is not None:
-            views = [cut_around_label(image, label, self.fine_mm, margins) for margins in self._margins()]
-            if self.labelled_region == "localiser":
-                views[0] = self._as_segment_settles(image, label)
-            return views
+            first, *others = self._margins()
+            head = (self._as_segment_settles(image, label) if self.labelled_region == "localiser"
+                    else cut_around_label(image, label, self.fine_mm, first))
+            return [head] + [cut_around_label(image, label, self.fine_mm, margins) for margins in others]
         try:
             region = self._localiser().find(image, min_size_mm=self.fine_mm)
         except RegionError as exc:  # without segment's hint to give a region: here the scan is simply not used
