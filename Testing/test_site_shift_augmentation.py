@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_cases
+from conftest import sphere_volume, synthetic_cases
 from semiseg_la.engine.config import build_config
-from semiseg_la.engine.data import SiteShiftAugmentation
+from semiseg_la.engine.data import SiteShiftAugmentation, TrainCase
 from semiseg_la.engine.loop import Trainer
 from semiseg_la.errors import ConfigError
+from semiseg_la.preprocess.normalize import zscore
 from semiseg_la.preprocess.site_shift import AUGMENTATION_FAMILIES, FAMILIES, random_site_shifts
 
 
@@ -33,6 +34,18 @@ def test_random_sites_are_drawn_from_the_pool_within_the_strength():
     again = random_site_shifts(np.random.default_rng(0), ("gamma", "bias", "blur"), max_strength=0.4)
     assert again == drawn[0]
     assert set(AUGMENTATION_FAMILIES) <= set(FAMILIES) and "inversion" not in AUGMENTATION_FAMILIES
+
+
+def test_a_training_site_can_combine_as_many_families_as_configured(tmp_path):
+    """`site_shift_max_families` reaches the draw: 4 families at once (as `scanner` combines) only when allowed."""
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    for allowed in (3, 4):
+        trainer = Trainer(tiny_config(tmp_path / str(allowed), site_shift_max_families=allowed), labeled, unlabeled)
+        rng = np.random.default_rng(5)
+        sizes = set()
+        for _ in range(200):
+            sizes.add(len(random_site_shifts(rng, trainer.site_shift.families, 1.0, trainer.site_shift.max_families)))
+        assert max(sizes) == allowed
 
 
 def test_the_augmentation_changes_appearance_only_and_keeps_the_patch_shape():
@@ -65,11 +78,43 @@ def test_the_teacher_sees_the_patch_as_acquired_and_the_student_the_shifted_one(
     assert plain.clean_image is None
 
 
+def test_a_site_met_before_the_normalisation_is_normalised_as_segment_would_and_cut_like_its_clean_twin(tmp_path):
+    """`site_shift_before_normalization`: the whole case passes through the site and is normalised again (a
+    z-scored sample stays z-scored, where a shifted patch does not), and the clean and the shifted patch share
+    one rotation and crop (a monotone site keeps every voxel's rank)."""
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    small = [sphere_volume((26, 26, 26), radius=6, seed=i) for i in range(5)]  # padded into each 32³ patch whole
+    small = [TrainCase(f"s{i}", zscore(image)[None], label if i < 2 else None)
+             for i, (image, label) in enumerate(small)]
+    whole = {"site_shift_prob": 1.0, "site_shift_families": ["gamma", "bias"], "intensity_prob": 0.0}
+
+    def moments(flag, folder):
+        batch = Trainer(tiny_config(tmp_path / folder, site_shift_before_normalization=flag, **whole),
+                        small[:2], small[2:]).next_batch()
+        inside = batch.clean_image != 0  # the case, not the padding
+        assert int(inside.sum()) == 2 * 26 ** 3
+        return [(float(x[m].mean()), float(x[m].std(unbiased=False))) for x, m in zip(batch.image, inside)]
+
+    assert all(abs(mean) < 1e-3 and abs(std - 1) < 1e-3 for mean, std in moments(True, "before"))
+    assert any(abs(mean) > 0.05 or abs(std - 1) > 0.05 for mean, std in moments(False, "after"))
+
+    config = tiny_config(tmp_path / "cut", site_shift_before_normalization=True, site_shift_prob=1.0,
+                         site_shift_families=["gamma"], site_shift_strength=2.0, patch_size=[16, 16, 16])
+    trainer = Trainer(config, labeled, unlabeled)
+    for _ in range(3):
+        batch = trainer.next_batch()
+        for clean, shifted in zip(batch.clean_image[:, 0], batch.image[:, 0]):
+            assert not torch.allclose(clean, shifted, atol=1e-3)
+            ranked = shifted.flatten()[torch.argsort(clean.flatten())]
+            assert float(torch.diff(ranked).min()) >= -1e-4
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"site_shift_prob": 1.5}, "site_shift_prob"),
     ({"site_shift_families": ["gamma", "x-ray"]}, "x-ray"),
     ({"site_shift_families": []}, "site_shift_families"),
     ({"in_channels": 2}, "single-channel"),
+    ({"site_shift_max_families": 0}, "site_shift_max_families"),
 ])
 def test_bad_site_shift_settings_are_config_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

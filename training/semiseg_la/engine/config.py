@@ -70,12 +70,19 @@ class TrainConfig:
     # `segment --region auto` cuts around the atrium, each face's margin drawn from that range (it cuts 15 mm)
     wide_fov_region_mm: Optional[List[float]] = None
     # site-shift augmentation (preprocess/site_shift.py): this share of training samples (labelled and unlabelled)
-    # passes through a random simulated site, 1-3 of `site_shift_families` at strengths up to
-    # `site_shift_strength`, so a model learns what differs between scanners; the mean teacher's teacher sees
-    # the sample as it was (consistency across sites)
+    # passes through a random simulated site, 1 to `site_shift_max_families` of `site_shift_families` at
+    # strengths up to `site_shift_strength`, so a model learns what differs between scanners; the mean teacher's
+    # teacher sees the sample as it was (consistency across sites)
     site_shift_prob: float = 0.0
     site_shift_strength: float = 1.0
     site_shift_families: List[str] = dataclasses.field(default_factory=lambda: list(AUGMENTATION_FAMILIES))
+    # at most this many families per simulated site (1..this many, no more than are listed, are drawn; another
+    # scanner differs in several ways at once: `scanner` is a contrast curve, a coil's bias, thick slices and noise)
+    site_shift_max_families: int = 3
+    # where a sample meets its simulated site: false, the training patch after the normalisation (as before);
+    # true, the whole crop or region before it is normalised again, as another site's scan reaches `segment`
+    # (so a standardising model learns what its standardisation leaves of a site, not curves it would undo)
+    site_shift_before_normalization: bool = False
     # whole scans among the cases (larger than an atrium crop, preprocess/wide_fov.py is_whole_scan) are cut as
     # `segment --region auto` cuts them before a fine model sees them: a labelled one to its atrium's box with a
     # 15 mm margin, an unlabelled one to the box the localiser finds (left out when it finds none). null (the
@@ -216,6 +223,8 @@ class TrainConfig:
         unknown = [f for f in self.site_shift_families if f not in FAMILIES]
         if unknown or not self.site_shift_families:
             problems.append(f"site_shift_families must name families of {', '.join(FAMILIES)}; got {unknown or '[]'}")
+        if self.site_shift_max_families < 1:
+            problems.append(f"site_shift_max_families={self.site_shift_max_families} must be >= 1")
         if self.site_shift_prob > 0 and self.in_channels != 1:
             problems.append("site_shift_prob > 0 needs single-channel images (in_channels 1)")
         if not 0.0 <= self.parent_blend < 1.0:

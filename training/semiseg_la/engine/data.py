@@ -350,20 +350,31 @@ class SiteShiftAugmentation:
     teacher compares the student on the shifted patch with the teacher on the patch as it was."""
 
     def __init__(self, spacing: Sequence[float], prob: float, max_strength: float = 1.0,
-                 families: Sequence[str] = ()) -> None:
+                 families: Sequence[str] = (), max_families: int = 3) -> None:
         self.spacing, self.prob, self.max_strength = tuple(float(s) for s in spacing), prob, max_strength
-        self.families = tuple(families)
+        self.families, self.max_families = tuple(families), max_families
+
+    def draw(self, rng: np.random.Generator) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+        """The site one sample passes through, as a function of one (X, Y, Z) channel; None when the sample
+        keeps its own appearance."""
+        if self.prob <= 0 or rng.random() >= self.prob:
+            return None
+        shifts = random_site_shifts(rng, self.families, self.max_strength, self.max_families)
+        case_seed = int(rng.integers(2 ** 31))
+
+        def acquire(channel: np.ndarray) -> np.ndarray:
+            for shift in shifts:
+                channel = shift.apply_array(channel, self.spacing, case_seed)
+            return channel
+
+        return acquire
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> Optional[np.ndarray]:
         """The shifted (C, X, Y, Z) patch, or None when this sample keeps its own appearance."""
-        if self.prob <= 0 or rng.random() >= self.prob:
+        acquire = self.draw(rng)
+        if acquire is None:
             return None
-        shifts = random_site_shifts(rng, self.families, self.max_strength)
-        case_seed = int(rng.integers(2 ** 31))
-        channel = image[0]
-        for shift in shifts:
-            channel = shift.apply_array(channel, self.spacing, case_seed)
-        return np.ascontiguousarray(channel[None], np.float32)
+        return np.ascontiguousarray(acquire(image[0])[None], np.float32)
 
 
 class Prefetcher:

@@ -31,7 +31,15 @@ from ..io.atomic import atomic_write_text
 from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
 from .config import TrainConfig, dump_config
-from .data import Augmentation, Prefetcher, SiteShiftAugmentation, TrainCase, TwoStreamSampler, WideFieldOfView
+from .data import (
+    Augmentation,
+    Prefetcher,
+    SiteShiftAugmentation,
+    TrainCase,
+    TwoStreamSampler,
+    WideFieldOfView,
+    normalize_volume,
+)
 from .distributed import (
     DistContext,
     barrier,
@@ -130,7 +138,8 @@ class Trainer:
         self.aug_rng = np.random.default_rng(config.seed + 104729 * (self.ctx.rank + 1))
         self.device_batcher = None
         self.site_shift = (SiteShiftAugmentation(config.spacing, config.site_shift_prob, config.site_shift_strength,
-                                                 config.site_shift_families) if config.site_shift_prob > 0 else None)
+                                                 config.site_shift_families, config.site_shift_max_families)
+                           if config.site_shift_prob > 0 else None)
         # wide-FOV canvases and simulated sites are made on the host
         if config.device_data and config.wide_fov_prob <= 0 and self.site_shift is None:
             from .device_data import DeviceBatcher
@@ -260,12 +269,29 @@ class Trainer:
             source, source_label = case.image, case.label
             if self.widen is not None and index is not None:
                 source, source_label = self.widen(source, source_label, index, self.aug_rng)
-            image, label = self.augment(source, source_label, self.aug_rng)
-            shifted = self.site_shift(image, self.aug_rng) if self.site_shift is not None else None
+            if self.site_shift is not None and self.config.site_shift_before_normalization:
+                image, label, shifted = self._augment_shifted_before_normalization(source, source_label)
+            else:
+                image, label = self.augment(source, source_label, self.aug_rng)
+                shifted = self.site_shift(image, self.aug_rng) if self.site_shift is not None else None
             clean.append(image)
             images.append(image if shifted is None else shifted)
             labels.append(label)
         return np.stack(images), np.stack(labels), np.stack(clean) if self.site_shift is not None else None
+
+    def _augment_shifted_before_normalization(self, source: np.ndarray, label: Optional[np.ndarray]
+                                              ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(patch, label, the same patch from another site or None): the whole crop or region passes through the
+        site and is normalised again, as `segment` normalises another site's scan, and both versions are rotated
+        and cut alike (stacked as channels through one augmentation draw)."""
+        acquire = self.site_shift.draw(self.aug_rng)
+        if acquire is None:
+            image, label = self.augment(source, label, self.aug_rng)
+            return image, label, None
+        c = self.config
+        other_site = normalize_volume(acquire(source[0]), c.normalization, c.intensity_reference)[None]
+        both, label = self.augment(np.concatenate([source, other_site.astype(np.float32)]), label, self.aug_rng)
+        return both[:1], label, both[1:]
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """Labels travel as uint8 (an eighth of int64) and widen on the device; on CUDA page-locked memory
