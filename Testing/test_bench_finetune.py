@@ -46,9 +46,9 @@ def test_a_site_without_unlabelled_scans_is_fine_tuned_without_the_flag(bench, m
     assert ("--unlabeled" in seen[0]) == bool(unlabeled)
 
 
-def test_whole_scans_are_also_scored_in_one_fixed_region_when_asked(bench, monkeypatch, tmp_path):
-    """`--fixed-region`: every model is scored twice per case, with `--region auto` and in the label's box
-    + 15 mm (the same box for every model), and the figures are reported side by side."""
+def test_whole_scans_are_also_scored_in_fixed_regions_when_asked(bench, monkeypatch, tmp_path):
+    """`--fixed-region 5 15`: every model is scored per case with `--region auto` and in the label's box + each
+    margin (the same box for every model); the figures are reported side by side, with the per-case spread."""
     import numpy as np
 
     from semiseg_la.io.volume import Volume, write_volume
@@ -59,16 +59,27 @@ def test_whole_scans_are_also_scored_in_one_fixed_region_when_asked(bench, monke
 
     def fake_segment(argv):
         seen.append(argv)
-        write_volume(Volume(label, (1.0, 1.0, 1.0)), argv[argv.index("-o") + 1])
+        out = label.copy()
+        if "--region" in argv and argv[argv.index("--region") + 4] == "35":  # the wider region spills over
+            out[20:30, 10:20, 5:15] = 1
+        write_volume(Volume(out, (1.0, 1.0, 1.0)), argv[argv.index("-o") + 1])
         return 0
 
     monkeypatch.setattr(bench, "cli", fake_segment)
-    monkeypatch.setattr(bench.WholeScanScorer, "fixed_region", lambda self, model, lab: [1, 2, 3, 30, 25, 18])
-    scorer = bench.WholeScanScorer(tmp_path, "none", fixed=True)
+    monkeypatch.setattr(bench.WholeScanScorer, "fixed_region",
+                        lambda self, model, lab, margin: [1, 2, 3, 20 + int(margin), 25, 18])
+    scorer = bench.WholeScanScorer(tmp_path, "none", margins=[5, 15])
     pair = (Volume(label.astype(np.float32), (1.0, 1.0, 1.0)), Volume(label, (1.0, 1.0, 1.0)))
     scores = bench.score_model("m", [pair], [pair], "none", scorer)
-    assert scores["shifted"] == scores["fixed_region"]["shifted"] == 1.0
-    assert ["--region" in argv for argv in seen] == [False, False, True, True]
-    assert seen[-1][-6:] == ["1", "2", "3", "30", "25", "18"]
-    text = bench.format_fixed({"shifted": 0.75, "unshifted": 0.89}, {"shifted": 0.70, "unshifted": 0.90})
-    assert "recovered 25.0%" in text and "-1.00p" in text
+    assert scores["shifted"] == scores["fixed_regions"]["5"]["shifted"] == 1.0
+    assert abs(scores["fixed_regions"]["15"]["shifted"] - 2 / 3) < 1e-6
+    assert abs(scores["region_spread"]["shifted"] - 1 / 3) < 1e-6
+    assert ["--region" in argv for argv in seen] == [False, False, True, True, True, True]
+    assert seen[2][-6:] == ["1", "2", "3", "25", "25", "18"]
+    text = bench.format_fixed({"shifted": 0.75, "unshifted": 0.89}, {"shifted": 0.70, "unshifted": 0.90}, "15")
+    assert "+ 15 mm" in text and "recovered 25.0%" in text and "-1.00p" in text
+    assert "33.3 points at the site" in bench.format_spread(scores["region_spread"])
+    args = bench.parse_args(["--data", "d", "--whole", "448", "--fixed-region", "--methods"])
+    assert args.fixed_region == [15.0] and args.methods == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data", "d", "--fixed-region", "10"])

@@ -8,7 +8,7 @@ its model is scored the same way:
 
     python bench/bench_finetune.py --data ../shared/data/LA --shift scanner [--strength 1] [--budget 600] \
         [--methods default supervised caml crln semicml-la] [--tta flip|mirror|none] [--json out.json] [--work DIR] \
-        [--whole 448 [--fixed-region]]
+        [--whole 448 [--fixed-region [MM ...]]]
 
 With `--whole VOXELS` every scan is what a clinician brings instead of the benchmark's atrium-centred crop: the
 crop inside a whole-scan canvas (VOXELS x VOXELS in-plane at 0.625 mm, the crop's slices) tiled with the tissue
@@ -18,7 +18,9 @@ atrium, the model segments its region), and are scored on the whole canvas. `--f
 model in one region per case, the atrium's box + 15 mm drawn from the reference label: a shifted whole scan's
 Dice moves by several points with a few millimetres of region (docs/results.md), and `--region auto` settles
 each model's region on its own first pass, so the auto figures mix what a fine-tune changed in the network with
-where its region settled; the fixed-region figures hold the region still.
+where its region settled; the fixed-region figures hold the region still. With several margins
+(`--fixed-region 10 15 20 25`) each model is scored in each, and the mean per-case spread (highest minus lowest
+Dice over the margins) says how much the region alone moves a case. `--methods` with no name scores the base only.
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
@@ -52,7 +54,7 @@ from semiseg_la.io.datasets import open_dataset
 from semiseg_la.io.volume import Volume
 from semiseg_la.metrics import dice
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
-from semiseg_la.preprocess.wide_fov import build_wide_case, make_donor, patch_mm
+from semiseg_la.preprocess.wide_fov import REGION_MARGIN_MM, build_wide_case, make_donor, patch_mm
 
 #: tissue donors of the whole-scan canvases: the train.list cases after the site's (neither site nor scored)
 WHOLE_DONORS = 12
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift, acquire)
     cases = [acquire(record, 1000 + i) if acquire else record.load() for i, record in enumerate(validation)]
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
-    scorer = WholeScanScorer(work / "scoring", args.tta, args.fixed_region) if acquire else None
+    scorer = WholeScanScorer(work / "scoring", args.tta, args.fixed_region or ()) if acquire else None
     base = score_model(args.model, cases, shifted, args.tta, scorer)
     print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site "
           f"{f'whole scans ({args.whole} x {args.whole} in-plane)' if acquire else 'scans'}; "
@@ -84,10 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"; --set {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"base model {base['model']}: Dice {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site "
           f"(shift costs {100 * (base['unshifted'] - base['shifted']):.2f} points)", flush=True)
-    if "fixed_region" in base:
-        fixed = base["fixed_region"]
-        print(f"  in the label's box + 15 mm: {fixed['unshifted']:.4f} unshifted, {fixed['shifted']:.4f} at the site",
-              flush=True)
+    for margin, fixed in base.get("fixed_regions", {}).items():
+        print(f"  in the label's box + {margin} mm: {fixed['unshifted']:.4f} unshifted, {fixed['shifted']:.4f} at "
+              "the site", flush=True)
+    if "region_spread" in base:
+        print(format_spread(base["region_spread"]), flush=True)
     rows: List[Dict] = []
     print(f"{'fine-tune':12s} {'iters':>5s} {'s/it':>5s} {'wall s':>6s} {'site Dice':>9s} {'recovered':>9s} "
           f"{'unshifted':>9s} {'d unshift':>9s}  guard", flush=True)
@@ -103,12 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
                "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
                "shifted_cases": scores["shifted_cases"], "unshifted_cases": scores["unshifted_cases"]}
-        if "fixed_region" in scores:
-            row["fixed_region"] = scores["fixed_region"]
+        row.update({k: scores[k] for k in ("fixed_regions", "region_spread") if k in scores})
         rows.append(row)
         print(format_row(row), flush=True)
-        if "fixed_region" in row:
-            print(format_fixed(row["fixed_region"], base["fixed_region"]), flush=True)
+        for margin, fixed in row.get("fixed_regions", {}).items():
+            print(format_fixed(fixed, base["fixed_regions"][margin], margin), flush=True)
+        if "region_spread" in row:
+            print(format_spread(row["region_spread"]), flush=True)
     print_summary(base, rows)
     if args.json:
         result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
@@ -128,7 +132,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="the simulated site")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds per fine-tune (whole command)")
-    parser.add_argument("--methods", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--methods", nargs="*", default=list(PRESETS), choices=list(PRESETS),
+                        help="the fine-tunes to run (default: all); none named: score the base model only")
     parser.add_argument("--labeled", type=int, default=4)
     parser.add_argument("--unlabeled", type=int, default=12)
     parser.add_argument("--val", type=int, default=8, help="the last N train.list cases (the base's validation)")
@@ -138,15 +143,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--whole", type=int, default=0, metavar="VOXELS",
                         help="whole scans instead of crops: canvases of VOXELS x VOXELS in-plane (0.625 mm), scored "
                         "through `segment --region auto` (default 0: the crops)")
-    parser.add_argument("--fixed-region", action="store_true",
-                        help="with --whole: also score every model in the label's box + 15 mm (the region held still)")
+    parser.add_argument("--fixed-region", nargs="*", type=float, default=None, metavar="MM",
+                        help="with --whole: also score every model in the label's box + MM a side (default 15, "
+                        "`segment`'s margin: the region held still); several margins: each, and the per-case spread")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every fine-tune (e.g. --set base_lr=0.002)")
     args = parser.parse_args(argv)
-    if args.fixed_region and not args.whole:
+    if args.fixed_region is not None and not args.whole:
         parser.error("--fixed-region scores whole scans in a fixed region: give --whole VOXELS too")
+    if args.fixed_region == []:
+        args.fixed_region = [REGION_MARGIN_MM]
     return args
 
 
@@ -189,10 +197,11 @@ def write_site(work: Path, site, labeled: int, shift: SiteShift, acquire=None):
 
 class WholeScanScorer:
     """Labels of whole scans as a user gets them: `semiseg-la segment --region auto`, in this process; with
-    `fixed`, also in the region `--region X0 .. Z1` of the atrium's box + 15 mm (the same box for every model)."""
+    `margins`, also in the region `--region X0 .. Z1` of the atrium's box + each margin (mm; the same box for
+    every model)."""
 
-    def __init__(self, folder: Path, tta: str, fixed: bool = False) -> None:
-        self.folder, self.tta, self.fixed = folder, tta, fixed
+    def __init__(self, folder: Path, tta: str, margins: Sequence[float] = ()) -> None:
+        self.folder, self.tta, self.margins = folder, tta, tuple(float(m) for m in margins)
         folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, model: str, image: Volume, region: Sequence[int] = ()) -> np.ndarray:
@@ -207,19 +216,21 @@ class WholeScanScorer:
             raise RuntimeError(f"segment exited with {code} for model {model}")
         return read_volume(output).array
 
-    def fixed_region(self, model: str, label: Volume) -> List[int]:
-        """The atrium's box + REGION_MARGIN_MM, at least the model's patch (`label_roi`, as a fine-tune cuts)."""
+    def fixed_region(self, model: str, label: Volume, margin: float = REGION_MARGIN_MM) -> List[int]:
+        """The atrium's box + `margin` mm a side, at least the model's patch (`label_roi`, as a fine-tune cuts)."""
         spec = inference_spec(ModelCard.load(resolve_model(model)))  # the card alone: no weights read per case
-        return label_roi(label, patch_mm(spec.patch_size, spec.spacing))
+        return label_roi(label, patch_mm(spec.patch_size, spec.spacing), [margin] * 6)
 
 
 def score_model(model: str, cases, shifted, tta: str, scorer=None) -> Dict:
     if scorer is not None:
         scores = _scored(model, cases, shifted, lambda image, label: dice(scorer(model, image), label.array))
-        if scorer.fixed:
-            fixed = _scored(model, cases, shifted, lambda image, label: dice(
-                scorer(model, image, scorer.fixed_region(model, label)), label.array))
-            scores["fixed_region"] = {k: v for k, v in fixed.items() if k != "model"}
+        fixed = {f"{m:g}": _scored(model, cases, shifted, lambda image, label, m=m: dice(
+            scorer(model, image, scorer.fixed_region(model, label, m)), label.array)) for m in scorer.margins}
+        if fixed:
+            scores["fixed_regions"] = {m: {k: v for k, v in f.items() if k != "model"} for m, f in fixed.items()}
+        if len(fixed) > 1:
+            scores["region_spread"] = region_spread(list(fixed.values()))
         return scores
     network, card = load_network(resolve_model(model))
     predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device="cpu")
@@ -271,11 +282,23 @@ def format_row(row: Dict) -> str:
             f"{100 * row['unshifted_change']:+8.2f}p  {verdict}")
 
 
-def format_fixed(fixed: Dict, base: Dict) -> str:
+def region_spread(by_margin: Sequence[Dict]) -> Dict[str, float]:
+    """Mean over cases of the highest minus the lowest Dice across the fixed regions, at the site and unshifted:
+    how much the region alone moves a case (a region-stable model keeps this small)."""
+    return {side: float(np.mean(np.ptp([f[f"{side}_cases"] for f in by_margin], axis=0)))
+            for side in ("shifted", "unshifted")}
+
+
+def format_spread(spread: Dict[str, float]) -> str:
+    return (f"  spread over the fixed regions, mean per case: {100 * spread['shifted']:.1f} points at the site, "
+            f"{100 * spread['unshifted']:.1f} unshifted")
+
+
+def format_fixed(fixed: Dict, base: Dict, margin: str = f"{REGION_MARGIN_MM:g}") -> str:
     """The fixed-region figures of a fine-tune against the base's, in the same region."""
     lost = base["unshifted"] - base["shifted"]
     recovered = (fixed["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
-    return (f"  in the label's box + 15 mm: site {fixed['shifted']:.4f} (base {base['shifted']:.4f}, recovered "
+    return (f"  in the label's box + {margin} mm: site {fixed['shifted']:.4f} (base {base['shifted']:.4f}, recovered "
             f"{100 * recovered:.1f}%), unshifted {fixed['unshifted']:.4f} "
             f"({100 * (fixed['unshifted'] - base['unshifted']):+.2f}p)")
 
