@@ -345,9 +345,10 @@ def wide_validation_cases(validation: Sequence[TrainCase], donor_cases: Sequence
 
 
 class SiteShiftAugmentation:
-    """With probability `prob`, a training patch as a random other site would have acquired it
-    (`random_site_shifts`: contrast curve, bias field, slice thickness, resolution, noise, blur). The mean
-    teacher compares the student on the shifted patch with the teacher on the patch as it was."""
+    """With probability `prob`, a training patch (or, with `site_shift_before_normalization`, the whole crop or
+    region before it is normalised) as a random other site would have acquired it (`random_site_shifts`:
+    contrast curve, bias field, slice thickness, resolution, noise, blur). The mean teacher compares the student
+    on the shifted patch with the teacher on the patch as it was."""
 
     def __init__(self, spacing: Sequence[float], prob: float, max_strength: float = 1.0,
                  families: Sequence[str] = (), max_families: int = 3) -> None:
