@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,6 +17,8 @@ from semiseg_la.errors import ConfigError, InputError, RegionError
 from semiseg_la.inference.localise import DEFAULT_MARGIN_MM, Localiser
 from semiseg_la.inference.predictor import InferenceSpec, Predictor
 from semiseg_la.io.volume import Volume
+from semiseg_la.preprocess.normalize import landmarks
+from semiseg_la.preprocess.resample import to_model_grid
 from semiseg_la.preprocess.wide_fov import (
     REGION_MARGIN_MM,
     build_wide_case,
@@ -375,6 +378,25 @@ def test_localiser_box_covers_the_atrium_of_an_oblique_scan():
     low, high = bounds(label)
     assert np.all(np.array(region.lower) <= low) and np.all(np.array(region.upper) >= high)
     assert region.to_dict(vol)["corners_lps_mm"][0] != region.to_dict(vol)["corners_lps_mm"][1]
+
+
+def test_a_standardising_localiser_sees_another_sites_contrast_curve_as_its_own_scan():
+    """A localiser card with `standardized-zscore` undoes a monotone contrast curve before it looks (a z-score
+    alone does not), and finds the same box in the curved scan."""
+    vol, label = blobs_image([(80.0, 120.0, 27.0)])
+    ramp = np.linspace(0.0, 0.5, vol.shape[0], dtype=np.float32)[:, None, None]
+    scan = vol.with_array(vol.array + ramp)
+    curved = scan.with_array(np.exp(2.0 * scan.array))  # brightens the top of the range, as a site's curve may
+    reference = tuple(float(v) for v in landmarks(scan.array))
+    standardising = dataclasses.replace(COARSE, normalization="standardized-zscore", intensity_reference=reference)
+    seen = {}
+    for name, spec in (("zscore", COARSE), ("standardized", standardising)):
+        localiser = Localiser(Threshold(), spec, device="cpu")
+        inputs = [localiser.normalised(v, to_model_grid(v, spec.spacing, "linear")[0].array) for v in (scan, curved)]
+        seen[name] = float(np.abs(inputs[0] - inputs[1]).mean())
+        if name == "standardized":
+            assert localiser.find(curved).box == localiser.find(scan).box
+    assert seen["standardized"] < 0.1 * seen["zscore"]  # mean absolute difference of the inputs: 0.014 and 0.42
 
 
 def test_no_atrium_and_implausible_atrium_are_errors_that_say_what_to_do():

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 from torch import nn
 
+from ..engine.data import normalize_volume
 from ..errors import RegionError
 from ..io.volume import Volume
 from ..preprocess.normalize import zscore_stats
@@ -100,12 +101,8 @@ class Localiser:
         """The atrium's region: its bounding box on the coarse grid plus `margin_mm`, grown to at least
         `min_size_mm` (the fine model's patch, so it sees as much context as in training)."""
         started = time.perf_counter()
-        # resampled first, z-scored after with the whole scan's figures: the same values (linear interpolation
-        # commutes with the z-score) without a normalised float copy of the full-resolution scan
-        mean, std = zscore_stats(image.array)
         coarse, grid = to_model_grid(image, self.spec.spacing, "linear")
-        normalised = ((coarse.array.astype(np.float64) - mean) / std).astype(np.float32)
-        probability, _, _ = self.predictor.probabilities(normalised)
+        probability, _, _ = self.predictor.probabilities(self.normalised(image, coarse.array))
         voxel_ml = float(np.prod(grid.spacing)) / 1000.0
         smooth = ndimage.gaussian_filter(probability, FIND_SMOOTHING_VOXELS)
         mask, rivals = largest_component_and_rivals((smooth >= FIND_THRESHOLD).astype(np.uint8), voxel_ml)
@@ -122,6 +119,16 @@ class Localiser:
             region.warnings.append(f"{candidates} atrium-like regions found; segmented the largest. If it is not "
                                    f"the left atrium, {NOT_FOUND_HINT}")
         return region
+
+
+    def normalised(self, image: Volume, coarse: np.ndarray) -> np.ndarray:
+        """The coarse scan's intensities as the localiser's card says. A z-score uses the whole scan's figures
+        (linear interpolation commutes with it: the same values without a float copy of the full-resolution
+        scan); any other normalisation is taken on the coarse grid, as the training canvases were built there."""
+        if self.spec.normalization != "zscore-volume":
+            return normalize_volume(coarse, self.spec.normalization, self.spec.intensity_reference)
+        mean, std = zscore_stats(image.array)
+        return ((coarse.astype(np.float64) - mean) / std).astype(np.float32)
 
 
 def check_plausible_volume(label: np.ndarray, image: Volume,
