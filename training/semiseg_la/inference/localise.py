@@ -120,7 +120,6 @@ class Localiser:
                                    f"the left atrium, {NOT_FOUND_HINT}")
         return region
 
-
     def normalised(self, image: Volume, coarse: np.ndarray) -> np.ndarray:
         """The coarse scan's intensities as the localiser's card says. A z-score uses the whole scan's figures
         (linear interpolation commutes with it: the same values without a float copy of the full-resolution
