@@ -383,7 +383,7 @@ def test_localiser_box_covers_the_atrium_of_an_oblique_scan():
 def test_a_standardising_localiser_sees_another_sites_contrast_curve_as_its_own_scan():
     """A localiser card with `standardized-zscore` undoes a monotone contrast curve before it looks (a z-score
     alone does not), and finds the same box in the curved scan."""
-    vol, label = blobs_image([(80.0, 120.0, 27.0)])
+    vol, _ = blobs_image([(80.0, 120.0, 27.0)])
     ramp = np.linspace(0.0, 0.5, vol.shape[0], dtype=np.float32)[:, None, None]
     scan = vol.with_array(vol.array + ramp)
     curved = scan.with_array(np.exp(2.0 * scan.array))  # brightens the top of the range, as a site's curve may

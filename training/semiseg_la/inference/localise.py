@@ -24,7 +24,7 @@ from torch import nn
 from ..engine.data import normalize_volume
 from ..errors import RegionError
 from ..io.volume import Volume
-from ..preprocess.normalize import zscore_stats
+from ..preprocess.normalize import zscore, zscore_stats
 from ..preprocess.resample import ModelGrid, roi_from_physical, to_model_grid
 from ..preprocess.wide_fov import REGION_MARGIN_MM
 from .predictor import InferenceSpec, Predictor, largest_component_and_rivals
@@ -126,8 +126,7 @@ class Localiser:
         scan); any other normalisation is taken on the coarse grid, as the training canvases were built there."""
         if self.spec.normalization != "zscore-volume":
             return normalize_volume(coarse, self.spec.normalization, self.spec.intensity_reference)
-        mean, std = zscore_stats(image.array)
-        return ((coarse.astype(np.float64) - mean) / std).astype(np.float32)
+        return zscore(coarse, stats=zscore_stats(image.array))
 
 
 def check_plausible_volume(label: np.ndarray, image: Volume,
