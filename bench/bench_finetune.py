@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
                   "budget_s": args.budget, "tta": args.tta, "labeled": args.labeled, "unlabeled": args.unlabeled,
-                  "whole": args.whole,
+                  "whole": args.whole, "overrides": args.overrides,
                   "validation": [r.case_id for r in validation], "base": base, "runs": rows}
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     return 0

@@ -1,0 +1,128 @@
+"""Pool several `bench_finetune.py --json` runs: is a fine-tune ahead of supervised-only over training seeds?
+
+One run of the fine-tune benchmark scores 8 validation cases once; one training seed moves a fine-tune's site
+Dice by about half a point (docs/results.md, "How much one training seed moves these figures"), which is the
+size of the difference the issue asks about. So runs of the same site with other training seeds
+(`--set seed=N`) are read together:
+
+    python bench/pool_finetune.py RUN.json [RUN.json ...] [--against supervised]
+
+Runs are grouped by what they measured (site family and strength, crops or whole scans, case counts, base
+model, budget); in each group the table gives each fine-tune's mean over the runs, and the comparison with
+`--against` gives every run's difference, the cases won after averaging each case over the runs, and a
+bootstrap interval over the cases of those run-averaged differences. A last line pools every group's cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import paired_interval  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="bench_finetune.py --json files")
+    parser.add_argument("--against", default="supervised", help="the fine-tune the others are compared with")
+    args = parser.parse_args(argv)
+    groups = group_runs([load_run(path) for path in args.runs])
+    pooled: Dict[str, List[float]] = defaultdict(list)
+    for key, runs in groups.items():
+        print_group(key, runs)
+        for method, case_diffs in compare(runs, args.against).items():
+            print_comparison(method, args.against, case_diffs, [run_difference(r, method, args.against) for r in runs])
+            pooled[method].extend(case_diffs)
+        print()
+    if len(groups) > 1:
+        for method, case_diffs in pooled.items():
+            print_comparison(method, args.against, case_diffs, [], prefix=f"all {len(groups)} groups, ")
+    return 0
+
+
+def load_run(path: Path) -> Dict:
+    run = json.loads(path.read_text())
+    if "runs" not in run or "base" not in run:
+        raise SystemExit(f"{path}: not a bench_finetune.py --json file")
+    run["file"] = path.name
+    return run
+
+
+def group_key(run: Dict) -> Tuple:
+    """What a run measured, apart from its training seed."""
+    return (run["shift"], "whole scans" if run.get("whole") else "crops", run["labeled"], run["unlabeled"],
+            Path(run["base"]["model"]).name, run["budget_s"], run.get("tta", "flip"))
+
+
+def group_runs(runs: Sequence[Dict]) -> Dict[Tuple, List[Dict]]:
+    groups: Dict[Tuple, List[Dict]] = defaultdict(list)
+    for run in runs:
+        groups[group_key(run)].append(run)
+    for key, members in groups.items():
+        if len({tuple(r["validation"]) for r in members}) > 1:
+            raise SystemExit(f"{key}: the runs scored different validation cases; pool them separately")
+    return dict(groups)
+
+
+def scored(run: Dict) -> Dict[str, Dict]:
+    return {row["method"]: row for row in run["runs"] if "shifted" in row}
+
+
+def print_group(key: Tuple, runs: List[Dict]) -> None:
+    shift, kind, labeled, unlabeled, model, budget, tta = key
+    base = runs[0]["base"]
+    print(f"{shift}, {kind}, {labeled} labelled + {unlabeled} unlabelled, base {model}, {budget:g} s, --tta {tta}: "
+          f"{len(runs)} run(s) ({', '.join(r['file'] for r in runs)})")
+    print(f"  base: {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site")
+    methods = sorted({m for r in runs for m in scored(r)}, key=lambda m: (m != "default", m))
+    for method in methods:
+        rows = [scored(r)[method] for r in runs if method in scored(r)]
+        better = sum(row.get("guard", {}).get("verdict", "").startswith("better") for row in rows)
+        print(f"  {method:12s} site {mean(rows, 'shifted'):.4f}  recovered {100 * mean(rows, 'recovered'):5.1f}%  "
+              f"unshifted {100 * mean(rows, 'unshifted_change'):+.2f}p  guard better in {better} of {len(rows)}  "
+              f"(runs: {' '.join(format(row['shifted'], '.4f') for row in rows)})")
+
+
+def mean(rows: Sequence[Dict], key: str) -> float:
+    return float(np.mean([row[key] for row in rows]))
+
+
+def compare(runs: Sequence[Dict], against: str) -> Dict[str, List[float]]:
+    """Per method, each scored case's difference from `against`, averaged over the runs that have both."""
+    result = {}
+    methods = {m for r in runs for m in scored(r)} - {against}
+    for method in sorted(methods):
+        pairs = [(scored(r)[method], scored(r)[against]) for r in runs if {method, against} <= set(scored(r))]
+        if pairs:
+            diffs = np.mean([np.subtract(a["shifted_cases"], b["shifted_cases"]) for a, b in pairs], axis=0)
+            result[method] = diffs.tolist()
+    return result
+
+
+def run_difference(run: Dict, method: str, against: str) -> float:
+    rows = scored(run)
+    if method in rows and against in rows:
+        return rows[method]["shifted"] - rows[against]["shifted"]
+    return float("nan")
+
+
+def print_comparison(method: str, against: str, case_diffs: Sequence[float], run_diffs: Sequence[float],
+                     prefix: str = "  ") -> None:
+    diffs = np.asarray(case_diffs)
+    low, high = paired_interval(diffs)
+    per_run = [d for d in run_diffs if d == d]
+    runs = f" (runs: {' '.join(f'{100 * d:+.2f}' for d in per_run)})" if per_run else ""
+    print(f"{prefix}{method} vs {against}: {100 * diffs.mean():+.2f} Dice points{runs}; better on "
+          f"{int((diffs > 0).sum())} of {diffs.size} cases averaged over the runs; 95 % interval "
+          f"{100 * low:+.2f} to {100 * high:+.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
