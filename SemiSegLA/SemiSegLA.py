@@ -23,6 +23,7 @@ from SemiSegLALib.catalog import (
     Catalog,
     CatalogError,
     diceText,
+    guardNote,
     guardWarning,
     methodLabel,
     parsePresetsJson,
@@ -479,8 +480,9 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             if not newId:
                 raise RuntimeError("The core finished fine-tuning without reporting the new model id")
             job.guardWarning = guardWarning(done.get("guard"), baseModelId)
-            if job.guardWarning:
-                job.addNotice(job.guardWarning)
+            note = job.guardWarning or guardNote(done.get("guard"), baseModelId)
+            if note:
+                job.addNotice(note)
             # the model list is re-read after the job: by _startJob when waiting, else by the caller (the
             # panel lists the models in a worker thread; this runs on the main thread)
             return newId

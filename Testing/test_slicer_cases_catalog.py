@@ -29,6 +29,7 @@ from SemiSegLALib.catalog import (
     CatalogError,
     ModelEntry,
     diceText,
+    guardNote,
     guardWarning,
     methodLabel,
     parseModelsJson,
@@ -241,3 +242,17 @@ def test_guard_warning_only_for_a_worse_child():
     three = guardWarning({"verdict": "worse", "parent": "b", "parent_dice": 0.8, "child_dice": 0.7,
                           "held_out_cases": 3}, "x")
     assert "on your 3 held-out cases (Dice 0.700 vs 0.800)" in three
+
+
+def test_a_child_better_on_one_held_out_case_is_called_little_evidence():
+    """One held-out whole scan called the child better in 7 of 7 benchmark runs where it was worse on 8
+    others: the panel says how much a single case says, and only then."""
+    one = {"verdict": "better or equal", "parent": "base-v1", "parent_dice": 0.85, "child_dice": 0.88,
+           "held_out_cases": 1}
+    text = guardNote(one, "x")
+    assert "better than its parent base-v1 on your one held-out case (Dice 0.880 vs 0.850)" in text
+    assert "little evidence" in text and "scan you did not annotate" in text and "Revert to base" in text
+    assert guardNote({**one, "held_out_cases": 3}, "x") is None
+    assert guardNote({**one, "verdict": "worse"}, "x") is None
+    assert guardNote({"verdict": "unchecked: fewer than 3 labelled cases", "held_out_cases": 0}, "x") is None
+    assert guardNote(None, "x") is None

@@ -413,6 +413,24 @@ def test_module_metadata(module):
     assert "arXiv 2502.11456" in parent.helpText
 
 
+def test_finetune_better_on_one_held_out_case_says_how_little_that_is(fake, make_logic):
+    """Three labelled cases: the core holds one out and calls the child better; the job's notices (the status
+    line after the fine-tune) say that one case is little evidence and how to compare."""
+    labelled_scene(fake)
+    for seed in (4, 5):
+        volume = add_case(fake, f"Case {seed}", seed=seed)
+        fake.addSegmentation(f"Case {seed} segmentation", volume,
+                             {"Left atrium": blob(volume.array.shape, (12, 10, 6), (5, 4, 2))})
+    logic = make_logic()
+    logic.refreshModels()
+    job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.guardWarning is None
+    notes = [n for n in job.notices if "one held-out case" in n]
+    assert notes and "(Dice 0.880 vs 0.850)" in notes[0] and "little evidence" in notes[0]
+    assert notes[0] in job.summary()
+
+
 def test_finetune_worse_than_its_parent_is_reported_and_not_adopted(fake, make_logic):
     """The core's parent/child check on a held-out case says the child is worse: the job says so in one
     notice naming both figures, and the widget keeps the parent selected (SemiSegLAWidget.onJobFinished)."""

@@ -84,6 +84,22 @@ def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str
             "cases, and fine-tune again.")
 
 
+def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
+    """When the fine-tuned model beat its parent on a single held-out case: how little that says. In the
+    fine-tune benchmark at a simulated scanner one held-out whole scan called the child better in 7 of 7 runs
+    where it was 1-4 Dice points worse on 8 other whole scans (docs/results.md)."""
+    if not isinstance(guard, dict) or not str(guard.get("verdict", "")).startswith("better"):
+        return None
+    if guard.get("held_out_cases", 1) != 1:
+        return None
+    child, parent = _float_or_none(guard.get("child_dice")), _float_or_none(guard.get("parent_dice"))
+    figures = f" (Dice {child:.3f} vs {parent:.3f})" if child is not None and parent is not None else ""
+    parentId = str(guard.get("parent") or parentId)
+    return (f"It is better than its parent {parentId} on your one held-out case{figures}. One case is little "
+            f"evidence: before relying on it, compare it with {parentId} on a scan you did not annotate "
+            "(Revert to base selects the parent again).")
+
+
 def methodLabel(method: str) -> str:
     if not method:
         return "unknown method"

@@ -255,7 +255,8 @@ def cmd_finetune(args):
     worse = "guard-worse" in MODES
     guard = {"verdict": "worse" if worse else ("better or equal" if held_out else "unchecked: fewer than 3"),
              "parent": args.base, "parent_dice": 0.85 if held_out or worse else None,
-             "child_dice": (0.61 if worse else 0.8) if held_out or worse else None}
+             "child_dice": (0.61 if worse else 0.88) if held_out or worse else None,
+             "held_out_cases": held_out}
     emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard})
     return 0
 
