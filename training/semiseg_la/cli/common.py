@@ -56,6 +56,55 @@ def load_catalog_model(model: str | None, device: str = "cpu") -> Tuple[object, 
     return network, card, card_get(card, "id")
 
 
+def trains_on_regions(config) -> bool:
+    """Whether a training configuration (a TrainConfig or a card's `training.config`) teaches segmenting in
+    regions of many sizes (whole-scan canvases, or several cuts of each labelled scan), so that the model can
+    settle its own automatic region."""
+    def get(key: str, default):
+        value = config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+        return default if value is None else value
+
+    return float(get("wide_fov_prob", 0.0)) > 0 or int(get("labelled_cuts", 1)) > 1
+
+
+def trained_on_regions(card) -> bool:
+    return trains_on_regions((card_get(card, "training") or {}).get("config") or {})
+
+
+def region_settler(card, max_depth: int = 16):
+    """(network, card, id) of the model whose first pass settles this model's `--region auto` region, or None
+    when it settles its own. A site fine-tune learns a few scans cut in one region each and settles regions
+    worse than the model it came from (at a simulated scanner each child segmented in its parent's settled
+    region scored 0.4-1.6 Dice points more on whole scans than in its own, and an unshifted scan it
+    over-segmented was segmented as the parent segments it; docs/results.md). So a model not trained on
+    regions hands the settling to its nearest ancestor that was; the walk stops (None) at a parent that is
+    not installed, or whose weights are not the ones the child records (`lineage.parent_sha256`)."""
+    from ..checkpoints import ModelCard, load_network, resolve_model
+    from ..checkpoints.card import weights_fingerprint
+    from ..errors import CheckpointError
+
+    current = card
+    for _ in range(max_depth):
+        if trained_on_regions(current):
+            break
+        lineage = card_get(current, "lineage") or {}
+        if not lineage.get("parent"):
+            return None
+        try:
+            folder = resolve_model(str(lineage["parent"]))
+            parent = ModelCard.load(folder)
+        except CheckpointError:
+            return None
+        recorded = lineage.get("parent_sha256")
+        if recorded and weights_fingerprint(parent) != recorded:
+            return None
+        current = parent
+    if current is card or not trained_on_regions(current):
+        return None
+    network, settler_card = load_network(folder, device="cpu")
+    return network, settler_card, card_get(settler_card, "id")
+
+
 def card_get(card, key: str, default=None):
     """Cards are dataclasses or mappings; read a top-level field either way."""
     if isinstance(card, dict):

@@ -24,7 +24,7 @@ from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import evaluate_case, summarize
 from ..progress import ProgressReporter
-from .common import card_get
+from .common import card_get, inference_spec, region_settler, trained_on_regions, trains_on_regions
 
 #: with this many labelled cases or more, a fine-tune holds some out to compare the child with its parent
 HOLDOUT_FROM = 3
@@ -62,7 +62,8 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
                if parent_card else None)
     channel = getattr(exported, "exported_channel", None)  # multi-modal training, one-modality model
     if validation_records:
-        validation = evaluate_records(network, config, validation_records, reporter, channel)
+        scout = _child_scout(config, parent_card, parent_folder)
+        validation = evaluate_records(network, config, validation_records, reporter, channel, scout=scout)
     else:  # e.g. a site fine-tune on 2-3 cases: a figure, labelled for what it is (fit, not generalisation)
         validation = evaluate_records(network, config, split.labeled[:8], reporter, channel)
         validation["split"] = (f"no held-out validation case: Dice on {min(len(split.labeled), 8)} labelled "
@@ -105,6 +106,22 @@ def blend_with_parent(network: torch.nn.Module, parent_card, share: float, repor
     return float(share)
 
 
+def _child_scout(config: TrainConfig, parent_card, parent_folder: Optional[Path]):
+    """(network, card) whose first pass settles the fine-tuned child's region on held-out whole scans, as
+    `segment` will settle it (`common.region_settler`): the parent when it was trained on regions, else the
+    parent's settler; None when the child settles its own (trained on regions itself, no parent, or nothing
+    cut from whole scans)."""
+    if parent_card is None or not config.cut_whole_scans or trains_on_regions(config):
+        return None
+    if trained_on_regions(parent_card):
+        from ..checkpoints import load_network
+
+        network, card = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
+        return network.eval(), card
+    settler = region_settler(parent_card)
+    return (settler[0].eval(), settler[1]) if settler is not None else None
+
+
 def _parent_dir(parent_card, parent_folder: Optional[Path]) -> Path:
     """The parent's model folder: the one the fine-tune started from, else the catalog's by the card's id."""
     from ..checkpoints import resolve_model
@@ -139,8 +156,10 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
     from ..checkpoints import load_network
 
     parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
+    settler = region_settler(parent_card) if config.cut_whole_scans else None
     parent = evaluate_records(parent_network.eval(), with_card_inputs(config, parent_card), held_out, reporter,
-                              channel, what="the parent on the held-out site case(s)")
+                              channel, what="the parent on the held-out site case(s)",
+                              scout=(settler[0].eval(), settler[1]) if settler is not None else None)
     child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])
     record["site_holdout"] = {"cases": [r.case_id for r in held_out], "parent_dice": parent_dice,
                               "child_dice": child_dice, "parent_hd95_mm": parent.get("hd95_mm"),
@@ -173,8 +192,9 @@ def _warn_if_worse(record: Dict[str, Any], reporter: ProgressReporter) -> None:
 
 def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord],
                      reporter: ProgressReporter, channel: Optional[int] = None,
-                     what: str = "validation metrics of the exported model") -> Dict[str, Any]:
-    """Full metrics on the input grid (mm and legacy conventions) of the validation records."""
+                     what: str = "validation metrics of the exported model", scout=None) -> Dict[str, Any]:
+    """Full metrics on the input grid (mm and legacy conventions) of the validation records. `scout`:
+    (network, card) whose first pass settles a whole scan's region (`_child_scout`), else the network's own."""
     if not records:
         return {"split": "none (no validation cases): figures unavailable"}
     spec = InferenceSpec.of_training(config)
@@ -192,7 +212,14 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
             ).predict(image, roi=roi))
 
         if config.cut_whole_scans:  # a whole scan is scored on its whole grid, in the region `segment` finds
-            predicted = _as_segment_gives(image, spec, predict, device, localisers, record.case_id, reporter)
+            scout_predict = None
+            if scout is not None:
+                def scout_predict(roi, image=image):
+                    return fallback(lambda where: Predictor(
+                        scout[0], inference_spec(scout[1]), device=where.device, mode=where.mode,
+                        accumulate_on_cpu=where.accumulate_on_cpu).predict(image, roi=roi))
+            predicted = _as_segment_gives(image, spec, predict, device, localisers, record.case_id, reporter,
+                                          scout_predict)
         else:
             predicted = predict(None).label.array
         metrics = evaluate_case(predicted, label.array, image.spacing)
@@ -209,7 +236,7 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
 
 
 def _as_segment_gives(image, spec, predict, device: str, localisers: Dict[str, Any], case_id: str,
-                      reporter: ProgressReporter):
+                      reporter: ProgressReporter, scout_predict=None):
     """The label `segment --region auto` gives (localiser, then the region settled around the network's own
     first pass): the held-out figures judge what the user will get, in the region this network finds, not in
     one drawn from the reference label (on a shifted site the two differed by up to 17 Dice points a case,
@@ -217,7 +244,8 @@ def _as_segment_gives(image, spec, predict, device: str, localisers: Dict[str, A
     from .segment import segment_as_auto
 
     try:
-        return segment_as_auto(image, spec, predict, ProgressReporter(), device, localisers)[1].label.array
+        return segment_as_auto(image, spec, predict, ProgressReporter(), device, localisers,
+                               scout_predict)[1].label.array
     except RegionError as exc:
         reporter.log(f"{case_id}: no plausible atrium found ({exc.reason}); scored as an empty segmentation")
         return np.zeros(image.shape, np.uint8)

@@ -24,6 +24,7 @@ from .common import (
     add_tta_flag,
     inference_spec,
     load_catalog_model,
+    region_settler,
     reporter_for,
     tta_choice,
 )
@@ -80,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
                                      None if chosen.source == "whole" else chosen.box, reporter)
 
     if region.source == "auto":
-        scout_in = (lambda chosen: segment_in(chosen, scout=True)) if network is not plain else None
+        scout_in = region_scout(card, lambda net, net_spec, chosen: predict_with_fallback(
+            net, net_spec, image, args, None if chosen.source == "whole" else chosen.box, reporter), reporter)
+        if scout_in is None and network is not plain:
+            scout_in = lambda chosen: segment_in(chosen, scout=True)  # noqa: E731
         region, (prediction, device, fell_back) = segment_automatic(region, image, segment_in, reporter, scout_in)
     else:
         prediction, device, fell_back = segment_in(region)
@@ -220,11 +224,12 @@ def auto_region(image, spec, reporter: ProgressReporter, localiser_id: Optional[
 
 
 def segment_as_auto(image, spec, predict, reporter: ProgressReporter, device: str = "auto",
-                    localisers: Optional[Dict[str, Tuple[Localiser, str]]] = None):
+                    localisers: Optional[Dict[str, Tuple[Localiser, str]]] = None, scout_predict=None):
     """(region, prediction) of one network as `segment --region auto` gives them: `predict(box or None)` is
-    the network's prediction in a voxel box of `image` (None: the whole image). How a fine-tune's guard rail
-    scores a held-out whole scan, so that it judges the label the user will get. RegionError when no
-    plausible atrium is found."""
+    the network's prediction in a voxel box of `image` (None: the whole image); `scout_predict`, when given,
+    the first pass that settles the region (a site fine-tune's `region_settler`, as `segment` runs it). How a
+    fine-tune's guard rail scores a held-out whole scan, so that it judges the label the user will get.
+    RegionError when no plausible atrium is found."""
     region = auto_region(image, spec, reporter, None, device, localisers)
     if region.source != "auto":
         return region, predict(None)
@@ -232,8 +237,22 @@ def segment_as_auto(image, spec, predict, reporter: ProgressReporter, device: st
     def segment_in(chosen: Region):
         return (predict(chosen.box),)
 
-    region, (prediction,) = segment_automatic(region, image, segment_in, reporter)
+    scout_in = (lambda chosen: (scout_predict(chosen.box),)) if scout_predict is not None else None
+    region, (prediction,) = segment_automatic(region, image, segment_in, reporter, scout_in)
     return region, prediction
+
+
+def region_scout(card, predict_with, reporter: ProgressReporter):
+    """The first pass that settles a site fine-tune's automatic region: the one-pass prediction of the model
+    `common.region_settler` names, as `scout_in` of `segment_automatic`; None for a model that settles its
+    own. `predict_with(network, spec, region)` runs a network in a region."""
+    settler = region_settler(card)
+    if settler is None:
+        return None
+    network, settler_card, settler_id = settler
+    settler_spec = inference_spec(settler_card)
+    reporter.log(f"region: settled on the first pass of {settler_id}, the model this one was fine-tuned from")
+    return lambda chosen: predict_with(network, settler_spec, chosen)
 
 
 def segment_automatic(region: Region, image, segment_in, reporter: ProgressReporter, scout_in=None):

@@ -1,0 +1,121 @@
+"""A site fine-tune's automatic region is settled on the first pass of its nearest ancestor that was trained on
+regions (`common.region_settler`): a fine-tune learns a few scans cut in one region each and settles regions
+worse than its parent (docs/results.md). The walk follows installed parents whose weights are the ones
+recorded."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from cli_helpers import save_tiny_model
+
+ON_REGIONS = {"wide_fov_prob": 0.5, "labelled_cuts": 1}  # trained on whole-scan canvases
+ONE_CUT = {"wide_fov_prob": 0.0, "labelled_cuts": 1}  # a site fine-tune: each scan cut once
+
+
+def model(model_id: str, seed: int, config: dict, parent_folder=None, parent_sha256=None):
+    """A tiny model folder trained (so its card says) with `config`, recording `parent_folder`'s model as its
+    parent (with that model's weight fingerprint unless `parent_sha256` is given)."""
+    from semiseg_la.checkpoints import ModelCard, load_model_weights, save_model
+    from semiseg_la.checkpoints.card import weights_fingerprint
+
+    folder = save_tiny_model(model_id, seed=seed)
+    state, card = load_model_weights(folder)
+    card.training = {"config": dict(config)}
+    if parent_folder is not None:
+        parent = ModelCard.load(parent_folder)
+        card.lineage = {"parent": parent.id, "parent_sha256": parent_sha256 or weights_fingerprint(parent)}
+    for item in folder.iterdir():
+        item.unlink()
+    save_model(folder, state, card)
+    return folder
+
+
+def settler_id(folder):
+    from semiseg_la.checkpoints import ModelCard
+    from semiseg_la.cli.common import region_settler
+
+    found = region_settler(ModelCard.load(folder))
+    return None if found is None else found[2]
+
+
+def test_a_site_fine_tune_hands_the_settling_to_its_nearest_ancestor_trained_on_regions():
+    first = model("first-v0.1.0", 0, ONE_CUT)
+    default = model("default-v0.1.0", 1, ON_REGIONS, first)
+    child = model("child-v0.1.0", 2, ONE_CUT, default)
+    grandchild = model("grandchild-v0.1.0", 3, ONE_CUT, child)
+    assert settler_id(child) == "default-v0.1.0" and settler_id(grandchild) == "default-v0.1.0"
+    assert settler_id(default) is None  # trained on regions: settles its own (not its ancestors')
+    assert settler_id(first) is None  # nothing above it
+    several_cuts = model("cuts-v0.1.0", 4, {"wide_fov_prob": 0.0, "labelled_cuts": 4}, default)
+    assert settler_id(several_cuts) is None
+
+
+def test_the_walk_stops_at_a_missing_or_replaced_parent():
+    from semiseg_la.checkpoints import ModelCard
+    from semiseg_la.cli.common import region_settler
+
+    default = model("default-v0.1.0", 1, ON_REGIONS)
+    replaced = model("child-v0.1.0", 2, ONE_CUT, default, parent_sha256="0" * 64)  # not these weights
+    grandchild = model("grandchild-v0.1.0", 3, ONE_CUT, replaced)
+    assert settler_id(replaced) is None and settler_id(grandchild) is None
+    orphan = ModelCard.load(model("orphan-v0.1.0", 4, ONE_CUT, default))
+    orphan.lineage = {"parent": "removed-v0.1.0", "parent_sha256": None}
+    assert region_settler(orphan) is None
+
+
+def test_a_scout_pass_settles_the_region_the_guard_rail_scores_in(monkeypatch):
+    """`segment_as_auto` (the guard rail's `segment --region auto`) with a scout: the first pass is the scout's,
+    the label written is the network's own pass on the region the scout settled."""
+    from semiseg_la.cli.segment import segment_as_auto
+    from semiseg_la.inference.localise import Region
+    from semiseg_la.io.volume import Volume
+    from semiseg_la.progress import ProgressReporter
+
+    image = Volume(np.zeros((320, 300, 40), np.float32), (0.625, 0.625, 1.25))
+    atrium = np.zeros(image.shape, np.uint8)
+    atrium[100:180, 90:170, 10:30] = 1
+    calls = []
+
+    def network(kind):
+        def predict(box):
+            calls.append((kind, tuple(box)))
+            out = np.zeros(image.shape, np.uint8)
+            window = tuple(slice(a, b) for a, b in zip(box[:3], box[3:]))
+            out[window] = atrium[window]
+            return SimpleNamespace(label=image.with_array(out))
+        return predict
+
+    class Localiser:
+        def find(self, image, min_size_mm=None):
+            return Region((60, 50, 0), (220, 210, 40), "auto", found_volume_ml=60.0)
+
+    monkeypatch.setattr("semiseg_la.checkpoints.catalog.default_localiser_id", lambda: "loc")
+    spec = SimpleNamespace(patch_size=(112, 112, 80), spacing=(0.625, 0.625, 0.625))
+    region, prediction = segment_as_auto(image, spec, network("child"), ProgressReporter(), "cpu",
+                                         {"loc": (Localiser(), "loc")}, scout_predict=network("root"))
+    assert [kind for kind, _ in calls] == ["root", "child"]
+    assert list(calls[1][1]) == list(region.box) and prediction.label.array.sum() == atrium.sum()
+
+
+def test_segment_says_which_model_settles_a_fine_tuned_models_region(tmp_path):
+    """`segment --region auto` on a whole scan with a site fine-tune: its parent's first pass settles the region,
+    and the log says so; the parent, trained on regions, settles its own."""
+    from cli_helpers import json_lines, run_cli, write_case
+    from test_localise import _blank_localiser
+
+    localiser = _blank_localiser()  # finds nothing: the fine model searches the whole scan
+    root = model("root-v0.1.0", 0, ON_REGIONS)
+    child = model("child-v0.1.0", 1, ONE_CUT, root)
+    src = tmp_path / "scan.nrrd"
+    write_case(src, shape=(320, 300, 40), spacing=(0.625, 0.625, 1.25))
+    for folder, says in ((child, True), (root, False)):
+        proc = run_cli(["segment", str(src), "-o", str(tmp_path / "seg.nrrd"), "--model", str(folder),
+                        "--localiser", localiser, "--tta", "none", "--progress", "json"])
+        messages = [r.get("message", "") for r in json_lines(proc.stdout)]
+        settled = [m for m in messages if "settled on the first pass of" in m]
+        assert bool(settled) == says, (proc.returncode, messages[-3:])
+        if says:
+            assert "root-v0.1.0, the model this one was fine-tuned from" in settled[0]
