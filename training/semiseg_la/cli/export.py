@@ -237,10 +237,11 @@ def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord]
 
 def _as_segment_gives(image, spec, predict, device: str, localisers: Dict[str, Any], case_id: str,
                       reporter: ProgressReporter, scout_predict=None):
-    """The label `segment --region auto` gives (localiser, then the region settled around the network's own
-    first pass): the held-out figures judge what the user will get, in the region this network finds, not in
-    one drawn from the reference label (on a shifted site the two differed by up to 17 Dice points a case,
-    docs/results.md). No plausible atrium found: an empty label, as the user gets none."""
+    """The label `segment --region auto` gives (localiser, then the region settled around the first pass of the
+    network, or of `scout_predict`'s network for a site fine-tune): the held-out figures judge what the user
+    will get, in the region `segment` finds, not in one drawn from the reference label (on a shifted site the
+    two differed by up to 17 Dice points a case, docs/results.md). No plausible atrium found: an empty label,
+    as the user gets none."""
     from .segment import segment_as_auto
 
     try:
