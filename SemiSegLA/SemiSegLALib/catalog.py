@@ -6,7 +6,7 @@ reads what the core reports and never edits model files itself.
 """
 
 import json
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 SOURCES_ORDER = {"bundled": 0, "site": 1, "local": 2}
 DEFAULT_METHOD_PRESETS = ("supervised", "mean_teacher")
@@ -70,13 +70,18 @@ def diceText(entry: ModelEntry) -> str:
     return f"{entry.diceKind} Dice {entry.dice:.3f}"
 
 
+def _guardFigures(guard: Dict[str, Any], parentId: str) -> Tuple[str, str]:
+    """(" (Dice child vs parent)" or "", the parent's id) from the core's check."""
+    child, parent = _float_or_none(guard.get("child_dice")), _float_or_none(guard.get("parent_dice"))
+    figures = f" (Dice {child:.3f} vs {parent:.3f})" if child is not None and parent is not None else ""
+    return figures, str(guard.get("parent") or parentId)
+
+
 def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
     """The message when the core's parent/child check found the fine-tuned model worse, else None."""
     if not isinstance(guard, dict) or guard.get("verdict") != "worse":
         return None
-    child, parent = _float_or_none(guard.get("child_dice")), _float_or_none(guard.get("parent_dice"))
-    figures = f" (Dice {child:.3f} vs {parent:.3f})" if child is not None and parent is not None else ""
-    parentId = str(guard.get("parent") or parentId)
+    figures, parentId = _guardFigures(guard, parentId)
     count = guard.get("held_out_cases")
     cases = f"{count} held-out cases" if isinstance(count, int) and count > 1 else "held-out case"
     return (f"The fine-tuned model is worse than its parent {parentId} on your {cases}{figures}, so "
@@ -92,9 +97,7 @@ def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
         return None
     if guard.get("held_out_cases", 1) != 1:
         return None
-    child, parent = _float_or_none(guard.get("child_dice")), _float_or_none(guard.get("parent_dice"))
-    figures = f" (Dice {child:.3f} vs {parent:.3f})" if child is not None and parent is not None else ""
-    parentId = str(guard.get("parent") or parentId)
+    figures, parentId = _guardFigures(guard, parentId)
     return (f"It is better than its parent {parentId} on your one held-out case{figures}. One case is little "
             f"evidence: before relying on it, compare it with {parentId} on a scan you did not annotate "
             "(Revert to base selects the parent again).")

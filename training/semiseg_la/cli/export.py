@@ -24,7 +24,7 @@ from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import evaluate_case, summarize
 from ..progress import ProgressReporter
-from .common import card_get, inference_spec, region_settler, trained_on_regions, trains_on_regions
+from .common import ancestor_trained_on_regions, card_get, inference_spec, region_settler, trains_on_regions
 
 #: with this many labelled cases or more, a fine-tune holds some out to compare the child with its parent
 HOLDOUT_FROM = 3
@@ -62,7 +62,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
                if parent_card else None)
     channel = getattr(exported, "exported_channel", None)  # multi-modal training, one-modality model
     if validation_records:
-        scout = _child_scout(config, parent_card, parent_folder)
+        scout = _child_scout(config, parent_card)
         validation = evaluate_records(network, config, validation_records, reporter, channel, scout=scout)
     else:  # e.g. a site fine-tune on 2-3 cases: a figure, labelled for what it is (fit, not generalisation)
         validation = evaluate_records(network, config, split.labeled[:8], reporter, channel)
@@ -106,19 +106,14 @@ def blend_with_parent(network: torch.nn.Module, parent_card, share: float, repor
     return float(share)
 
 
-def _child_scout(config: TrainConfig, parent_card, parent_folder: Optional[Path]):
+def _child_scout(config: TrainConfig, parent_card):
     """(network, card) whose first pass settles the fine-tuned child's region on held-out whole scans, as
-    `segment` will settle it (`common.region_settler`): the parent when it was trained on regions, else the
-    parent's settler; None when the child settles its own (trained on regions itself, no parent, or nothing
-    cut from whole scans)."""
+    `segment` will settle it (`common.region_settler`, walking up from the parent the child records); None
+    when the child settles its own (trained on regions itself, no parent, or nothing cut from whole scans)."""
     if parent_card is None or not config.cut_whole_scans or trains_on_regions(config):
         return None
-    if trained_on_regions(parent_card):
-        from ..checkpoints import load_network
-
-        network, card = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
-        return network.eval(), card
-    settler = region_settler(parent_card)
+    settler = ancestor_trained_on_regions(card_get(parent_card, "id"),
+                                          weights_fingerprint(ModelCard.coerce(parent_card)))
     return (settler[0].eval(), settler[1]) if settler is not None else None
 
 
