@@ -1317,24 +1317,39 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
     first bundled model. Without the core installed the model steps are skipped with a message.
     """
 
+    STEPS = ("test_geometry_round_trip", "test_transformed_volume_and_no_stray_nodes",
+             "test_scene_close_forgets_case_choices", "test_region_box_to_voxels", "test_segment_and_finetune",
+             "test_segment_in_a_box")
+
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
+        self._scratchFolders: List[str] = []
+
+    def tearDown(self) -> None:
+        """A step's files go with it, passed or not: the self-test runs on the user's own machine."""
+        import shutil
+
+        for folder in self._scratchFolders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._scratchFolders = []
 
     def runTest(self) -> None:
-        self.setUp()
-        self.test_geometry_round_trip()
-        self.setUp()
-        self.test_transformed_volume_and_no_stray_nodes()
-        self.setUp()
-        self.test_scene_close_forgets_case_choices()
-        self.setUp()
-        self.test_region_box_to_voxels()
-        self.setUp()
-        self.test_segment_and_finetune()
-        self.setUp()
-        self.test_segment_in_a_box()
+        for step in self.STEPS:
+            self.setUp()
+            try:
+                getattr(self, step)()
+            finally:
+                self.tearDown()
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def _scratchPath(self, name: str) -> str:
+        """A path in a new temporary folder that `tearDown` removes."""
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="ssla_test_")
+        self._scratchFolders.append(folder)
+        return os.path.join(folder, name)
+
     def _syntheticVolume(self, name: str, seed: int = 0):
         import numpy as np
 
@@ -1372,14 +1387,11 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
 
     # -- tests --------------------------------------------------------------------------------------------
     def test_geometry_round_trip(self) -> None:
-        import tempfile
-
         import numpy as np
 
         self.delayDisplay("Geometry round trip through an uncompressed NRRD")
         volume = self._syntheticVolume("roundtrip")
-        folder = tempfile.mkdtemp(prefix="ssla_test_")
-        path = os.path.join(folder, "volume.nrrd")
+        path = self._scratchPath("volume.nrrd")
         nodes.writeVolumeNode(volume, path)
         grid = geometry.gridFromNrrd(path)  # LPS
         expected = self._ijkToRas(volume)
@@ -1392,8 +1404,6 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         self.delayDisplay("Geometry round trip passed")
 
     def test_transformed_volume_and_no_stray_nodes(self) -> None:
-        import tempfile
-
         import numpy as np
         import vtk
 
@@ -1412,7 +1422,7 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         volume.GetIJKToRASMatrix(ijkToRas)
         labelNode = slicer.util.addVolumeFromArray(mask.astype("uint8"), ijkToRAS=ijkToRas, name="core output",
                                                    nodeClassName="vtkMRMLLabelMapVolumeNode")
-        path = os.path.join(tempfile.mkdtemp(prefix="ssla_test_"), "label.nrrd")
+        path = self._scratchPath("label.nrrd")
         nodes.writeVolumeNode(labelNode, path)
         nodes.removeNodeAndHelpers(labelNode)
         before = self._helperCounts()
@@ -1484,8 +1494,6 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         return [extent[0], extent[2], extent[4], extent[1] + 1, extent[3] + 1, extent[5] + 1]
 
     def test_region_box_to_voxels(self) -> None:
-        import tempfile
-
         self.delayDisplay("A region box under its own transform becomes a voxel box of the written file")
         logic = SemiSegLALogic(dependencyManager=DependencyManager(moduleDir=MODULE_DIR, slicerUtil=slicer.util))
         volume = self._syntheticVolume("boxed")
@@ -1493,7 +1501,7 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         roi = logic.createRegionBox(volume)
         self.assertEqual(roi.GetTransformNodeID(), volume.GetTransformNodeID())
         self.assertEqual(roi.GetName(), "boxed box")
-        path = os.path.join(tempfile.mkdtemp(prefix="ssla_test_"), "input.nrrd")
+        path = self._scratchPath("input.nrrd")
         nodes.writeVolumeNode(volume, path)
         # the synthetic volume (34 x 32 x 60 mm) is smaller than a typical atrium box: the box is all of it
         self.assertEqual(nodes.voxelBoxOfRoi(roi, volume, path), [0, 0, 0, 48, 40, 24])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,6 +42,18 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("semiseg_home")
     monkeypatch.setenv("SEMISEG_LA_HOME", str(home))
     yield
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Path:
+    """A folder for one test module's shared fixtures, removed when the module is done.
+
+    The suite writes hundreds of 30 MB checkpoints; kept to the end (pytest's default) they took 15 GB, more
+    than CI's disk had free. Per-test folders go the same way (`tmp_path_retention_policy` in pytest.ini)."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def sphere_volume(shape=(48, 40, 32), center=None, radius=9.0, noise=0.1, seed=0):

@@ -50,8 +50,8 @@ def train_args(data, unl, out, method, iterations=4, validate_every=2):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    data = tmp_path_factory.mktemp("ddp") / "Dataset001_Tiny"
+def dataset(module_tmp):
+    data = module_tmp / "Dataset001_Tiny"
     unl = nnunet_dataset(data, n_labeled=3, n_unlabeled=2)
     return data, unl
 

@@ -18,8 +18,8 @@ SCRIPT = REPO / "scripts" / "gpu_run.sh"
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gpu_run")
+def dry_run(module_tmp):
+    base = module_tmp
     out, pack, work = base / "out", base / "pack", base / "work"
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(SCRIPT), str(out), "--dry-run", "--pack", str(pack), "--work", str(work)],

@@ -37,9 +37,9 @@ def test_encoding_round_trip_keeps_every_bit():
 
 
 @pytest.fixture(scope="module")
-def real_cache(la_root, tmp_path_factory):
+def real_cache(la_root, module_tmp):
     ids = read_case_list(la_root / "train.list")[-3:]
-    folder = tmp_path_factory.mktemp("cache") / "la"
+    folder = module_tmp / "la"
     la_cache.build_from_h5(la_root, folder, part_bytes=2 * 2**20, cases=ids)
     return folder, ids
 

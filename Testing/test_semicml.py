@@ -188,9 +188,9 @@ def _assert_phase_one_loss_falls(losses, window=5):
 
 
 @pytest.fixture(scope="module")
-def multimodal_run(tmp_path_factory):
+def multimodal_run(module_tmp):
     """24 iterations on synthetic two-contrast cases: 18 of mutual learning, then PReL."""
-    tmp = tmp_path_factory.mktemp("semicml_mm")
+    tmp = module_tmp
     root = write_two_channel_nnunet(tmp / "data", 6, shape=(48, 48, 32), seed=0, n_unlabeled=2)
     records = open_multimodal_dataset(root)
     labeled = prepare_multimodal_cases(records[:4], (1.0, 1.0, 1.0), True)

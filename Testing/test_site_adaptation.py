@@ -25,14 +25,14 @@ PARENT_ID = "spheres-parent-v0.1.0"
 
 
 @pytest.fixture(scope="module")
-def parent_models(tmp_path_factory) -> Path:
+def parent_models(module_tmp) -> Path:
     """A site model folder holding a V-Net trained (in-process, 30 iterations) to segment bright spheres."""
     from semiseg_la.checkpoints import ModelCard, save_model
     from semiseg_la.checkpoints.card import default_classes, default_inference
     from semiseg_la.engine.config import build_config
     from semiseg_la.engine.loop import train
 
-    root = tmp_path_factory.mktemp("site_models")
+    root = module_tmp
     config = build_config({"method": "supervised", "data": "synthetic", "patch_size": PATCH,
                            "spacing": [1.0, 1.0, 1.0], "max_iterations": 30, "batch_size": 2, "labeled_bs": 2,
                            "base_lr": 0.05, "lr_policy": "constant", "validate_every": 0, "checkpoint_every": 1000,

@@ -397,6 +397,10 @@ def test_self_test_steps_run_against_the_stand_in(fake, module, name):
     case = module.SemiSegLATest(name)
     case.setUp()
     getattr(case, name)()
+    folders = list(case._scratchFolders)
+    case.tearDown()
+    assert bool(folders) == (name != "test_scene_close_forgets_case_choices")  # the two that write a file
+    assert not any(os.path.exists(folder) for folder in folders)  # and leave nothing in the user's temp
 
 
 def test_cancel_is_live_while_the_fine_tuning_dataset_is_written():
