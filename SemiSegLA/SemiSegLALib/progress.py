@@ -6,7 +6,8 @@ The core (``semiseg-la ... --progress json``) writes one JSON object per line on
   "total": n, "eta_s": float|null, "message": str?, ...}``: progress of one stage;
 * ``{"stage": "log", "message": str}``: a message for the user (e.g. the CUDA out-of-memory fallback);
 * ``{"stage": "done", ...}``: the final result record;
-* ``{"stage": "error", "message": one line, "kind": "input"|"checkpoint"|"oom"|"config"|"internal"}``.
+* ``{"stage": "error", "message": one line, "kind": "input"|"checkpoint"|"oom"|"config"|"region"|"storage"|
+  "cancelled"|"internal"}``.
 
 Any other line (warnings, tracebacks) is plain log text. This module never parses tqdm output.
 """

@@ -31,6 +31,13 @@ class ConfigError(SemiSegError):
     exit_code = 4
 
 
+class StorageError(SemiSegError):
+    """An output could not be written because its disk is full; what was there before is kept."""
+
+    kind = "storage"
+    exit_code = 6
+
+
 class RegionError(SemiSegError):
     """No left atrium found where one was looked for (or an implausible one): the user must give a region.
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..errors import StorageError
 from ..io.atomic import atomic_write_text
 from ..methods import Batch, Method, build_method
 from ..progress import ProgressReporter
@@ -225,7 +226,11 @@ class Trainer:
         if state is None:
             state = self.state()
         if self.ctx.is_main:
-            save_state(self.ckpt_dir / name, state)
+            try:
+                save_state(self.ckpt_dir / name, state)
+            except StorageError as exc:
+                resume = " (with --resume it continues from the last checkpoint)" if name == "last.pt" else ""
+                raise StorageError(f"{exc}{resume}") from exc
 
     # -- schedule and batches ----------------------------------------------------------------------
     def learning_rate(self, iteration: int) -> float:

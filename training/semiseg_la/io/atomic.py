@@ -7,11 +7,19 @@ interrupted run leaves the previous file intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from ..errors import StorageError
+
+# Free space below this after a failed write means the disk filled: torch.save reports a full disk as
+# "iostream error" / "unexpected pos", without the errno, so the space left is what tells.
+FULL_DISK_BYTES = 64 * 2**20
 
 
 @contextlib.contextmanager
@@ -32,9 +40,25 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except (OSError, RuntimeError) as exc:
+        _raise_if_disk_full(exc, target)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _raise_if_disk_full(exc: BaseException, target: Path) -> None:
+    """A write that failed on a full disk becomes one line that says so (and that `target` is unchanged)."""
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        return
+    if getattr(exc, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= FULL_DISK_BYTES:
+        return
+    kept = "the previous file is kept" if target.exists() else "nothing was written"
+    raise StorageError(f"{target}: could not be written, the disk is full ({free / 2**20:.0f} MiB free in "
+                       f"{target.parent}); {kept}. Free some space and run the command again") from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
