@@ -88,3 +88,20 @@ def test_a_run_whose_disk_fills_stops_with_its_last_checkpoint_and_resumes_once_
     assert [p.name for p in last.parent.iterdir()] == ["last.pt"]
     result = train(config, cases, [], resume=True)
     assert load_state(last)["iteration"] == 6 and result is not None
+
+
+def test_a_run_that_could_not_write_its_first_checkpoint_does_not_start(tmp_path, monkeypatch):
+    from semiseg_la.engine import loop
+    from semiseg_la.engine.config import build_config
+
+    config = build_config({"method": "mean_teacher", "data": "synthetic", "patch_size": [32, 32, 32],
+                           "spacing": [1.0, 1.0, 1.0], "max_iterations": 4, "batch_size": 2, "labeled_bs": 1,
+                           "validate_every": 0, "device": "cpu", "output": str(tmp_path / "run")})
+    trainer = loop.Trainer(config, synthetic_cases(2, labeled=True), synthetic_cases(2, labeled=False))
+    networks = sum(t.numel() * t.element_size() for t in trainer.method.inference_network().state_dict().values())
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 4 * networks))
+    steps = []
+    monkeypatch.setattr(trainer, "train_step", lambda: steps.append(1))
+    with pytest.raises(StorageError, match=r"run: \d+ MiB free on its disk, and this run needs about \d+ MiB"):
+        trainer.run()
+    assert not steps and not (tmp_path / "run" / "checkpoints").exists()

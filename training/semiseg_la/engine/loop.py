@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +54,9 @@ from .distributed import (
 )
 from .precision import amp_dtype, grad_scaler
 from .state import load_state, rng_state, save_state, set_rng_state
+
+#: Room left beyond the run's own files (logs, the exported model's card, the rest of the system).
+FREE_SPACE_MARGIN = 64 * 2**20
 
 #: validate(network, channel=None) -> {"dice": mean, ...}; injected by the caller (inference sits above
 #: the engine); `channel` picks the input modality of multi-channel cases
@@ -221,6 +225,21 @@ class Trainer:
                 _drop_rows_after(self.run_dir / name, self.iteration)
         self.reporter.log(f"resumed from {self.ckpt_dir / 'last.pt'} at iteration {self.iteration}")
 
+    def _check_free_space(self) -> None:
+        """Refuse to start where the first checkpoint could not be written: a full disk found now costs the user
+        nothing, found at the first save it costs the iterations before it. Under torchrun the main rank raises
+        and the others stop at the first collective, as for any error on one rank."""
+        networks = sum(t.numel() * t.element_size() for module in self.method.modules().values()
+                       for t in module.state_dict().values())
+        trainable = sum(p.numel() * p.element_size() for p in self.method.parameters() if p.requires_grad)
+        checkpoint = networks + 2 * trainable  # `last.pt`: the networks and at most two optimiser moments
+        need = 2 * checkpoint + 2 * networks + FREE_SPACE_MARGIN  # old and new during a replace; best.pt; model
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise StorageError(f"{self.run_dir}: {free / 2**20:.0f} MiB free on its disk, and this run needs about "
+                               f"{need / 2**20:.0f} MiB for its checkpoints and model; free some space or write the "
+                               "run to another folder (--output)")
+
     def _save_checkpoint(self, name: str, state: Optional[Dict[str, Any]] = None) -> None:
         """`last.pt` (state None) is collective under torchrun: every rank calls this at the same iteration."""
         if state is None:
@@ -313,6 +332,8 @@ class Trainer:
             self.resume()
         elif self.ctx.is_main:
             self._write_run_files()
+        if self.ctx.is_main:
+            self._check_free_space()
         c = self.config
         self.reporter.start("train", c.max_iterations, f"{c.method} on {self.device}")
         self.reporter.update(self.iteration)
