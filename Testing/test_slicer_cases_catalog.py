@@ -90,7 +90,13 @@ def test_excluded_rows_and_validation_messages():
     errors, warnings = validateCases(rows, "mean_teacher")
     assert errors == [] and any("will learn from the labelled cases only" in w for w in warnings)
     errors, warnings = validateCases(rows, "supervised")
-    assert errors == [] and any("Only one labelled case" in w for w in warnings)
+    assert errors == [] and any("Only 1 labelled case: the fine-tuned model cannot be checked" in w
+                                for w in warnings)
+    labelled = [vol(i) for i in range(1, 5)]
+    for n, warned in ((2, True), (3, False), (4, False)):
+        rows = buildCaseTable(labelled[:n], [seg(i, v.id, "Left atrium") for i, v in enumerate(labelled[:n], 1)])
+        _, warnings = validateCases(rows, "mean_teacher")
+        assert any(f"Only {n} labelled cases" in w and "Annotate at least 3" in w for w in warnings) == warned
     nothing = buildCaseTable(volumes, [])
     errors, _ = validateCases(nothing, "supervised")
     assert errors and "at least one labelled case" in errors[0] and "Segment Editor" in errors[0]
@@ -244,7 +250,7 @@ def test_guard_warning_only_for_a_worse_child():
     assert "on your 3 held-out cases (Dice 0.700 vs 0.800)" in three
 
 
-def test_a_child_better_on_one_held_out_case_is_called_little_evidence():
+def test_a_child_better_on_one_held_out_case_or_unchecked_is_called_little_evidence():
     """One held-out whole scan called the child better in 7 of 7 benchmark runs where it was worse on 8
     others: the panel says how much a single case says, and only then."""
     one = {"verdict": "better or equal", "parent": "base-v1", "parent_dice": 0.85, "child_dice": 0.88,
@@ -254,5 +260,6 @@ def test_a_child_better_on_one_held_out_case_is_called_little_evidence():
     assert "little evidence" in text and "scan you did not annotate" in text and "Revert to base" in text
     assert guardNote({**one, "held_out_cases": 3}, "x") is None
     assert guardNote({**one, "verdict": "worse"}, "x") is None
-    assert guardNote({"verdict": "unchecked: fewer than 3 labelled cases", "held_out_cases": 0}, "x") is None
+    unchecked = guardNote({"verdict": "unchecked: fewer than 3 labelled cases", "held_out_cases": 0}, "base-v1")
+    assert "not checked against its parent base-v1" in unchecked and "Revert to base" in unchecked
     assert guardNote(None, "x") is None

@@ -431,6 +431,17 @@ def test_finetune_better_on_one_held_out_case_says_how_little_that_is(fake, make
     assert notes[0] in job.summary()
 
 
+def test_finetune_on_one_labelled_case_says_it_was_not_checked(fake, make_logic):
+    """One labelled case: nothing is held out, the core's verdict is "unchecked", and the notices say so."""
+    labelled_scene(fake)
+    logic = make_logic()
+    logic.refreshModels()
+    job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    notes = [n for n in job.notices if "not checked against its parent" in n]
+    assert notes and "fewer than 3 labelled cases" in notes[0] and notes[0] in job.summary()
+
+
 def test_finetune_worse_than_its_parent_is_reported_and_not_adopted(fake, make_logic):
     """The core's parent/child check on a held-out case says the child is worse: the job says so in one
     notice naming both figures, and the widget keeps the parent selected (SemiSegLAWidget.onJobFinished)."""

@@ -90,17 +90,23 @@ def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str
 
 
 def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
-    """When the fine-tuned model beat its parent on a single held-out case: how little that says. In the
+    """When the fine-tuned model was not checked against its parent (fewer than 3 labelled cases), or beat it
+    on a single held-out case: how little that says. In the
     fine-tune benchmark at a simulated scanner one held-out whole scan called the child better in 7 of 7 runs
     where it was 1-4 Dice points worse on 8 other whole scans (docs/results.md)."""
-    if not isinstance(guard, dict) or not str(guard.get("verdict", "")).startswith("better"):
+    if not isinstance(guard, dict):
         return None
-    if guard.get("held_out_cases", 1) != 1:
-        return None
+    verdict = str(guard.get("verdict", ""))
     figures, parentId = _guardFigures(guard, parentId)
+    compare = (f"compare it with {parentId} on a scan you did not annotate (Revert to base selects the parent "
+               "again).")
+    if verdict.startswith("unchecked"):
+        return (f"It was not checked against its parent {parentId}: with fewer than 3 labelled cases none is held "
+                f"out. Before relying on it, {compare}")
+    if not verdict.startswith("better") or guard.get("held_out_cases", 1) != 1:
+        return None
     return (f"It is better than its parent {parentId} on your one held-out case{figures}. One case is little "
-            f"evidence: before relying on it, compare it with {parentId} on a scan you did not annotate "
-            "(Revert to base selects the parent again).")
+            f"evidence: before relying on it, {compare}")
 
 
 def methodLabel(method: str) -> str:
