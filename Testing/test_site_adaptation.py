@@ -486,3 +486,31 @@ def test_a_parent_given_as_a_folder_outside_the_catalog_is_blended_and_checked_f
     finetune = card["finetune"]
     assert finetune["parent"] == PARENT_ID and finetune["parent_blend"] == 0.5
     assert finetune["site_holdout"]["parent_dice"] >= 0 and finetune["held_out_cases"] == 1
+
+
+def test_a_localiser_is_fine_tuned_at_its_own_width_and_stays_a_localiser(tmp_path):
+    """A localiser (a V-Net 8 channels wide, role localiser) fine-tuned on a site's whole scans: the child keeps
+    the width and the role, so `segment --localiser` can use it; a method that builds a 16-wide network is
+    refused with the methods that can, instead of a size-mismatch traceback."""
+    from semiseg_la.checkpoints import ModelCard, load_network, save_model
+    from semiseg_la.checkpoints.card import default_classes, default_inference
+    from semiseg_la.models.vnet import VNet
+
+    torch.manual_seed(0)
+    network = VNet(in_channels=1, n_classes=2, base=8, has_dropout=False)
+    card = ModelCard(id="site-finder-v0.1.0", name="site-finder", version="0.1.0", method="supervised",
+                     architecture={"name": "vnet", "config": network.config},
+                     inference=default_inference([16, 16, 16], (2.0, 2.0, 2.0)), classes=default_classes(),
+                     validation={"split": "none", "dice": 0.5}, extra={"role": "localiser"})
+    parent = tmp_path / "site-finder-v0.1.0"
+    save_model(parent, network.state_dict(), card)
+    site, _ = write_whole_site(tmp_path)
+    env = {"SEMISEG_LA_HOME": str(tmp_path / "home")}
+    common = ["--from", str(parent), "--data", str(site), "--iterations", "2", "--device", "cpu", "--progress", "none"]
+    done = run_cli(["finetune", *common, "--method", "supervised", "--output", str(tmp_path / "ft"),
+                    "--name", "site-finder-b"], env_extra=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child, child_card = load_network(tmp_path / "home" / "models" / "site-finder-b-v0.1.0")
+    assert child.config["base"] == 8 and child_card.extra.get("role") == "localiser"
+    refused = run_cli(["finetune", *common, "--method", "caml", "--output", str(tmp_path / "caml")], env_extra=env)
+    assert refused.returncode == 4 and "8 channels wide" in refused.stderr and "Traceback" not in refused.stderr

@@ -374,6 +374,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if "patch_size" in (base.get("method_params") or {}):  # CRLN's DIM grid follows the parent's patch
         base["method_params"]["patch_size"] = list(info["patch_size"])
     _keep_parent_adapter(base, arch, card)
+    _keep_parent_width(base, arch, card)
+    base["role"] = str((card_get(card, "extra") or {}).get("role") or card_get(card, "role") or "segmenter")
     if args.data and (args.labeled_num is None or args.val_num is None) and "labeled_num" not in base:
         labeled_num, val_num = _site_split(args)  # a site's folder; a training preset keeps its own split
         base["val_num"] = val_num
@@ -385,6 +387,18 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 #: the methods whose network can carry a site adapter (models/adapter.py)
 ADAPTER_METHODS = ("site_adapter", "supervised", "mean_teacher")
+
+
+def _keep_parent_width(base: Dict[str, Any], arch: Dict[str, Any], card) -> None:
+    """A parent narrower or wider than the V-Net's default 16 channels (the localiser has 8) is fine-tuned at
+    its own width by the methods that train one V-Net; the others build theirs at 16 and could not load it."""
+    width = int(arch.get("base", 16))
+    if width == 16:
+        return
+    if base.get("method") not in ADAPTER_METHODS:
+        raise ConfigError(f"{card_get(card, 'id')} is a V-Net {width} channels wide: fine-tune it with --method "
+                          f"{' | '.join(ADAPTER_METHODS)}")
+    base.setdefault("method_params", {})["base"] = width
 
 
 def _keep_parent_adapter(base: Dict[str, Any], arch: Dict[str, Any], card) -> None:

@@ -49,7 +49,7 @@ class MeanTeacher(Method):
     networks = ("student", "teacher")
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
-        check_param_names(self.name, params, (*DEFAULTS, "dropout", "input_adapter"))
+        check_param_names(self.name, params, (*DEFAULTS, "base", "dropout", "input_adapter"))
         super().__init__({**DEFAULTS, **params}, max_iterations)
         fraction = self.params["rampup_fraction"]
         # (length, unit): a fraction of the run (a budget-fitted fine-tune) or the LA family's units
@@ -67,7 +67,7 @@ class MeanTeacher(Method):
         if self.params["export"] not in EXPORTS:
             raise ConfigError(f"mean_teacher export must be one of {', '.join(EXPORTS)}, got {self.params['export']!r}")
         self.student = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
-                            has_dropout=bool(self.params.get("dropout", True)),
+                            has_dropout=bool(self.params.get("dropout", True)), base=int(self.params.get("base", 16)),
                             input_adapter=int(self.params.get("input_adapter", 0)))
         self.teacher = copy.deepcopy(self.student)
         for param in self.teacher.parameters():

@@ -40,7 +40,7 @@ class SiteAdapter(Method):
     networks = ("net",)
 
     def __init__(self, params: Mapping[str, Any], max_iterations: int) -> None:
-        check_param_names(self.name, params, (*DEFAULTS, "dropout"))  # dropout: accepted, the body never drops
+        check_param_names(self.name, params, (*DEFAULTS, "base", "dropout"))  # dropout: accepted, the body never drops
         super().__init__({**DEFAULTS, **params}, max_iterations)
         if int(self.params["input_adapter"]) < 1:
             raise ConfigError("site_adapter input_adapter (its width) must be >= 1, "
@@ -48,7 +48,7 @@ class SiteAdapter(Method):
         if float(self.params["supervised"]) < 0 or float(self.params["alignment"]) < 0:
             raise ConfigError("site_adapter supervised and alignment weights must be >= 0")
         self.net = VNet(in_channels=int(self.params.get("in_channels", 1)), n_classes=2,
-                        input_adapter=int(self.params["input_adapter"]))
+                        base=int(self.params.get("base", 16)), input_adapter=int(self.params["input_adapter"]))
         self._freeze_body()
         self._norms = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm3d)]
         self._batch_stats: List[torch.Tensor] = []
