@@ -108,6 +108,11 @@ class ModelCard:
     format_version: int = FORMAT_VERSION
     extra: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def role(self) -> str:
+        """"segmenter", or "localiser" for a whole-scan atrium finder (`segment --region auto` uses one)."""
+        return str(self.extra.get("role") or "segmenter")
+
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         ordered = {key: copy.deepcopy(getattr(self, key)) for key in KEY_ORDER}

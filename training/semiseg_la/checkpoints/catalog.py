@@ -114,7 +114,7 @@ def read_entry(folder: Path, source: str) -> CatalogEntry:
                          method=card.method, description=card.description, labeled_cases=card.labeled_cases,
                          unlabeled_cases=(card.training or {}).get("unlabeled_cases"),
                          validation_dice=card.validation_dice, dice_kind=card.dice_kind, parent=card.parent,
-                         created=card.created or None, role=str(card.extra.get("role") or "segmenter"))
+                         created=card.created or None, role=card.role)
     missing = [name for name in card.weight_files if not (folder / name).is_file()]
     if source != "path" and card.id != folder.name:
         entry.error = f"{folder / CARD_FILE}: id {card.id!r} differs from the folder name {folder.name!r}"

@@ -375,7 +375,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         base["method_params"]["patch_size"] = list(info["patch_size"])
     _keep_parent_adapter(base, arch, card)
     _keep_parent_width(base, arch, card)
-    base["role"] = str((card_get(card, "extra") or {}).get("role") or card_get(card, "role") or "segmenter")
+    base["role"] = card.role  # a localiser's child finds atria too
     if args.data and (args.labeled_num is None or args.val_num is None) and "labeled_num" not in base:
         labeled_num, val_num = _site_split(args)  # a site's folder; a training preset keeps its own split
         base["val_num"] = val_num

@@ -232,7 +232,8 @@ class Trainer:
         networks = sum(t.numel() * t.element_size() for module in self.method.modules().values()
                        for t in module.state_dict().values())
         trainable = sum(p.numel() * p.element_size() for p in self.method.parameters() if p.requires_grad)
-        checkpoint = networks + 2 * trainable  # `last.pt`: the networks and at most two optimiser moments
+        moments = 2 if self.config.optimizer == "adam" else 1 if self.config.momentum else 0
+        checkpoint = networks + moments * trainable  # `last.pt`: the networks and the optimiser's moments
         need = 2 * checkpoint + 2 * networks + FREE_SPACE_MARGIN  # old and new during a replace; best.pt; model
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
