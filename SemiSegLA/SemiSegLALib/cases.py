@@ -15,7 +15,7 @@ Rules:
 * the user can leave any row out;
 * fine-tuning needs at least one labelled case; without unlabelled volumes a semi-supervised method
   learns from the labelled cases only (a warning, not an error); with fewer than 3 labelled cases nothing
-  checks the new model against its parent, and 2 did not help in the site benchmark (a warning);
+  checks the new model against its parent, and 2 helped at one benchmark site and not at another (a warning);
 * labels are always exported on the volume's own grid (see ``nodes.exportLabelOnVolumeGrid``).
 
 Plain Python on small records: ``nodes.scanScene`` builds the records from MRML nodes.
@@ -184,9 +184,9 @@ def validateCases(rows: Sequence[CaseRow], method: str) -> Tuple[List[str], List
         warnings.append(f"{row.volumeName}: {row.status} This volume is not used.")
     if 0 < labelled < HOLDOUT_FROM:
         warnings.append(f"Only {labelled} labelled case{'s' if labelled > 1 else ''}: the fine-tuned model cannot "
-                        f"be checked against its parent (one case is held out for that from {HOLDOUT_FROM} on), "
-                        "and in the site benchmark a fine-tune on 2 labelled scans was no better at the site than "
-                        f"its parent. Annotate at least {HOLDOUT_FROM}, better 4.")
+                        f"be checked against its parent (one case is held out for that from {HOLDOUT_FROM} on). In "
+                        "the site benchmark a fine-tune on 2 labelled scans helped at one simulated site and not at "
+                        f"another, and nothing said which. Annotate at least {HOLDOUT_FROM}, better 4.")
     return errors, warnings
 
 
