@@ -91,9 +91,9 @@ def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str
 
 def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
     """When the fine-tuned model was not checked against its parent (fewer than 3 labelled cases), or beat it
-    on a single held-out case: how little that says. In the
-    fine-tune benchmark at a simulated scanner one held-out whole scan called the child better in 7 of 7 runs
-    where it was 1-4 Dice points worse on 8 other whole scans (docs/results.md)."""
+    on a single held-out case: how little that says. In the fine-tune benchmark at a simulated scanner one
+    held-out whole scan called the child better in 7 of 7 runs where it was 1-4 Dice points worse on 8 other
+    whole scans (docs/results.md)."""
     if not isinstance(guard, dict):
         return None
     verdict = str(guard.get("verdict", ""))

@@ -112,8 +112,12 @@ def _child_scout(config: TrainConfig, parent_card):
     when the child settles its own (trained on regions itself, no parent, or nothing cut from whole scans)."""
     if parent_card is None or not config.cut_whole_scans or trains_on_regions(config):
         return None
-    settler = ancestor_trained_on_regions(card_get(parent_card, "id"),
-                                          weights_fingerprint(ModelCard.coerce(parent_card)))
+    return _as_scout(ancestor_trained_on_regions(card_get(parent_card, "id"),
+                                                 weights_fingerprint(ModelCard.coerce(parent_card))))
+
+
+def _as_scout(settler):
+    """`evaluate_records`'s scout, (network in eval mode, card), from a settler (network, card, id) or None."""
     return (settler[0].eval(), settler[1]) if settler is not None else None
 
 
@@ -151,10 +155,9 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
     from ..checkpoints import load_network
 
     parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
-    settler = region_settler(parent_card) if config.cut_whole_scans else None
+    scout = _as_scout(region_settler(parent_card)) if config.cut_whole_scans else None
     parent = evaluate_records(parent_network.eval(), with_card_inputs(config, parent_card), held_out, reporter,
-                              channel, what="the parent on the held-out site case(s)",
-                              scout=(settler[0].eval(), settler[1]) if settler is not None else None)
+                              channel, what="the parent on the held-out site case(s)", scout=scout)
     child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])
     record["site_holdout"] = {"cases": [r.case_id for r in held_out], "parent_dice": parent_dice,
                               "child_dice": child_dice, "parent_hd95_mm": parent.get("hd95_mm"),
