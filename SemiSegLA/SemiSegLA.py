@@ -32,7 +32,7 @@ from SemiSegLALib.commands import CommandFactory, regionArguments
 from SemiSegLALib.dependencies import DependencyError, DependencyManager
 from SemiSegLALib.events import Signal
 from SemiSegLALib.jobs import BackgroundCall, Job
-from SemiSegLALib.paths import newWorkDir, shortAsciiTempRoot
+from SemiSegLALib.paths import FINETUNE_RUN_BYTES, FULL_DISK_BYTES, newWorkDir, shortAsciiTempRoot, spaceShortage
 from SemiSegLALib.process import ProcessRunner, ProcessStartError
 from SemiSegLALib.progress import oneLine
 from SemiSegLALib.state import State, uiState
@@ -128,8 +128,12 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         self.jobCreated = Signal("jobCreated")  # (job), emitted before the job starts
 
     # -- temporary folders ----------------------------------------------------------------------------
-    def _workDir(self, prefix: str) -> str:
+    def _workDir(self, prefix: str, neededBytes: int = 0, what: str = "") -> str:
+        """A fresh temporary folder; a ValueError that says so when its disk lacks ``neededBytes``."""
         root = self.tempRoot or shortAsciiTempRoot([slicer.app.temporaryPath])
+        shortage = spaceShortage(root, neededBytes, what)
+        if shortage:
+            raise ValueError(shortage)
         return newWorkDir(root, prefix)
 
     def _cleanupFor(self, workDir: str):
@@ -285,7 +289,8 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         if entry is not None and entry.isBroken:
             raise ValueError(f"Model {entry.id} cannot be used: {entry.error}")
         roiNode, fixedRegion = self._regionOf(region, inputVolume)
-        workDir = self._workDir("seg")
+        stored, voxels = nodes.volumeBytes(inputVolume)  # the input as stored, the label written back
+        workDir = self._workDir("seg", stored + voxels + FULL_DISK_BYTES, "Segmenting")
         inputPath = os.path.join(workDir, "input.nrrd")
         outputPath = os.path.join(workDir, "output.nrrd")
         resultName = name or f"{inputVolume.GetName()} segmentation"
@@ -460,7 +465,7 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         entry = self.catalog.get(baseModelId)
         if entry is not None and entry.isBroken:
             raise ValueError(f"Model {entry.id} cannot be used: {entry.error}")
-        workDir = self._workDir("ft")
+        workDir = self._workDir("ft", nodes.datasetBytes(rows) + FINETUNE_RUN_BYTES, "Fine-tuning")
         plan = caseRules.DatasetPlan(workDir, rows)
 
         def prepare(job: Job):

@@ -454,3 +454,71 @@ def test_finetune_worse_than_its_parent_is_reported_and_not_adopted(fake, make_l
     assert "worse than its parent la-caml-v1.0.0" in job.guardWarning and "0.610 vs 0.850" in job.guardWarning
     assert job.guardWarning in job.notices
     assert logic.catalog.get(job.result) is not None  # kept in the list, not selected
+
+
+# -- disk space ---------------------------------------------------------------------------------------------
+def free_space(monkeypatch, free):
+    """The disk of every temporary folder has ``free`` bytes free (shutil.disk_usage as SemiSegLALib.paths
+    asks it)."""
+    from SemiSegLALib import paths
+
+    usage = paths.shutil.disk_usage
+    monkeypatch.setattr(paths.shutil, "disk_usage",
+                        lambda folder: usage(folder)._replace(free=free))
+
+
+def test_a_fine_tune_that_cannot_fit_on_the_disk_is_refused_before_writing(fake, make_logic, tmp_path,
+                                                                           monkeypatch):
+    """The dataset plus the run's checkpoints and model (about 0.5 GB) do not fit: one line says how much is
+    needed and free and where to choose another folder, and nothing is written."""
+    labelled_scene(fake)
+    logic = make_logic()
+    logic.refreshModels()
+    free_space(monkeypatch, 100 * 2**20)
+    with pytest.raises(ValueError, match=r"Fine-tuning needs about 512 MB of temporary files in .*, and 100 MB "
+                                         r"are free\. Free some space, or choose another temporary directory "
+                                         r"\(Edit > Application Settings > Modules > Temporary directory\)"):
+        logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu")
+    assert tmp_contents(tmp_path) == [] and not logic.busy
+
+
+def test_the_dataset_estimate_counts_each_included_volume_and_each_label(fake):
+    """Each labelled or unlabelled volume as stored (float32 here: 4 bytes a voxel) and one byte a voxel for
+    a labelled case's label; invalid and left-out rows write nothing."""
+    from SemiSegLALib import nodes
+
+    a, seg, b, c, other, mask = labelled_scene(fake)
+    volumes, segmentations = nodes.scanScene()
+    rows = caseRules.buildCaseTable(volumes, segmentations, {}, set())
+    voxels = a.array.size
+    assert [r.role for r in rows] == ["labelled", "unlabelled", "invalid"]
+    assert nodes.datasetBytes(rows) == voxels * 4 + voxels + b.array.size * 4
+    rows = caseRules.buildCaseTable(volumes, segmentations, {}, {b.GetID()})
+    assert nodes.datasetBytes(rows) == voxels * 5
+
+
+def test_segmenting_on_a_full_disk_is_refused_before_writing(fake, make_logic, tmp_path, monkeypatch):
+    volume = add_case(fake, "full disk")
+    logic = make_logic()
+    free_space(monkeypatch, 10 * 2**20)
+    with pytest.raises(ValueError, match=r"Segmenting needs about 64 MB of temporary files in .*, and 10 MB are "
+                                         r"free"):
+        logic.segment(volume, BASE, device="cpu")
+    assert tmp_contents(tmp_path) == []
+
+
+def test_a_write_that_fails_on_a_full_disk_says_so(fake, tmp_path, monkeypatch):
+    """Slicer's storage node returns 0 when it cannot write; with almost nothing free the error says the disk
+    is full, otherwise it names the file only."""
+    from SemiSegLALib import nodes
+
+    unwritable = fake.addVolume("no image data", np.zeros((2, 2, 2), np.float32))
+    unwritable.array = None  # the stand-in's WriteData fails for a volume without voxels, as Slicer's does
+    target = str(tmp_path / "input.nrrd")
+    with pytest.raises(OSError) as plenty:
+        nodes.writeVolumeNode(unwritable, target)
+    assert str(plenty.value) == f"Could not write 'no image data' to {target}"
+    free_space(monkeypatch, 3 * 2**20)
+    with pytest.raises(OSError, match=r"Could not write 'no image data' to .*input\.nrrd: the disk is full "
+                                      r"\(3 MB free in .*\)"):
+        nodes.writeVolumeNode(unwritable, target)

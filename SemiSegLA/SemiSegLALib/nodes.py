@@ -23,13 +23,16 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from . import region as regionMath
 from .cases import (
+    LABELLED,
     LEFT_ATRIUM_NAME,
+    CaseRow,
     DatasetPlan,
     SegmentationInfo,
     SegmentInfo,
     VolumeInfo,
 )
 from .geometry import gridFromNrrd
+from .paths import diskFullNote
 
 LEFT_ATRIUM_TERMINOLOGY = (
     "Segmentation category and type - DICOM master list"
@@ -73,7 +76,7 @@ def writeVolumeNode(volumeNode, path: str) -> str:
         storage.SetFileName(path)
         storage.UseCompressionOff()
         if not storage.WriteData(volumeNode):
-            raise OSError(f"Could not write '{volumeNode.GetName()}' to {path}")
+            raise OSError(f"Could not write '{volumeNode.GetName()}' to {path}{diskFullNote(path)}")
     finally:
         storage.UnRegister(None)
     return path
@@ -304,6 +307,24 @@ def iterWriteDataset(plan: DatasetPlan, log=None) -> Iterator[str]:
         log(f"Unlabelled case {row.caseId}: '{row.volumeName}'")
         yield row.caseId
     plan.writeDatasetJson()
+
+
+def volumeBytes(volumeNode) -> Tuple[int, int]:
+    """(bytes, voxels) of a volume's voxel array: what its uncompressed NRRD takes, and what a uint8 label on
+    its grid takes."""
+    array = _slicer().util.arrayFromVolume(volumeNode)  # a view of the image data: nothing is copied
+    return int(array.nbytes), int(array.size)
+
+
+def datasetBytes(rows: Sequence[CaseRow]) -> int:
+    """What the dataset of these case-table rows takes: each labelled or unlabelled volume as stored, and a
+    one-byte-a-voxel label for each labelled one."""
+    total = 0
+    for row in rows:
+        if row.included:
+            stored, voxels = volumeBytes(getNode(row.volumeId, "volume"))
+            total += stored + (voxels if row.role == LABELLED else 0)
+    return total
 
 
 def writeDataset(plan: DatasetPlan, log=None) -> None:
