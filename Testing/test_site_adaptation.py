@@ -162,6 +162,7 @@ def test_the_guard_rail_flags_a_child_worse_than_its_parent(parent_models, tmp_p
     done = json_lines(result.stdout)[-1]
     assert done["guard"]["verdict"] == "worse", done["guard"]
     assert "worse than its parent" in result.stderr and PARENT_ID in result.stderr
+    assert "on the held-out case(s) (Dice " in result.stderr
     card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
     holdout = card["finetune"]["site_holdout"]
     assert holdout["child_dice"] < holdout["parent_dice"]

@@ -157,7 +157,7 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
     parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
     scout = _as_scout(region_settler(parent_card)) if config.cut_whole_scans else None
     parent = evaluate_records(parent_network.eval(), with_card_inputs(config, parent_card), held_out, reporter,
-                              channel, what="the parent on the held-out site case(s)", scout=scout)
+                              channel, what="the parent on the held-out case(s)", scout=scout)
     child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])
     record["site_holdout"] = {"cases": [r.case_id for r in held_out], "parent_dice": parent_dice,
                               "child_dice": child_dice, "parent_hd95_mm": parent.get("hd95_mm"),
@@ -181,7 +181,8 @@ def _warn_if_worse(record: Dict[str, Any], reporter: ProgressReporter) -> None:
     holdout = record.get("site_holdout")
     if not holdout or record.get("verdict") != "worse":
         return
-    message = (f"WARNING: the fine-tuned model is worse than its parent {record['parent']} on the held-out site "
+    # "held-out case(s)", not "site case(s)": a fine-tune with --val holds out validation cases of any dataset
+    message = (f"WARNING: the fine-tuned model is worse than its parent {record['parent']} on the held-out "
                f"case(s) (Dice {holdout['child_dice']:.4f} vs {holdout['parent_dice']:.4f}); keep using the parent, "
                "or annotate more cases and fine-tune again")
     reporter.log(message)
