@@ -109,12 +109,42 @@ def test_a_site_met_before_the_normalisation_is_normalised_as_segment_would_and_
             assert float(torch.diff(ranked).min()) >= -1e-4
 
 
+def test_a_canvas_meets_its_site_whole_before_its_region_is_cut_and_is_not_shifted_again(tmp_path, monkeypatch):
+    """`site_shift_on_canvas`: a labelled sample placed in a whole-scan canvas passes through its site over the
+    whole canvas (the acquisition sees the canvas, larger than the region the network gets) and its patch is not
+    shifted again, so the teacher sees it as the site acquired it; an unlabelled crop is shifted as before. Off,
+    every sample meets its site as a patch."""
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    common = {"site_shift_prob": 1.0, "wide_fov_prob": 1.0, "wide_fov_max_mm": 80.0, "wide_fov_region_mm": [2, 4],
+              "patch_size": [16, 16, 16], "intensity_prob": 0.0}
+
+    def acquisitions(on: bool, folder: str):
+        trainer = Trainer(tiny_config(tmp_path / folder, site_shift_on_canvas=on, **common), labeled, unlabeled)
+        seen, draw = [], trainer.site_shift.draw
+
+        def recorded(rng):
+            acquire = draw(rng)
+            return lambda channel: seen.append(channel.shape) or acquire(channel)
+        monkeypatch.setattr(trainer.site_shift, "draw", recorded)
+        batch = trainer.next_batch()  # one labelled sample (a canvas), then one unlabelled crop
+        return seen, batch
+
+    seen, batch = acquisitions(True, "on")
+    assert len(seen) == 2 and seen[0][0] >= 60 and seen[0][1] >= 60 and seen[1] == (16, 16, 16)
+    assert torch.equal(batch.clean_image[0], batch.image[0])  # met its site on the canvas: one version
+    assert not torch.allclose(batch.clean_image[1], batch.image[1], atol=1e-3)
+    seen, batch = acquisitions(False, "off")
+    assert seen == [(16, 16, 16), (16, 16, 16)]
+    assert not torch.allclose(batch.clean_image[0], batch.image[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"site_shift_prob": 1.5}, "site_shift_prob"),
     ({"site_shift_families": ["gamma", "x-ray"]}, "x-ray"),
     ({"site_shift_families": []}, "site_shift_families"),
     ({"in_channels": 2}, "single-channel"),
     ({"site_shift_max_families": 0}, "site_shift_max_families"),
+    ({"site_shift_on_canvas": True}, "site_shift_on_canvas needs .* wide_fov_prob > 0"),
 ])
 def test_bad_site_shift_settings_are_config_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -83,6 +83,12 @@ class TrainConfig:
     # true, the whole crop or region before it is normalised again, as another site's scan reaches `segment`
     # (so a standardising model learns what its standardisation leaves of a site, not curves it would undo)
     site_shift_before_normalization: bool = False
+    # a sample placed in a whole-scan canvas (`wide_fov_prob`) meets its simulated site over the whole canvas, before
+    # its region is cut and normalised, as a scanner acquires a whole scan: a bias field across the whole field of
+    # view, a contrast curve fitted to the whole scan's range (the same site over a region alone cost the bundled
+    # default 24 Dice points less at a far site: docs/results.md, "A base trained with sites as far"); such a
+    # patch is not shifted again, and the mean teacher's teacher sees it as the site acquired it
+    site_shift_on_canvas: bool = False
     # whole scans among the cases (larger than an atrium crop, preprocess/wide_fov.py is_whole_scan) are cut as
     # `segment --region auto` cuts them before a fine model sees them: a labelled one to its atrium's box with a
     # 15 mm margin, an unlabelled one to the box the localiser finds (left out when it finds none). null (the
@@ -227,6 +233,9 @@ class TrainConfig:
             problems.append(f"site_shift_max_families={self.site_shift_max_families} must be >= 1")
         if self.site_shift_prob > 0 and self.in_channels != 1:
             problems.append("site_shift_prob > 0 needs single-channel images (in_channels 1)")
+        if self.site_shift_on_canvas and (self.site_shift_prob <= 0 or self.wide_fov_prob <= 0):
+            problems.append("site_shift_on_canvas needs site_shift_prob > 0 and wide_fov_prob > 0 (the canvases "
+                            "that meet the sites)")
         if not 0.0 <= self.parent_blend < 1.0:
             problems.append("parent_blend must be in [0, 1): the parent's share of the exported weights")
         if self.anchor_weight < 0:

@@ -278,26 +278,36 @@ class WideFieldOfView:
     def __init__(self, cases: Sequence[TrainCase], spacing: Sequence[float], prob: float,
                  decoy_prob: float = 0.0, max_mm: float = 360.0, intensities: str = "normalized",
                  region_mm: Optional[Sequence[float]] = None, min_size: Sequence[int] = (0, 0, 0),
-                 normalization: str = "zscore-volume", reference: Optional[Sequence[float]] = None) -> None:
+                 normalization: str = "zscore-volume", reference: Optional[Sequence[float]] = None,
+                 site: Optional[SiteShiftAugmentation] = None) -> None:
         self.spacing, self.prob, self.decoy_prob, self.max_mm = tuple(spacing), prob, decoy_prob, max_mm
         self.cases, self.intensities = cases, intensities
         self.normalization, self.reference = normalization, reference
         self.region_mm, self.min_size = (tuple(region_mm) if region_mm else None), tuple(min_size)
+        self.site = site  # `site_shift_on_canvas`: the canvas meets a simulated site before its region is cut
         self.donors = donors_from(cases, spacing, intensities)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, index: int, rng: np.random.Generator):
+        return self.draw(image, label, index, rng)[:2]
+
+    def draw(self, image: np.ndarray, label: np.ndarray, index: int, rng: np.random.Generator
+             ) -> Tuple[np.ndarray, np.ndarray, bool]:
+        """(image, label, whether the sample met a simulated site over its whole canvas)."""
         if self.prob <= 0 or rng.random() >= self.prob:
-            return image, label
+            return image, label, False
         donors = [d for i, d in enumerate(self.donors) if i != index] or self.donors
         shape = random_canvas_shape(label.shape, self.spacing, rng, self.max_mm)
         wide = build_wide_case(canvas_intensities(self.cases[index], self.intensities), label, donors, shape, rng,
                                decoy=rng.random() < self.decoy_prob)
         canvas, target = wide.image, wide.label
+        acquire = self.site.draw(rng) if self.site is not None else None
+        if acquire is not None:
+            canvas = acquire(canvas)
         if self.region_mm is not None:
             box = region_around(target, self.spacing, rng.uniform(*self.region_mm, size=6), self.min_size)
             canvas, target = canvas[box], target[box]
         return (normalize_volume(canvas, self.normalization, self.reference)[None].astype(np.float32),
-                np.ascontiguousarray(target))
+                np.ascontiguousarray(target), acquire is not None)
 
 
 def canvas_intensities(case: TrainCase, intensities: str) -> np.ndarray:

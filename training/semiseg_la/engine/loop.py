@@ -157,7 +157,8 @@ class Trainer:
         self.widen = (WideFieldOfView(labeled, config.spacing, config.wide_fov_prob, config.wide_fov_decoy_prob,
                                       config.wide_fov_max_mm, config.wide_fov_intensities,
                                       config.wide_fov_region_mm, config.patch_size, config.normalization,
-                                      config.intensity_reference)
+                                      config.intensity_reference,
+                                      site=self.site_shift if config.site_shift_on_canvas else None)
                       if config.wide_fov_prob > 0 else None)
         self.iteration = 0
         self.history: List[Dict[str, float]] = []
@@ -291,14 +292,15 @@ class Trainer:
         images, labels, clean = [], [], []
         picked = [(i, self.labeled[i]) for i in labeled_ids] + [(None, self.unlabeled[i]) for i in unlabeled_ids]
         for index, case in picked:
-            source, source_label = case.image, case.label
+            source, source_label, met_site = case.image, case.label, False
             if self.widen is not None and index is not None:
-                source, source_label = self.widen(source, source_label, index, self.aug_rng)
-            if self.site_shift is not None and self.config.site_shift_before_normalization:
+                source, source_label, met_site = self.widen.draw(source, source_label, index, self.aug_rng)
+            if self.site_shift is not None and self.config.site_shift_before_normalization and not met_site:
                 image, label, shifted = self._augment_shifted_before_normalization(source, source_label)
             else:
                 image, label = self.augment(source, source_label, self.aug_rng)
-                shifted = self.site_shift(image, self.aug_rng) if self.site_shift is not None else None
+                shifted = (self.site_shift(image, self.aug_rng) if self.site_shift is not None and not met_site
+                           else None)
             clean.append(image)
             images.append(image if shifted is None else shifted)
             labels.append(label)
