@@ -190,3 +190,27 @@ def test_prefetching_loader_gives_the_same_run_and_the_same_resume(tmp_path):
     for name, value in _weights(plain).items():
         assert torch.equal(value, _weights(prefetched)[name]), name
         assert torch.equal(value, _weights(resumed)[name]), name
+
+
+def test_loader_processes_draw_the_same_run_with_any_count_and_the_same_resume(tmp_path):
+    """Loader processes: one and two of them train the same weights, bit for bit, and a run stopped at 3
+    (its checkpoint taken with batches in flight) and resumed equals them; batches differ from a run without
+    them (each batch has its own seed), so the comparison is not vacuous."""
+    labeled, unlabeled = synthetic_cases(2, True), synthetic_cases(3, False, seed=10)
+    common = {"method": "mean_teacher", "site_shift_prob": 0.5}
+    one = Trainer(tiny_config(tmp_path / "one", loader_workers=1, **common), labeled, unlabeled).run()
+    two = Trainer(tiny_config(tmp_path / "two", loader_workers=2, **common), labeled, unlabeled).run()
+    first = Trainer(tiny_config(tmp_path / "res", loader_workers=2, **common), labeled, unlabeled,
+                    should_stop=stop_after(3))
+    assert first.run().iterations == 3
+    resumed = Trainer(tiny_config(tmp_path / "res", loader_workers=2, **common), labeled, unlabeled).run(resume=True)
+    without = Trainer(tiny_config(tmp_path / "none", **common), labeled, unlabeled).run()
+    for name, value in _weights(one).items():
+        assert torch.equal(value, _weights(two)[name]), name
+        assert torch.equal(value, _weights(resumed)[name]), name
+    assert any(not torch.equal(v, _weights(without)[k]) for k, v in _weights(one).items())
+
+
+def test_loader_workers_must_be_a_count():
+    with pytest.raises(ConfigError, match="loader_workers"):
+        build_config({"method": "supervised", "data": "synthetic", "loader_workers": -1})

@@ -1,13 +1,15 @@
 """Build the compact training cache of the LA h5 release (see training/semiseg_la/io/la_cache.py).
 
     python scripts/build_la_cache.py ../shared/data/LA cache/la [--part-mib 12] [--spacing 1.25 1.25 1.25]
-        [--cases N] [--check]
+        [--normalization zscore-volume|stored] [--cases N] [--check]
 
 Default: the source resolution (0.625 mm), lossless (uint8 indices + per-case lookup table, bzip2),
 split into parts of at most --part-mib MiB so the device tool can carry them call by call.
 With --spacing, the cases are stored prepared on that model grid instead (z-scored over the case and
 resampled, exactly what `semiseg-la train` computes from the h5 files: the training input, bit for bit),
-which is much smaller and still reads as a dataset. The cache folder is git-ignored (`cache/`).
+which is much smaller and still reads as a dataset. `--normalization stored` resamples without normalising:
+for recipes that normalise otherwise (`standardized-zscore`), which then normalise the resampled case (close
+to, not bit for bit, what they compute from the h5 files). The cache folder is git-ignored (`cache/`).
 `--check` reads every case back and compares it with the source (the manifest's hashes are checked on
 every read anyway). Prints a JSON summary: sizes in bytes and MiB, per part.
 """
@@ -33,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--part-mib", type=float, default=12.0, help="largest part, MiB (default 12)")
     parser.add_argument("--spacing", type=float, nargs=3, default=None,
                         help="store cases prepared on this model grid (mm) instead of at the source resolution")
+    parser.add_argument("--normalization", choices=("zscore-volume", "stored"), default="zscore-volume",
+                        help="with --spacing: z-score each case (the default recipe's training input) or keep its "
+                             "stored intensities (for recipes that normalise otherwise)")
     parser.add_argument("--cases", type=int, default=None, help="only the first N cases (tests, rehearsals)")
     parser.add_argument("--check", action="store_true", help="read every case back and compare with the source")
     args = parser.parse_args(argv)
@@ -43,7 +48,7 @@ def main(argv=None) -> int:
     if args.spacing is None:
         la_cache.build_from_h5(root, out, part_bytes, ids, progress=_progress)
     else:
-        _build_prepared(root, out, ids, args.spacing, part_bytes)
+        _build_prepared(root, out, ids, args.spacing, part_bytes, args.normalization)
     build_s = time.perf_counter() - t0
     if args.check:
         _check(root, out, ids, args.spacing)
@@ -71,7 +76,7 @@ def _progress(i: int, n: int, case: str) -> None:
     print(f"[{i}/{n}] {case}", file=sys.stderr, flush=True)
 
 
-def _build_prepared(root: Path, out: Path, ids, spacing, part_bytes: int) -> None:
+def _build_prepared(root: Path, out: Path, ids, spacing, part_bytes: int, normalization: str) -> None:
     from semiseg_la.engine.data import prepare_case
     from semiseg_la.io.datasets import CaseRecord
 
@@ -81,10 +86,12 @@ def _build_prepared(root: Path, out: Path, ids, spacing, part_bytes: int) -> Non
     for i, case in enumerate(ids, 1):
         path = find_la_case(root, case)
         record = CaseRecord(case, (path,), path, "la_h5")
-        prepared = prepare_case(record, spacing, with_label=True)
+        prepared = prepare_case(record, spacing, with_label=True, normalization=normalization)
         writer.add(case, prepared.image[0], prepared.label, origin=_grid_origin(record, spacing))
         _progress(i, len(ids), case)
-    writer.close(lists, extra={"note": "cases z-scored and resampled to the model grid (training input)"})
+    note = ("cases z-scored and resampled to the model grid (training input)" if normalization == "zscore-volume"
+            else "cases resampled to the model grid, stored intensities (normalised at training)")
+    writer.close(lists, extra={"note": note, "normalization": normalization})
 
 
 def _grid_origin(record, spacing):

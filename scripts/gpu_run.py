@@ -59,26 +59,59 @@ DRY_SCAN = (96, 96, 40)
 
 @dataclasses.dataclass
 class TrainJob:
-    """One release model: a preset, the model name, and the flags of the real and the dry run."""
+    """One model: a preset, the model name, the flags of the real and the dry run, and, for a fine-tune,
+    the bundled parent it continues. `host_bound`: its batches are made on the host (simulated sites,
+    wide-FOV canvases), so it gets loader processes (`loader_workers`) from the machine's cores."""
 
     name: str
     preset: str
     real: List[str]
     dry: List[str]
+    parent: Optional[str] = None
+    host_bound: bool = False
+
+    def command(self) -> List[str]:
+        if self.parent:
+            return ["finetune", "--from", self.parent, "--preset", self.preset]
+        return ["train", "--preset", self.preset]
 
 
-# The default clinical model first (issue 13's recipe, at 1.25 mm: a perfect 1.25 mm model still scores
-# Dice 0.993 at 0.625 mm, and 8x fewer voxels buy 8x more iterations in the window), then caml-la-8.
-TRAIN_JOBS = [
+DRY_TRAIN = ["--iterations", "2", "--patch", "32", "32", "32", "--set", "validate_every=1000",
+             "--set", "checkpoint_every=1"]
+
+# release (issue 12): the default clinical model first (issue 13's recipe, at 1.25 mm: a perfect 1.25 mm model
+# still scores Dice 0.993 at 0.625 mm, and 8x fewer voxels buy 8x more iterations in the window), then caml-la-8.
+RELEASE_JOBS = [
     TrainJob("supervised-la-gpu", "supervised-la-cpu",
              ["--iterations", "20000", "--set", "validate_every=1000", "--set", "checkpoint_every=500"],
-             ["--iterations", "2", "--patch", "32", "32", "32", "--labeled", "3", "--val", "1",
-              "--set", "validate_every=1000", "--set", "checkpoint_every=1"]),
+             [*DRY_TRAIN, "--labeled", "3", "--val", "1"]),
     TrainJob("caml-la-8-gpu", "caml-la-8",
              ["--set", "checkpoint_every=200"],
-             ["--iterations", "2", "--patch", "32", "32", "32", "--labeled", "2", "--val", "1",
-              "--set", "validate_every=1000", "--set", "checkpoint_every=1"]),
+             [*DRY_TRAIN, "--labeled", "2", "--val", "1"]),
 ]
+
+# sites (issue 10): the bundled default pair trained further with its own recipe (simulated sites on 0.8 of
+# the samples, up to four families; wide-FOV canvases), the validation run with and without the site met over
+# the whole canvas, and the 80-case model with it. Needs a cache of stored intensities
+# (`build_la_cache.py --spacing 1.25 1.25 1.25 --normalization stored`): the recipe standardises.
+SITES_RECIPE = ["--lr", "0.003", "--set", "site_shift_prob=0.8", "--set", "site_shift_max_families=4",
+                "--set", "wide_fov_prob=0.5", "--set", "wide_fov_decoy_prob=0.3",
+                "--set", "wide_fov_intensities=stored", "--set", "wide_fov_region_mm=[5,25]",
+                "--set", "normalization=standardized-zscore"]
+SITES_REAL = [*SITES_RECIPE, "--iterations", "20000", "--set", "validate_every=1000", "--set", "checkpoint_every=250"]
+SITES_DRY = [*SITES_RECIPE, *DRY_TRAIN]
+CANVAS = ["--set", "site_shift_on_canvas=true"]
+SITES_JOBS = [
+    TrainJob("canvas-sites-gpu", "supervised-la-cpu", [*SITES_REAL, *CANVAS, "--labeled", "72", "--val", "8"],
+             [*SITES_DRY, *CANVAS, "--labeled", "3", "--val", "1"], "supervised-la-cpu-sites-v0.1.0", True),
+    TrainJob("sites-gpu", "supervised-la-cpu", [*SITES_REAL, "--labeled", "72", "--val", "8"],
+             [*SITES_DRY, "--labeled", "3", "--val", "1"], "supervised-la-cpu-sites-v0.1.0", True),
+    TrainJob("canvas-all-sites-gpu", "supervised-la-cpu", [*SITES_REAL, *CANVAS, "--labeled", "80", "--val", "0"],
+             [*SITES_DRY, *CANVAS, "--labeled", "4", "--val", "0"], "supervised-la-cpu-all-sites-v0.1.0", True),
+]
+
+JOB_SETS = {"release": RELEASE_JOBS, "sites": SITES_JOBS}
+STEPS = ("setup", "env", "cuda-tests", "bench", "loader", "segment", "train")
 
 
 # ---- the session ---------------------------------------------------------------------------------
@@ -220,6 +253,13 @@ def install_simpleitk(s: Session) -> str:
     packed = sorted((REPO / ".whl").glob("simpleitk-*.tar.xz"))
     wheels = sorted((REPO / ".whl").glob("[Ss]imple[Ii][Tt][Kk]-*.whl"))
     s.site.mkdir(parents=True, exist_ok=True)
+    parts = sorted((REPO / ".whl").glob("simpleitk-*.tar.xz.[0-9][0-9]"))
+    if not packed and parts:  # carried in parts, call by call (`deps --part-mib`)
+        joined = s.work / parts[0].name[:-3]
+        with open(joined, "wb") as whole:
+            for part in parts:
+                whole.write(part.read_bytes())
+        packed = [joined]
     if packed:
         with tarfile.open(packed[-1], "r:xz") as archive:
             _safe_extract(archive, s.site)
@@ -344,12 +384,14 @@ def step_train(s: Session) -> Dict[str, Any]:
     env = dict(s.env)
     cores = os.cpu_count() or 1
     parallel = not s.args.no_parallel
+    jobs = JOB_SETS[s.args.jobs]
+    share = max(1, cores // len(jobs)) if parallel else cores
     if parallel and not s.dry:
-        env["OMP_NUM_THREADS"] = str(max(1, cores // len(TRAIN_JOBS)))
+        env["OMP_NUM_THREADS"] = str(share)
     margin = 20.0 if s.dry else 40.0  # past the budget before a child is stopped (it ends its export)
     salvage_s = 0.0 if s.dry else 35.0  # kept for exporting a stopped run's last checkpoint
     results: Dict[str, Any] = {}
-    pending = list(TRAIN_JOBS)
+    pending = list(jobs)
     running: List[tuple] = []
     while pending or running:
         while pending and (parallel or not running):
@@ -363,10 +405,12 @@ def step_train(s: Session) -> Dict[str, Any]:
             run_dir = s.work / "runs" / job.name
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            cmd = [*CLI, "train", "--preset", job.preset, "--data", data, "--output", run_dir, "--name", job.name,
+            workers = (1 if s.dry else max(1, share - 1)) if job.host_bound else 0
+            cmd = [*CLI, *job.command(), "--data", data, "--output", run_dir, "--name", job.name,
                    "--device", s.device, "--time-budget", f"{budget:.0f}", "--set", "fit_to_budget=true",
-                   "--set", "device_data=true", "--progress", "json", *(job.dry if s.dry else job.real)]
-            s.say(f"train {job.name}: {job.preset}, budget {budget:.0f} s")
+                   "--set", "device_data=true", "--set", f"loader_workers={workers}", "--progress", "json",
+                   *(job.dry if s.dry else job.real)]
+            s.say(f"train {job.name}: {' '.join(job.command())}, budget {budget:.0f} s, {workers} loader processes")
             proc = s.start(cmd, s.logs / f"train-{job.name}.log", env)
             running.append((job, proc, time.monotonic() + budget + margin, run_dir, cmd))
         time.sleep(0.5)
@@ -470,13 +514,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         s.data = REPO / "cache" / "la"
     if s.dry and s.data is None:
         s.step("data", lambda: {"synthetic_cache": str(_training_data(s))})
-    s.step("setup", step_setup, s)
-    s.step("env", step_env, s)
-    s.step("cuda-tests", step_cuda_tests, s)
-    s.step("bench", step_bench, s)
-    s.step("loader", step_loader, s)
-    s.step("segment", step_segment, s)
-    s.step("train", step_train, s)
+    steps = {"setup": step_setup, "env": step_env, "cuda-tests": step_cuda_tests, "bench": step_bench,
+             "loader": step_loader, "segment": step_segment, "train": step_train}
+    for name in STEPS:
+        if name in args.skip:
+            s.steps.append({"step": name, "status": "skipped", "seconds": 0.0, "note": "--skip"})
+        else:
+            s.step(name, steps[name], s)
     s.write_summary()
     if args.pack:
         s.step("pack", lambda: _pack_step(s, Path(args.pack)))
@@ -590,11 +634,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     checkout), at most 8 paths, the fewest calls (first fit, largest first). The last call runs the session."""
     limit = 64 * MiB - int(args.margin_mib * MiB)
     repo = _travelling_bytes()
-    data = Path(args.data)
+    data = Path(args.data).resolve()
     small = [p for p in [data / "manifest.json", data / "train.list", data / "test.list"] if p.is_file()]
     fixed = [str(p.relative_to(REPO)) for p in small]
     room = limit - repo - sum(_size(p) for p in small)
-    items = [(str(p.relative_to(REPO)), _size(p)) for p in sorted((REPO / ".whl").glob("simpleitk-*.tar.xz"))]
+    sitk = (sorted((REPO / ".whl").glob("simpleitk-*.tar.xz.[0-9][0-9]"))
+            or sorted((REPO / ".whl").glob("simpleitk-*.tar.xz")))
+    items = [(str(p.relative_to(REPO)), _size(p)) for p in sitk]
     items += [(str(p.relative_to(REPO)), _size(p)) for p in sorted(data.glob("part-*")) if p.is_dir()]
     bins: List[Dict[str, Any]] = []
     for name, nbytes in sorted(items, key=lambda item: -item[1]):
@@ -663,6 +709,14 @@ def cmd_deps(args: argparse.Namespace) -> int:
                 packed.add(path, arcname=path.name)
         os.replace(partial, target)
     print(f"{target} ({target.stat().st_size / MiB:.1f} MiB); carry it instead of the wheel")
+    if args.part_mib:
+        for old in target.parent.glob(target.name + ".[0-9][0-9]"):
+            old.unlink()
+        data, size = target.read_bytes(), int(args.part_mib * MiB)
+        for i in range(0, len(data), size):
+            target.with_name(f"{target.name}.{i // size:02d}").write_bytes(data[i:i + size])
+        print(f"and in {-(-len(data) // size)} parts of at most {args.part_mib:g} MiB ({target.name}.NN), for "
+              "calls that cannot carry it whole; `plan` carries the parts when they exist")
     return 0
 
 
@@ -897,6 +951,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   "/tmp/semiseg-gpu-work; dry run: a temporary one)")
     run.add_argument("--bench-seconds", type=float, default=15.0, help="time box per benchmarked preset")
     run.add_argument("--no-parallel", action="store_true", help="train the models one after the other")
+    run.add_argument("--jobs", choices=sorted(JOB_SETS), default="release",
+                     help="the models to train: release (issue 12) or sites (issue 10: the default pair further)")
+    run.add_argument("--skip", nargs="*", default=[], choices=[n for n in STEPS if n not in ("setup", "env")],
+                     help="steps to leave out (the window's time goes to the rest)")
     run.set_defaults(handler=cmd_run)
     up = sub.add_parser("unpack", help="rebuild OUTDIR from the packed parts the device tool returned")
     up.add_argument("src")
@@ -913,6 +971,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     deps = sub.add_parser("deps", help="pack the SimpleITK wheel in .whl/ as .whl/simpleitk-<v>.tar.xz")
     deps.add_argument("--preset", type=int, default=9)
     deps.add_argument("--no-strip", action="store_true", help="keep the extension's symbol tables")
+    deps.add_argument("--part-mib", type=float, default=9.0, help="also write it in parts of this size (0: no)")
     deps.set_defaults(handler=cmd_deps)
     env = sub.add_parser("env")
     env.add_argument("output")

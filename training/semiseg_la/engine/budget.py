@@ -60,6 +60,8 @@ def plan_to_budget(config: TrainConfig, labeled: List[TrainCase], unlabeled: Lis
                     unlabeled, None, ProgressReporter(), initial_weights)
     step_s = probe.measure_step_seconds(steps)
     validation_s = _time_validation(probe, validator)
+    if probe.loader is not None:  # its thread or processes are not needed any more
+        probe.loader.close()
     del probe
     gc.collect()
     export_s = export_evaluations * validation_s + EXPORT_OVERHEAD_S

@@ -133,6 +133,10 @@ class TrainConfig:
     # while the current step runs; None = on when training on a GPU (on a CPU the thread takes a core from the
     # step). Batches and resumed runs are the same with and without it.
     prefetch: Optional[bool] = None
+    # host batches made by this many forked processes instead (a GPU whose step outruns one host core): each
+    # batch gets its own seed from the augmentation stream, so a run draws other batches than with 0, the same
+    # ones with any number of processes, resumed or not
+    loader_workers: int = 0
     validate_every: int = 200
     validate_from: int = 0
     checkpoint_every: int = 100
@@ -229,6 +233,8 @@ class TrainConfig:
         unknown = [f for f in self.site_shift_families if f not in FAMILIES]
         if unknown or not self.site_shift_families:
             problems.append(f"site_shift_families must name families of {', '.join(FAMILIES)}; got {unknown or '[]'}")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            problems.append(f"loader_workers={self.loader_workers!r} must be an integer >= 0")
         if self.site_shift_max_families < 1:
             problems.append(f"site_shift_max_families={self.site_shift_max_families} must be >= 1")
         if self.site_shift_prob > 0 and self.in_channels != 1:

@@ -8,7 +8,9 @@ sampler whose whole state is plain Python data, so a kill -9 + `--resume` contin
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -419,6 +421,59 @@ class Prefetcher:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.pending = None
+
+
+class WorkerLoader:
+    """Makes host batches in `workers` processes, up to `2 * workers` batches ahead of the step: for a GPU
+    whose step outruns one host core (wide-FOV canvases and simulated sites are made on the host).
+
+    The run's streams draw each batch's cases and one seed (`draw()`), in order, here; a process makes the
+    batch from them alone (`make(request)`). A run therefore draws the same batches with any number of
+    processes (other ones than without them: each batch has its own seed), and the streams' state from
+    before the oldest batch in flight is what a checkpoint keeps, so a resumed run continues identically.
+    The processes are forked (they inherit the cases without a copy): Linux and macOS, not Windows."""
+
+    def __init__(self, make: Callable[[Any], Any], draw: Callable[[], Any], snapshot: Callable[[], Dict[str, Any]],
+                 workers: int) -> None:
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise InputError("loader_workers needs processes started by fork, which this platform lacks; "
+                             "use --set loader_workers=0 (the loader thread, prefetch, still works)")
+        self.draw, self.snapshot, self.depth = draw, snapshot, 2 * int(workers)
+        self.pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_set_worker_maker, initargs=(make,))
+        self.pending: deque = deque()  # (future, the streams' state before its request was drawn)
+
+    def take(self) -> Any:
+        self._fill()
+        future, _streams = self.pending.popleft()
+        batch = future.result()
+        self._fill()
+        return batch
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.depth:
+            streams = self.snapshot()
+            self.pending.append((self.pool.submit(_make_in_worker, self.draw()), streams))
+
+    def streams_before_pending(self) -> Optional[Dict[str, Any]]:
+        """The streams' state to checkpoint: from before the oldest batch in flight (None when none is)."""
+        return self.pending[0][1] if self.pending else None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+_WORKER_MAKE: Optional[Callable[[Any], Any]] = None
+
+
+def _set_worker_maker(make: Callable[[Any], Any]) -> None:
+    global _WORKER_MAKE
+    _WORKER_MAKE = make
+
+
+def _make_in_worker(request: Any) -> Any:
+    return _WORKER_MAKE(request)
 
 
 def crop_plan(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator

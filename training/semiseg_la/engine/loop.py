@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .data import (
     TrainCase,
     TwoStreamSampler,
     WideFieldOfView,
+    WorkerLoader,
     normalize_volume,
 )
 from .distributed import (
@@ -151,9 +152,7 @@ class Trainer:
 
             self.device_batcher = DeviceBatcher(labeled, unlabeled if config.use_unlabeled else [], self.augment,
                                                 self.device)
-        prefetch = config.prefetch if config.prefetch is not None else self.device.type == "cuda"
-        self.loader = (Prefetcher(self._make_host_batch, self._streams_snapshot)
-                       if prefetch and self.device_batcher is None else None)
+        self.loader = self._host_loader(config)
         self.widen = (WideFieldOfView(labeled, config.spacing, config.wide_fov_prob, config.wide_fov_decoy_prob,
                                       config.wide_fov_max_mm, config.wide_fov_intensities,
                                       config.wide_fov_region_mm, config.patch_size, config.normalization,
@@ -164,6 +163,17 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.best = {"dice": -1.0, "iteration": None}
         self.elapsed_before = 0.0
+
+    def _host_loader(self, config: TrainConfig) -> Optional[Union[Prefetcher, WorkerLoader]]:
+        """Who makes the host batches ahead of the step: loader processes (`loader_workers`), one thread
+        (`prefetch`, on by default on a GPU), or nobody (each batch made in the step)."""
+        if self.device_batcher is not None:
+            return None
+        if config.loader_workers > 0:
+            return WorkerLoader(self._seeded_host_batch, self._batch_request, self._streams_snapshot,
+                                config.loader_workers)
+        prefetch = config.prefetch if config.prefetch is not None else self.device.type == "cuda"
+        return Prefetcher(self._make_host_batch, self._streams_snapshot) if prefetch else None
 
     # -- state ----------------------------------------------------------------------------------
     def rank_state(self) -> Dict[str, Any]:
@@ -289,35 +299,51 @@ class Trainer:
     def _make_host_batch(self) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(images, labels, images before the site shift or None) of the next batch, as numpy arrays."""
         labeled_ids, unlabeled_ids = self.sampler.next()
+        return self._host_batch(labeled_ids, unlabeled_ids, self.aug_rng)
+
+    def _batch_request(self) -> Tuple[List[int], List[int], int]:
+        """The next batch as the loader processes take it: its cases, and a seed for its own draws."""
+        labeled_ids, unlabeled_ids = self.sampler.next()
+        return labeled_ids, unlabeled_ids, int(self.aug_rng.integers(2 ** 63))
+
+    def _seeded_host_batch(self, request: Tuple[List[int], List[int], int]
+                           ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """`_host_batch` of one `_batch_request` (what a loader process runs)."""
+        labeled_ids, unlabeled_ids, seed = request
+        return self._host_batch(labeled_ids, unlabeled_ids, np.random.default_rng(seed))
+
+    def _host_batch(self, labeled_ids: Sequence[int], unlabeled_ids: Sequence[int], rng: np.random.Generator
+                    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         images, labels, clean = [], [], []
         picked = [(i, self.labeled[i]) for i in labeled_ids] + [(None, self.unlabeled[i]) for i in unlabeled_ids]
         for index, case in picked:
             source, source_label, met_site = case.image, case.label, False
             if self.widen is not None and index is not None:
-                source, source_label, met_site = self.widen.draw(source, source_label, index, self.aug_rng)
+                source, source_label, met_site = self.widen.draw(source, source_label, index, rng)
             if self.site_shift is not None and self.config.site_shift_before_normalization and not met_site:
-                image, label, shifted = self._augment_shifted_before_normalization(source, source_label)
+                image, label, shifted = self._augment_shifted_before_normalization(source, source_label, rng)
             else:
-                image, label = self.augment(source, source_label, self.aug_rng)
-                shifted = (self.site_shift(image, self.aug_rng) if self.site_shift is not None and not met_site
+                image, label = self.augment(source, source_label, rng)
+                shifted = (self.site_shift(image, rng) if self.site_shift is not None and not met_site
                            else None)
             clean.append(image)
             images.append(image if shifted is None else shifted)
             labels.append(label)
         return np.stack(images), np.stack(labels), np.stack(clean) if self.site_shift is not None else None
 
-    def _augment_shifted_before_normalization(self, source: np.ndarray, label: Optional[np.ndarray]
+    def _augment_shifted_before_normalization(self, source: np.ndarray, label: Optional[np.ndarray],
+                                              rng: np.random.Generator
                                               ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(patch, label, the same patch from another site or None): the whole crop or region passes through the
         site and is normalised again, as `segment` normalises another site's scan, and both versions are rotated
         and cut alike (stacked as channels through one augmentation draw)."""
-        acquire = self.site_shift.draw(self.aug_rng)
+        acquire = self.site_shift.draw(rng)
         if acquire is None:
-            image, label = self.augment(source, label, self.aug_rng)
+            image, label = self.augment(source, label, rng)
             return image, label, None
         c = self.config
         other_site = normalize_volume(acquire(source[0]), c.normalization, c.intensity_reference)[None]
-        both, label = self.augment(np.concatenate([source, other_site.astype(np.float32)]), label, self.aug_rng)
+        both, label = self.augment(np.concatenate([source, other_site.astype(np.float32)]), label, rng)
         return both[:1], label, both[1:]
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
