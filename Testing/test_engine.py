@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -214,3 +221,42 @@ def test_loader_processes_draw_the_same_run_with_any_count_and_the_same_resume(t
 def test_loader_workers_must_be_a_count():
     with pytest.raises(ConfigError, match="loader_workers"):
         build_config({"method": "supervised", "data": "synthetic", "loader_workers": -1})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the loader processes end with their parent on Linux")
+def test_loader_processes_end_when_the_training_process_is_killed_outright(tmp_path):
+    """kill -9 of a training process (a cancelled run's child killed) leaves no loader process behind."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from conftest import synthetic_cases
+        from test_engine import tiny_config
+        from semiseg_la.engine.loop import Trainer
+        trainer = Trainer(tiny_config(Path({str(tmp_path)!r}), loader_workers=2, max_iterations=100),
+                          synthetic_cases(2, True), [])
+        trainer.train_step()
+        print(json.dumps(sorted(trainer.loader.pool._processes)), flush=True)
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = json.loads(proc.stdout.readline())
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie not yet reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,39 @@ def test_missing_part_and_corruption_are_clear_errors(real_cache, tmp_path):
         la_cache.read_cached_case(path)
     with pytest.raises(InputError, match="not empty"):
         la_cache.CacheWriter(copy, (1, 1, 1))
+
+
+def test_a_cache_of_stored_intensities_on_the_model_grid_and_a_scan_built_from_it(la_root, tmp_path):
+    """`build_la_cache.py --spacing ... --normalization stored` holds each case resampled with its stored
+    intensities (what a standardising recipe normalises itself), and the GPU run's scan built from such a
+    cache keeps its spacing, so the label still covers the atrium (a 0.625 mm canvas made it half-size)."""
+    import subprocess
+    import sys
+
+    from semiseg_la.engine.data import prepare_case
+    from semiseg_la.io.volume import read_volume
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "la125"
+    subprocess.run([sys.executable, str(repo / "scripts" / "build_la_cache.py"), str(la_root), str(folder),
+                    "--spacing", "1.25", "1.25", "1.25", "--normalization", "stored", "--cases", "2"],
+                   check=True, capture_output=True)
+    manifest = la_cache.read_manifest(folder)
+    assert manifest["prepared"] and manifest["normalization"] == "stored" and manifest["spacing"] == [1.25] * 3
+    record = open_dataset(folder)[0]
+    h5 = {r.case_id: r for r in open_dataset(la_root, "train.list")}[record.case_id]
+    cached = prepare_case(record, (1.25, 1.25, 1.25), normalization="stored")
+    direct = prepare_case(h5, (1.25, 1.25, 1.25), normalization="stored")
+    assert _same_bits(cached.image, direct.image) and np.array_equal(cached.label, direct.label)
+    zscored = prepare_case(h5, (1.25, 1.25, 1.25), normalization="zscore-volume")
+    assert not np.allclose(cached.image, zscored.image, atol=1e-3)  # the stored intensities, not z-scored
+
+    scan, label = tmp_path / "scan.nrrd", tmp_path / "label.nrrd"
+    out = subprocess.run([sys.executable, str(repo / "scripts" / "gpu_run.py"), "scan", str(scan), str(label),
+                          "--shape", "192", "192", "80", "--data", str(folder)], check=True, capture_output=True,
+                         text=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["spacing"] == [1.25] * 3 and info["shape"] == [96, 96, 40]
+    written = read_volume(label)
+    assert tuple(written.spacing) == (1.25, 1.25, 1.25) and written.array.shape == (96, 96, 40)
+    assert int(written.array.sum()) > 0

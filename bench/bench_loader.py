@@ -5,6 +5,10 @@ seconds per iteration of each, their ratio, and the host batch time alone (crops
 sites, wide-FOV canvases), which is what the thread can hide behind the step:
 
     python bench/bench_loader.py [--device cpu|cuda] [--iterations 20] [--site-shift 0.5] [--wide-fov 0.0]
+        [--workers N]
+
+`--workers N` also times the step with N loader processes (`loader_workers`), which draw other batches
+(each its own seed) than the thread, of the same kind.
 
 On a CPU the thread and the step share the cores, so the saving is at most the host time and can be
 negative; on a GPU the step runs on the device and the host time can be hidden entirely.
@@ -52,9 +56,10 @@ def bench_config(args: argparse.Namespace, cases, output: Path, **extra):
         "output": str(output), **extra})
 
 
-def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path) -> float:
-    trainer = Trainer(bench_config(args, cases, work / f"prefetch-{prefetch}", device=args.device,
-                                   prefetch=prefetch, max_iterations=args.iterations + 2), cases, [])
+def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path, workers: int = 0) -> float:
+    trainer = Trainer(bench_config(args, cases, work / f"prefetch-{prefetch}-{workers}", device=args.device,
+                                   prefetch=prefetch, loader_workers=workers, max_iterations=args.iterations + 2),
+                      cases, [])
     for _ in range(2):  # warm-up: the first steps allocate
         trainer.train_step()
     synchronize(args.device)
@@ -88,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--site-shift", type=float, default=0.5, help="site_shift_prob of the runs")
     parser.add_argument("--wide-fov", type=float, default=0.0, help="wide_fov_prob of the runs")
+    parser.add_argument("--workers", type=int, default=0, help="also time N loader processes (0: not timed)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -98,16 +104,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         host = host_batch_seconds(args, cases, work)
         plain = run_once(False, args, cases, work)
         prefetched = run_once(True, args, cases, work)
+        processes = run_once(False, args, cases, work, args.workers) if args.workers else None
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch 4 x 64x64x48, "
           f"site_shift_prob {args.site_shift:g}, wide_fov_prob {args.wide_fov:g}, {args.iterations} iterations each")
     print(f"host batch alone:  {host:.3f} s")
     print(f"step, no prefetch: {plain:.3f} s/it")
     print(f"step, prefetch:    {prefetched:.3f} s/it")
     print(f"prefetch / plain:  {prefetched / plain:.2f}x (host share of a plain step {host / plain:.0%})")
+    if processes is not None:
+        print(f"step, {args.workers} processes: {processes:.3f} s/it ({processes / plain:.2f}x plain)")
     if args.json:
         figures = {"device": args.device, "host_batch_s": host, "plain_s_per_it": plain,
                    "prefetch_s_per_it": prefetched, "ratio": prefetched / plain, "iterations": args.iterations,
-                   "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov}
+                   "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov,
+                   "workers": args.workers, "workers_s_per_it": processes}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 

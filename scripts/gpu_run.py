@@ -1,6 +1,7 @@
 """The GPU session of issue 12 as one rehearsed command: measure the GPU paths, train the release models.
 
     python3 scripts/gpu_run.py run OUTDIR [--dry-run] [--pack DIR] [--data cache/la] [--budget 540]
+        [--jobs release|sites] [--skip STEP ...]
     python3 scripts/gpu_run.py unpack DIR OUTDIR     # here, on what the device tool brought back
     python3 scripts/gpu_run.py plan [--data cache/la] # the device-tool calls that carry cache and SimpleITK
     python3 scripts/gpu_run.py deps                   # .whl/simpleitk-*.tar.xz from a downloaded wheel
@@ -16,12 +17,14 @@ time box cut to what is left of `--budget` seconds, and a failure is logged and 
 5. train: the default clinical model (supervised-la-cpu recipe at 1.25 mm, schedule fitted to the time left)
    and caml-la-8, concurrently on one GPU, each with `--time-budget` (the whole command fits it); each export
    is copied into OUTDIR/models/<id> as fp16 shards below 16 MiB as soon as its process ends, and a run
-   cut off before its export is exported from its last checkpoint when time allows.
+   cut off before its export is exported from its last checkpoint when time allows. `--jobs sites` trains
+   instead the bundled default pair further with its recipe (three fine-tunes, loader processes each).
 6. pack (with --pack DIR): OUTDIR as a tar.gz in at most 7 parts below 15 MiB plus a manifest (the device
    tool returns 8 files of 16 MiB at most); `unpack` rebuilds OUTDIR from them.
 
-`--dry-run` runs every step with tiny sizes on the CPU (a synthetic cache unless --data is given), so the
-real run needs no edit. This file imports only the standard library; the steps run in child processes.
+`--skip` leaves steps out. `--dry-run` runs every step with tiny sizes on the CPU (a synthetic cache unless
+--data is given), so the real run needs no edit. This file imports only the standard library; the steps run
+in child processes.
 """
 
 from __future__ import annotations
@@ -328,14 +331,17 @@ def step_bench(s: Session) -> Dict[str, Any]:
 def step_loader(s: Session) -> Dict[str, Any]:
     """bench/bench_loader.py: the training step without and with the loader thread (issue 16)."""
     out = s.out / "bench" / "loader.json"
-    sizes = ["--iterations", "1", "--cases", "2"] if s.dry else ["--iterations", "20"]
+    sizes = (["--iterations", "1", "--cases", "2", "--workers", "1"] if s.dry
+             else ["--iterations", "30", "--workers", str(max(1, (os.cpu_count() or 2) // 2 - 1)),
+                   "--site-shift", "0.8", "--wide-fov", "0.5"])
     cmd = [PY, REPO / "bench" / "bench_loader.py", "--device", s.device, *sizes, "--json", out]
     res = s.call(cmd, s.logs / "loader.log", 240 if s.dry else 120)
     report = _read_json(out)
     if report is None:
         return {"status": "failed", "error": f"no loader JSON ({res})"}
     return {"status": "ok" if res["rc"] == 0 else "failed", "rc": res["rc"], "ratio": report.get("ratio"),
-            "plain_s_per_it": report.get("plain_s_per_it"), "prefetch_s_per_it": report.get("prefetch_s_per_it")}
+            **{k: report.get(k) for k in ("host_batch_s", "plain_s_per_it", "prefetch_s_per_it", "workers",
+                                          "workers_s_per_it")}}
 
 
 def step_segment(s: Session) -> Dict[str, Any]:
@@ -776,8 +782,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
         labelled = [r for r in open_dataset(args.data, labeled=False) if r.label_path is not None]
         case = labelled[-1] if labelled else None
+    spacing = (0.625, 0.625, 0.625)
     if case is not None:
         crop, crop_label = case.load()
+        if tuple(crop.spacing) != spacing:  # a prepared cache: the same field of view in its voxels
+            spacing = tuple(float(s) for s in crop.spacing)
+            shape = tuple(max(1, round(n * 0.625 / s)) for n, s in zip(shape, spacing))
+            image = rng.normal(0.0, 0.3, shape).astype(np.float32)
+            label = np.zeros(shape, np.uint8)
+            info.update(shape=list(shape), spacing=list(spacing))
         box = [min(a, b) for a, b in zip(crop.shape, shape)]
         starts = [(s - b) // 2 for s, b in zip(shape, box)]
         where = tuple(slice(a, a + b) for a, b in zip(starts, box))
@@ -791,8 +804,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         image[inside] += 2.0
         label[inside] = 1
         info["case"] = "synthetic ellipsoid"
-    write_volume(Volume(image, (0.625, 0.625, 0.625)), args.scan, compress=False)
-    write_volume(Volume(label, (0.625, 0.625, 0.625)), args.label)
+    write_volume(Volume(image, spacing), args.scan, compress=False)
+    write_volume(Volume(label, spacing), args.label)
     _write_json(Path(args.scan).parent / "scan.json", info)
     print(json.dumps(info))
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (issue 12): measure the GPU paths and train the release models in <= 9 minutes.
 #
-#   bash scripts/gpu_run.sh OUTDIR [--dry-run] [--pack DIR] [--cache cache/la] [--budget 540] ...
+#   bash scripts/gpu_run.sh OUTDIR [--dry-run] [--pack DIR] [--data cache/la] [--budget 540] [--jobs sites] [--skip STEP ...]
 #
 # Steps, in order, each time-boxed, each failure logged and skipped: set-up (SimpleITK from .whl/ when
 # missing, pip install -e training), environment report + `pytest -m cuda`, bench/bench_train.py, segment

@@ -7,8 +7,12 @@ sampler whose whole state is plain Python data, so a kill -9 + `--resume` contin
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
+import os
+import signal
+import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -440,7 +444,7 @@ class WorkerLoader:
                              "use --set loader_workers=0 (the loader thread, prefetch, still works)")
         self.draw, self.snapshot, self.depth = draw, snapshot, 2 * int(workers)
         self.pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("fork"),
-                                        initializer=_set_worker_maker, initargs=(make,))
+                                        initializer=_set_worker_maker, initargs=(make, os.getpid()))
         self.pending: deque = deque()  # (future, the streams' state before its request was drawn)
 
     def take(self) -> Any:
@@ -467,9 +471,22 @@ class WorkerLoader:
 _WORKER_MAKE: Optional[Callable[[Any], Any]] = None
 
 
-def _set_worker_maker(make: Callable[[Any], Any]) -> None:
+def _set_worker_maker(make: Callable[[Any], Any], parent: int) -> None:
     global _WORKER_MAKE
     _WORKER_MAKE = make
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """A loader process ends when the training process does, even one killed outright (kill -9, a cancelled
+    run's child killed), instead of waiting forever on a queue whose other end it holds itself (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent:  # the parent had already gone before the line above
+        os._exit(0)
 
 
 def _make_in_worker(request: Any) -> Any:
