@@ -660,11 +660,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         target["items"].append(name)
         target["bytes"] += nbytes
     bins.sort(key=lambda b: -b["bytes"])  # the lightest call last: it also runs the session
+    session = GPU_COMMAND + ("" if data == REPO / "cache" / "la" else f" --data {data.relative_to(REPO)}")
     calls = []
     for i, b in enumerate(bins, 1):
         last = i == len(bins)
         calls.append({"carry": fixed + sorted(b["items"]), "mib": round((repo + b["bytes"]) / MiB, 1),
-                      "command": GPU_COMMAND if last else "du -sh cache .whl  # leaves these files on the machine",
+                      "command": session if last else "du -sh cache .whl  # leaves these files on the machine",
                       "timeout_s": 600 if last else 120})
     report = {"repo_mib": round(repo / MiB, 1), "room_per_call_mib": round(room / MiB, 1), "calls": calls,
               "note": "make the calls back to back (the machine is given back 30 s after a call, and the files "

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..io.datasets import CaseRecord
 from ..io.volume import Volume
 from ..preprocess.normalize import standardize, zscore, zscore_stats
@@ -440,7 +440,7 @@ class WorkerLoader:
     def __init__(self, make: Callable[[Any], Any], draw: Callable[[], Any], snapshot: Callable[[], Dict[str, Any]],
                  workers: int) -> None:
         if "fork" not in multiprocessing.get_all_start_methods():
-            raise InputError("loader_workers needs processes started by fork, which this platform lacks; "
+            raise ConfigError("loader_workers needs processes started by fork, which this platform lacks; "
                              "use --set loader_workers=0 (the loader thread, prefetch, still works)")
         self.draw, self.snapshot, self.depth = draw, snapshot, 2 * int(workers)
         self.pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("fork"),
