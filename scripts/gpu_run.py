@@ -773,25 +773,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from semiseg_la.io.volume import Volume, write_volume
 
     shape = tuple(args.shape)
-    rng = np.random.default_rng(0)
-    image = rng.normal(0.0, 0.3, shape).astype(np.float32)
-    label = np.zeros(shape, np.uint8)
-    info: Dict[str, Any] = {"shape": list(shape)}
+    spacing = (0.625, 0.625, 0.625)
     case = None
     if args.data:
         from semiseg_la.io.datasets import open_dataset
 
         labelled = [r for r in open_dataset(args.data, labeled=False) if r.label_path is not None]
         case = labelled[-1] if labelled else None
-    spacing = (0.625, 0.625, 0.625)
     if case is not None:
         crop, crop_label = case.load()
         if tuple(crop.spacing) != spacing:  # a prepared cache: the same field of view in its voxels
             spacing = tuple(float(s) for s in crop.spacing)
             shape = tuple(max(1, round(n * 0.625 / s)) for n, s in zip(shape, spacing))
-            image = rng.normal(0.0, 0.3, shape).astype(np.float32)
-            label = np.zeros(shape, np.uint8)
-            info.update(shape=list(shape), spacing=list(spacing))
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.0, 0.3, shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    info: Dict[str, Any] = {"shape": list(shape), "spacing": list(spacing)}
+    if case is not None:
         box = [min(a, b) for a, b in zip(crop.shape, shape)]
         starts = [(s - b) // 2 for s, b in zip(shape, box)]
         where = tuple(slice(a, a + b) for a, b in zip(starts, box))

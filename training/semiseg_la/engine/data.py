@@ -7,6 +7,7 @@ sampler whose whole state is plain Python data, so a kill -9 + `--resume` contin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import multiprocessing
@@ -481,10 +482,8 @@ def _end_with_parent(parent: int) -> None:
     """A loader process ends when the training process does, even one killed outright (kill -9, a cancelled
     run's child killed), instead of waiting forever on a queue whose other end it holds itself (Linux)."""
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # without prctl the check below still runs
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
     if os.getppid() != parent:  # the parent had already gone before the line above
         os._exit(0)
 

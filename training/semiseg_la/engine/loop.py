@@ -152,13 +152,13 @@ class Trainer:
 
             self.device_batcher = DeviceBatcher(labeled, unlabeled if config.use_unlabeled else [], self.augment,
                                                 self.device)
-        self.loader = self._host_loader(config)
         self.widen = (WideFieldOfView(labeled, config.spacing, config.wide_fov_prob, config.wide_fov_decoy_prob,
                                       config.wide_fov_max_mm, config.wide_fov_intensities,
                                       config.wide_fov_region_mm, config.patch_size, config.normalization,
                                       config.intensity_reference,
                                       site=self.site_shift if config.site_shift_on_canvas else None)
                       if config.wide_fov_prob > 0 else None)
+        self.loader = self._host_loader(config)  # after everything a loader process inherits by fork
         self.iteration = 0
         self.history: List[Dict[str, float]] = []
         self.best = {"dice": -1.0, "iteration": None}
