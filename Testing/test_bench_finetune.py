@@ -83,3 +83,42 @@ def test_whole_scans_are_also_scored_in_fixed_regions_when_asked(bench, monkeypa
     assert args.fixed_region == [15.0] and args.methods == []
     with pytest.raises(SystemExit):
         bench.parse_args(["--data", "d", "--fixed-region", "10"])
+
+
+def test_figures_are_written_after_each_fine_tune(bench, monkeypatch, tmp_path):
+    """A benchmark stopped part-way (a time box on a GPU machine) keeps the base's and each finished
+    fine-tune's figures in --json; a failed fine-tune is recorded too."""
+    import json
+
+    import numpy as np
+
+    from semiseg_la.io.volume import Volume
+
+    label = np.zeros((12, 12, 8), np.uint8)
+    label[3:9, 3:9, 2:6] = 1
+    record = type("Record", (), {"case_id": "c", "label_path": "x",
+                                 "load": lambda self: (Volume(label.astype(np.float32), (1.0,) * 3),
+                                                       Volume(label, (1.0,) * 3))})
+    monkeypatch.setattr(bench, "open_dataset", lambda root, name: [record() for _ in range(3)])
+    monkeypatch.setattr(bench, "resolve_model", lambda model: tmp_path / "base")
+    monkeypatch.setattr(bench, "write_site", lambda *a: (tmp_path / "site", tmp_path / "unl"))
+    monkeypatch.setattr(bench, "score_model", lambda model, *a, **k: {
+        "model": str(model), "unshifted": 0.9, "shifted": 0.8, "shifted_cases": [0.8], "unshifted_cases": [0.9]})
+    out = tmp_path / "run.json"
+    seen = []
+
+    def finetune(method, *a):
+        saved = json.loads(out.read_text())
+        seen.append([row["method"] for row in saved["runs"]])
+        if method == "supervised":
+            raise KeyboardInterrupt  # the run is stopped here
+        return {"model_dir": "m", "iterations": 5, "wall_s": 1.0, "step_s": 0.1, "guard": None}
+
+    monkeypatch.setattr(bench, "run_finetune", finetune)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--data", "d", "--model", "m", "--labeled", "1", "--unlabeled", "1", "--val", "1",
+                    "--methods", "default", "supervised", "--json", str(out), "--work", str(tmp_path)])
+    saved = json.loads(out.read_text())
+    assert seen == [[], ["default"]]
+    assert [row["method"] for row in saved["runs"]] == ["default"] and saved["base"]["shifted"] == 0.8
+    assert saved["device"] == "cpu"

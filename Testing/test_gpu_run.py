@@ -33,8 +33,10 @@ def test_dry_run_runs_every_step(dry_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["data", "setup", "env", "cuda-tests", "bench", "loader", "segment", "train", "pack"]
-    failed = {k: v for k, v in steps.items() if v["status"] != "ok"}
+    assert list(steps) == ["data", "setup", "env", "cuda-tests", "bench", "loader", "segment", "train", "finetune",
+                           "pack"]
+    assert steps["finetune"]["status"] == "skipped"  # only with --finetune GRID
+    failed = {k: v for k, v in steps.items() if v["status"] != "ok" and k != "finetune"}
     assert not failed, failed
     assert "skipped" in steps["cuda-tests"]["result"]  # no GPU here: the CUDA tests report skipped
     for log in ("gpu_run.log", "env.log", "cuda-tests.log", "bench.log", "segment.log"):
@@ -124,3 +126,16 @@ def test_salvage_command_resumes_without_the_budget():
            "--set", "fit_to_budget=true", "--set", "device_data=true", "--iterations", "20000"]
     assert gpu_run._without_budget_flags(cmd) == ["python", "-m", "semiseg_la.cli.main", "train", "--preset",
                                                   "caml-la-8", "--set", "device_data=true", "--iterations", "20000"]
+
+
+def test_every_fine_tune_benchmark_of_a_grid_is_a_valid_bench_command():
+    """The grids run unattended on a lent GPU: each benchmark's real and dry flags must parse, name distinct
+    JSON files and pair every variant with a run of the same training seed."""
+    gpu_run = load_script("scripts/gpu_run.py")
+    bench = load_script("bench/bench_finetune.py")
+    for grid in gpu_run.FINETUNE_GRIDS.values():
+        assert len({b.name for b in grid}) == len(grid)
+        for flags in [b.real for b in grid] + [b.dry for b in grid if b.dry]:
+            args = bench.parse_args(["--data", "d", *flags])
+            assert args.methods and any(o.startswith("seed=") for o in args.overrides), flags
+        assert any(b.dry for b in grid)  # the dry run rehearses the grid

@@ -61,3 +61,21 @@ def test_a_file_that_is_not_a_bench_run_is_named(pool, tmp_path):
     other = write(tmp_path, "other.json", {"dice": 0.9})
     with pytest.raises(SystemExit, match="other.json: not a bench_finetune.py --json file"):
         pool.main([str(other)])
+
+
+def test_method_parameters_make_another_method_and_other_settings_another_group(pool, tmp_path, capsys):
+    """`--set method_params.consistency=0` is a variant of the method, compared within its group; a run with
+    `--set max_iterations=500` measured something else (its own group); a variant run alone is paired with
+    the run of the same training seed."""
+    plain = bench_run("scanner", [0.9, 0.8, 0.7], [0.9, 0.8, 0.7])
+    plain["overrides"] = ["seed=2"]
+    ablated = bench_run("scanner", [0.92, 0.8, 0.7], [0.9, 0.8, 0.7])
+    ablated["overrides"] = ["seed=2", "method_params.consistency=0"]
+    ablated["runs"] = ablated["runs"][:1]
+    longer = bench_run("scanner", [0.9, 0.8, 0.7], [0.9, 0.8, 0.7])
+    longer["overrides"], longer["device"] = ["seed=2", "max_iterations=500"], "cuda"
+    files = [write(tmp_path, f"{name}.json", run) for name, run in (("a", plain), ("b", ablated), ("c", longer))]
+    pool.main([str(f) for f in files])
+    out = capsys.readouterr().out
+    assert "flip, cpu: 2 run(s)" in out and "flip, cuda, --set max_iterations=500: 1 run(s)" in out
+    assert "default[consistency=0] vs supervised: +0.67 Dice points" in out

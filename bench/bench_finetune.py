@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -50,6 +51,7 @@ from semiseg_la.engine.data import label_roi
 from semiseg_la.errors import RegionError
 from semiseg_la.inference.predictor import Predictor, combine_networks
 from semiseg_la.io import read_volume, write_volume
+from semiseg_la.io.atomic import atomic_write_text
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.io.volume import Volume
 from semiseg_la.metrics import dice
@@ -77,8 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift, acquire)
     cases = [acquire(record, 1000 + i) if acquire else record.load() for i, record in enumerate(validation)]
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
-    scorer = WholeScanScorer(work / "scoring", args.tta, args.fixed_region or ()) if acquire else None
-    base = score_model(args.model, cases, shifted, args.tta, scorer)
+    scorer = WholeScanScorer(work / "scoring", args.tta, args.fixed_region or (), args.device) if acquire else None
+    base = score_model(args.model, cases, shifted, args.tta, scorer, args.device)
+    rows: List[Dict] = []
+    save = partial(write_json, args, shift, validation, base, rows)
+    save()
     print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site "
           f"{f'whole scans ({args.whole} x {args.whole} in-plane)' if acquire else 'scans'}; "
           f"{len(cases)} validation cases scored with --tta {args.tta}; budget {args.budget:g} s; "
@@ -91,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "the site", flush=True)
     if "region_spread" in base:
         print(format_spread(base["region_spread"]), flush=True)
-    rows: List[Dict] = []
     print(f"{'fine-tune':12s} {'iters':>5s} {'s/it':>5s} {'wall s':>6s} {'site Dice':>9s} {'recovered':>9s} "
           f"{'unshifted':>9s} {'d unshift':>9s}  guard", flush=True)
     for method in args.methods:
@@ -99,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.get("error"):
             rows.append({"method": method, **run})
             print(f"{method:12s} FAILED: {run['error']}", flush=True)
+            save()
             continue
-        scores = score_model(run["model_dir"], cases, shifted, args.tta, scorer)
+        scores = score_model(run["model_dir"], cases, shifted, args.tta, scorer, args.device)
         lost = base["unshifted"] - base["shifted"]
         recovered = (scores["shifted"] - base["shifted"]) / lost if lost > 0 else float("nan")
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
@@ -108,19 +113,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                "shifted_cases": scores["shifted_cases"], "unshifted_cases": scores["unshifted_cases"]}
         row.update({k: scores[k] for k in ("fixed_regions", "region_spread") if k in scores})
         rows.append(row)
+        save()
         print(format_row(row), flush=True)
         for margin, fixed in row.get("fixed_regions", {}).items():
             print(format_fixed(fixed, base["fixed_regions"][margin], margin), flush=True)
         if "region_spread" in row:
             print(format_spread(row["region_spread"]), flush=True)
     print_summary(base, rows)
-    if args.json:
-        result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
-                  "budget_s": args.budget, "tta": args.tta, "labeled": args.labeled, "unlabeled": args.unlabeled,
-                  "whole": args.whole, "overrides": args.overrides,
-                  "validation": [r.case_id for r in validation], "base": base, "runs": rows}
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     return 0
+
+
+def write_json(args: argparse.Namespace, shift: SiteShift, validation, base: Dict, rows: List[Dict]) -> None:
+    """Every figure so far into `--json`, rewritten after each fine-tune: a run stopped part-way keeps them."""
+    if not args.json:
+        return
+    result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
+              "budget_s": args.budget, "tta": args.tta, "labeled": args.labeled, "unlabeled": args.unlabeled,
+              "whole": args.whole, "overrides": args.overrides, "device": args.device,
+              "validation": [r.case_id for r in validation], "base": base, "runs": rows}
+    atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=float) + "\n")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -137,7 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--labeled", type=int, default=4)
     parser.add_argument("--unlabeled", type=int, default=12)
     parser.add_argument("--val", type=int, default=8, help="the last N train.list cases (the base's validation)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where the fine-tunes train and the models are scored")
     parser.add_argument("--tta", choices=("flip", "mirror", "none"), default="flip",
                         help="test-time augmentation when scoring (default flip: what `segment` writes by default)")
     parser.add_argument("--whole", type=int, default=0, metavar="VOXELS",
@@ -200,15 +211,16 @@ class WholeScanScorer:
     `margins`, also in the region `--region X0 .. Z1` of the atrium's box + each margin (mm; the same box for
     every model)."""
 
-    def __init__(self, folder: Path, tta: str, margins: Sequence[float] = ()) -> None:
+    def __init__(self, folder: Path, tta: str, margins: Sequence[float] = (), device: str = "cpu") -> None:
         self.folder, self.tta, self.margins = folder, tta, tuple(float(m) for m in margins)
+        self.device = device
         folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, model: str, image: Volume, region: Sequence[int] = ()) -> np.ndarray:
         source, output = self.folder / "scan.nrrd", self.folder / "label.nrrd"
         write_volume(image, source, compress=False)
-        code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta,
-                    "--progress", "none", *(["--region", *map(str, region)] if region else [])])
+        code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta, "--device",
+                    self.device, "--progress", "none", *(["--region", *map(str, region)] if region else [])])
         if code == RegionError.exit_code:  # what the user gets: no segmentation, scored as such
             print(f"segment with {model}: no plausible atrium found, scored as Dice 0", flush=True)
             return np.zeros(image.shape, np.uint8)
@@ -222,7 +234,7 @@ class WholeScanScorer:
         return label_roi(label, patch_mm(spec.patch_size, spec.spacing), [margin] * 6)
 
 
-def score_model(model: str, cases, shifted, tta: str, scorer=None) -> Dict:
+def score_model(model: str, cases, shifted, tta: str, scorer=None, device: str = "cpu") -> Dict:
     if scorer is not None:
         scores = _scored(model, cases, shifted, lambda image, label: dice(scorer(model, image), label.array))
         fixed = {f"{m:g}": _scored(model, cases, shifted, lambda image, label, m=m: dice(
@@ -233,7 +245,7 @@ def score_model(model: str, cases, shifted, tta: str, scorer=None) -> Dict:
             scores["region_spread"] = region_spread(list(fixed.values()))
         return scores
     network, card = load_network(resolve_model(model))
-    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device="cpu")
+    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device=device)
     return _scored(card.id, cases, shifted, lambda image, label: dice(predictor.predict(image).label.array,
                                                                       label.array))
 

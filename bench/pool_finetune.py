@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, runs in groups.items():
         print_group(key, runs)
         for method, case_diffs in compare(runs, args.against).items():
-            print_comparison(method, args.against, case_diffs, [run_difference(r, method, args.against) for r in runs])
+            print_comparison(method, args.against, case_diffs, run_differences(runs, method, args.against))
             pooled[method].extend(case_diffs)
         print()
     if len(groups) > 1:
@@ -56,9 +56,21 @@ def load_run(path: Path) -> Dict:
 
 
 def group_key(run: Dict) -> Tuple:
-    """What a run measured, apart from its training seed."""
+    """What a run measured, apart from its training seed and its methods' parameters (see `method_label`)."""
+    setting = tuple(sorted(o for o in run.get("overrides", []) if not _seed_or_method(o)))
     return (run["shift"], "whole scans" if run.get("whole") else "crops", run["labeled"], run["unlabeled"],
-            Path(run["base"]["model"]).name, run["budget_s"], run.get("tta", "flip"))
+            Path(run["base"]["model"]).name, run["budget_s"], run.get("tta", "flip"), run.get("device", "cpu"),
+            setting)
+
+
+def method_label(run: Dict, method: str) -> str:
+    """A fine-tune run with `--set method_params.X=...` is another method of its group: `default[X=...]`."""
+    params = sorted(o.split(".", 1)[1] for o in run.get("overrides", []) if o.startswith("method_params."))
+    return f"{method}[{','.join(params)}]" if params else method
+
+
+def _seed_or_method(override: str) -> bool:
+    return override.startswith(("seed=", "method_params."))
 
 
 def group_runs(runs: Sequence[Dict]) -> Dict[Tuple, List[Dict]]:
@@ -72,14 +84,15 @@ def group_runs(runs: Sequence[Dict]) -> Dict[Tuple, List[Dict]]:
 
 
 def scored(run: Dict) -> Dict[str, Dict]:
-    return {row["method"]: row for row in run["runs"] if "shifted" in row}
+    return {method_label(run, row["method"]): row for row in run["runs"] if "shifted" in row}
 
 
 def print_group(key: Tuple, runs: List[Dict]) -> None:
-    shift, kind, labeled, unlabeled, model, budget, tta = key
+    shift, kind, labeled, unlabeled, model, budget, tta, device, setting = key
     base = runs[0]["base"]
-    print(f"{shift}, {kind}, {labeled} labelled + {unlabeled} unlabelled, base {model}, {budget:g} s, --tta {tta}: "
-          f"{len(runs)} run(s) ({', '.join(r['file'] for r in runs)})")
+    print(f"{shift}, {kind}, {labeled} labelled + {unlabeled} unlabelled, base {model}, {budget:g} s, --tta {tta}, "
+          f"{device}{''.join(f', --set {o}' for o in setting)}: {len(runs)} run(s) "
+          f"({', '.join(r['file'] for r in runs)})")
     print(f"  base: {base['unshifted']:.4f} unshifted, {base['shifted']:.4f} at the site")
     methods = sorted({m for r in runs for m in scored(r)}, key=lambda m: (m != "default", m))
     for method in methods:
@@ -97,20 +110,35 @@ def mean(rows: Sequence[Dict], key: str) -> float:
 def compare(runs: Sequence[Dict], against: str) -> Dict[str, List[float]]:
     """Per method, each scored case's difference from `against`, averaged over the runs that have both."""
     result = {}
-    methods = {m for r in runs for m in scored(r)} - {against}
-    for method in sorted(methods):
-        pairs = [(scored(r)[method], scored(r)[against]) for r in runs if {method, against} <= set(scored(r))]
+    for method in sorted({m for r in runs for m in scored(r)} - {against}):
+        pairs = paired(runs, method, against)
         if pairs:
             diffs = np.mean([np.subtract(a["shifted_cases"], b["shifted_cases"]) for a, b in pairs], axis=0)
             result[method] = diffs.tolist()
     return result
 
 
-def run_difference(run: Dict, method: str, against: str) -> float:
-    rows = scored(run)
-    if method in rows and against in rows:
-        return rows[method]["shifted"] - rows[against]["shifted"]
-    return float("nan")
+def paired(runs: Sequence[Dict], method: str, against: str) -> List[Tuple[Dict, Dict]]:
+    """(method, against) rows of each run that has the method: `against` from the same run, or else from a run
+    of the group trained with the same seed (a run of one variant, `--methods default --set method_params...`)."""
+    pairs = []
+    for run in runs:
+        rows = scored(run)
+        if method not in rows:
+            continue
+        partner = rows if against in rows else next(
+            (scored(r) for r in runs if training_seed(r) == training_seed(run) and against in scored(r)), None)
+        if partner is not None:
+            pairs.append((rows[method], partner[against]))
+    return pairs
+
+
+def training_seed(run: Dict) -> str:
+    return next((o for o in run.get("overrides", []) if o.startswith("seed=")), "seed of the preset")
+
+
+def run_differences(runs: Sequence[Dict], method: str, against: str) -> List[float]:
+    return [a["shifted"] - b["shifted"] for a, b in paired(runs, method, against)]
 
 
 def print_comparison(method: str, against: str, case_diffs: Sequence[float], run_diffs: Sequence[float],

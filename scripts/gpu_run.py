@@ -114,7 +114,42 @@ SITES_JOBS = [
 ]
 
 JOB_SETS = {"release": RELEASE_JOBS, "sites": SITES_JOBS}
-STEPS = ("setup", "env", "cuda-tests", "bench", "loader", "segment", "train")
+
+
+@dataclasses.dataclass
+class FinetuneBench:
+    """One `bench/bench_finetune.py` run of a grid: its name (the JSON's) and its flags, real and dry."""
+
+    name: str
+    real: List[str]
+    dry: List[str]
+
+
+# seeds (issue 10): does the button's semi-supervised fine-tune beat supervised-only at the `scanner` site, over
+# eight training seeds instead of three (the 50-iteration button, which a GPU runs as a CPU does, only faster),
+# and does it with 10 times the iterations, where a GPU user could afford them (with the consistency weight at 0
+# beside it: what the unlabelled scans add)? Needs a source-resolution cache holding the site's 16 cases and the
+# 8 validation cases, in train.list order (README, "GPU run"). At a site twice as far (`--strength 2`) the parent's
+# predictions on the unlabelled scans are poorer: the long runs there too.
+SITE = ["--shift", "scanner", "--budget", "420"]
+DRY_SITE = ["--shift", "scanner", "--budget", "150", "--labeled", "3", "--unlabeled", "1", "--val", "1",
+            "--set", "max_iterations=2"]
+BOTH = ["--methods", "default", "supervised"]
+LONG = ["--set", "max_iterations=500"]
+WITHOUT_CONSISTENCY = ["--methods", "default", "--set", "method_params.consistency=0"]
+SEEDS_GRID = (
+    [FinetuneBench(f"button-s{seed}", [*SITE, *BOTH, "--set", f"seed={seed}"],
+                   [*DRY_SITE, *BOTH, "--set", f"seed={seed}"] if seed == 1337 else [])
+     for seed in (1337, 2, 3, 4, 5, 6, 7, 8)]
+    + [FinetuneBench(f"long-s{seed}", [*SITE, *BOTH, *LONG, "--set", f"seed={seed}"], []) for seed in (1337, 2, 3)]
+    + [FinetuneBench(f"long-c0-s{seed}", [*SITE, *WITHOUT_CONSISTENCY, *LONG, "--set", f"seed={seed}"],
+                     [*DRY_SITE, *WITHOUT_CONSISTENCY, "--set", f"seed={seed}"] if seed == 1337 else [])
+       for seed in (1337, 2, 3)]
+    + [FinetuneBench(f"far-long-s{seed}", [*SITE, "--strength", "2", *BOTH, *LONG, "--set", f"seed={seed}"], [])
+       for seed in (1337, 2)]
+)
+FINETUNE_GRIDS = {"seeds": SEEDS_GRID}
+STEPS = ("setup", "env", "cuda-tests", "bench", "loader", "segment", "train", "finetune")
 
 
 # ---- the session ---------------------------------------------------------------------------------
@@ -434,6 +469,37 @@ def step_train(s: Session) -> Dict[str, Any]:
                                                  if not v.get("model"))})}
 
 
+def step_finetune(s: Session) -> Dict[str, Any]:
+    """The grid's fine-tune benchmarks all at once on the one GPU, the cores shared out; each writes its JSON after
+    every fine-tune, so one stopped at the deadline keeps what it finished. Then pool_finetune.py reads them."""
+    if not s.args.finetune:
+        return {"status": "skipped", "note": "no --finetune GRID asked"}
+    data = _training_data(s)
+    benches = [b for b in FINETUNE_GRIDS[s.args.finetune] if (b.dry if s.dry else b.real)]
+    out = s.out / "finetune"
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(s.env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // len(benches))))
+    limit = s.left() - 20.0  # kept for the pooling
+    running = []
+    for bench in benches:
+        work = s.work / "finetune" / bench.name
+        shutil.rmtree(work, ignore_errors=True)
+        cmd = [PY, REPO / "bench" / "bench_finetune.py", "--data", data, "--device", s.device, "--work", work,
+               "--json", out / f"{bench.name}.json", *(bench.dry if s.dry else bench.real)]
+        running.append((bench, s.start(cmd, s.logs / f"finetune-{bench.name}.log", env)))
+    s.say(f"finetune: {len(running)} benchmarks started, {env['OMP_NUM_THREADS']} thread(s) each, {limit:.0f} s")
+    until = time.monotonic() + limit
+    results = {bench.name: finish(proc, max(1.0, until - time.monotonic())) for bench, proc in running}
+    runs = sorted(out.glob("*.json"))
+    if runs:
+        s.call([PY, REPO / "bench" / "pool_finetune.py", *runs], out / "pool.txt", 15)
+    finished = {name: sum(1 for row in (_read_json(out / f"{name}.json") or {}).get("runs", []) if "shifted" in row)
+                for name in results}
+    ok = all(r["rc"] == 0 for r in results.values())
+    return {"status": "ok" if ok else "failed", "fine_tunes_scored": finished,
+            **({} if ok else {"error": "; ".join(f"{k}: {v}" for k, v in results.items() if v["rc"] != 0)})}
+
+
 def collect_model(s: Session, job: TrainJob, result: Dict[str, Any], run_dir: Path, cmd: List[str],
                   env: Dict[str, str]) -> Dict[str, Any]:
     """The finished (or stopped) run's export as fp16 shards in OUTDIR/models; salvage when it has none."""
@@ -521,7 +587,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if s.dry and s.data is None:
         s.step("data", lambda: {"synthetic_cache": str(_training_data(s))})
     steps = {"setup": step_setup, "env": step_env, "cuda-tests": step_cuda_tests, "bench": step_bench,
-             "loader": step_loader, "segment": step_segment, "train": step_train}
+             "loader": step_loader, "segment": step_segment, "train": step_train, "finetune": step_finetune}
     for name in STEPS:
         if name in args.skip:
             s.steps.append({"step": name, "status": "skipped", "seconds": 0.0, "note": "--skip"})
@@ -965,6 +1031,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument("--no-parallel", action="store_true", help="train the models one after the other")
     run.add_argument("--jobs", choices=sorted(JOB_SETS), default="release",
                      help="the models to train: release (issue 12) or sites (issue 10: the default pair further)")
+    run.add_argument("--finetune", choices=sorted(FINETUNE_GRIDS), default=None,
+                     help="also run this grid of bench/bench_finetune.py benchmarks (issue 10), all at once")
     run.add_argument("--skip", nargs="*", default=[], choices=[n for n in STEPS if n not in ("setup", "env")],
                      help="steps to leave out (the window's time goes to the rest)")
     run.set_defaults(handler=cmd_run)
