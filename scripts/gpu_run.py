@@ -137,6 +137,7 @@ DRY_SITE = ["--shift", "scanner", "--budget", "150", "--labeled", "3", "--unlabe
 BOTH = ["--methods", "default", "supervised"]
 LONG = ["--set", "max_iterations=500"]
 WITHOUT_CONSISTENCY = ["--methods", "default", "--set", "method_params.consistency=0"]
+FAR = ["--strength", "2"]
 SEEDS_GRID = (
     [FinetuneBench(f"button-s{seed}", [*SITE, *BOTH, "--set", f"seed={seed}"],
                    [*DRY_SITE, *BOTH, "--set", f"seed={seed}"] if seed == 1337 else [])
@@ -145,10 +146,20 @@ SEEDS_GRID = (
     + [FinetuneBench(f"long-c0-s{seed}", [*SITE, *WITHOUT_CONSISTENCY, *LONG, "--set", f"seed={seed}"],
                      [*DRY_SITE, *WITHOUT_CONSISTENCY, "--set", f"seed={seed}"] if seed == 1337 else [])
        for seed in (1337, 2, 3)]
-    + [FinetuneBench(f"far-long-s{seed}", [*SITE, "--strength", "2", *BOTH, *LONG, "--set", f"seed={seed}"], [])
+    + [FinetuneBench(f"far-long-s{seed}", [*SITE, *FAR, *BOTH, *LONG, "--set", f"seed={seed}"], [])
        for seed in (1337, 2)]
 )
-FINETUNE_GRIDS = {"seeds": SEEDS_GRID}
+# more (issue 10, after `seeds`): the button at the far site over eight training seeds, the far site's long runs
+# without the consistency weight (what its unlabelled scans add there), six more seeds of the button at `scanner`.
+MORE_GRID = (
+    [FinetuneBench(f"far-button-s{seed}", [*SITE, *FAR, *BOTH, "--set", f"seed={seed}"],
+                   [*DRY_SITE, *FAR, *BOTH, "--set", f"seed={seed}"] if seed == 1337 else [])
+     for seed in (1337, 2, 3, 4, 5, 6, 7, 8)]
+    + [FinetuneBench(f"far-long-c0-s{seed}", [*SITE, *FAR, *WITHOUT_CONSISTENCY, *LONG, "--set", f"seed={seed}"], [])
+       for seed in (1337, 2)]
+    + [FinetuneBench(f"button-s{seed}", [*SITE, *BOTH, "--set", f"seed={seed}"], []) for seed in range(9, 15)]
+)
+FINETUNE_GRIDS = {"seeds": SEEDS_GRID, "more": MORE_GRID}
 STEPS = ("setup", "env", "cuda-tests", "bench", "loader", "segment", "train", "finetune")
 
 
