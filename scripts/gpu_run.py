@@ -1,7 +1,7 @@
 """The GPU session of issue 12 as one rehearsed command: measure the GPU paths, train the release models.
 
     python3 scripts/gpu_run.py run OUTDIR [--dry-run] [--pack DIR] [--data cache/la] [--budget 540]
-        [--jobs release|sites] [--skip STEP ...]
+        [--jobs release|sites] [--finetune seeds|more|ema] [--skip STEP ...]
     python3 scripts/gpu_run.py unpack DIR OUTDIR     # here, on what the device tool brought back
     python3 scripts/gpu_run.py plan [--data cache/la] # the device-tool calls that carry cache and SimpleITK
     python3 scripts/gpu_run.py deps                   # .whl/simpleitk-*.tar.xz from a downloaded wheel
@@ -19,7 +19,10 @@ time box cut to what is left of `--budget` seconds, and a failure is logged and 
    is copied into OUTDIR/models/<id> as fp16 shards below 16 MiB as soon as its process ends, and a run
    cut off before its export is exported from its last checkpoint when time allows. `--jobs sites` trains
    instead the bundled default pair further with its recipe (three fine-tunes, loader processes each).
-6. pack (with --pack DIR): OUTDIR as a tar.gz in at most 7 parts below 15 MiB plus a manifest (the device
+6. finetune (with --finetune GRID; issue 10): a grid of `bench/bench_finetune.py` runs, all at once on the GPU,
+   the host's cores shared out, each JSON rewritten after every fine-tune; `bench/pool_finetune.py` reads them
+   into OUTDIR/finetune/pool.txt. Reads a source-resolution cache of the site and validation cases.
+7. pack (with --pack DIR): OUTDIR as a tar.gz in at most 7 parts below 15 MiB plus a manifest (the device
    tool returns 8 files of 16 MiB at most); `unpack` rebuilds OUTDIR from them.
 
 `--skip` leaves steps out. `--dry-run` runs every step with tiny sizes on the CPU (a synthetic cache unless
