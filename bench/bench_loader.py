@@ -5,7 +5,7 @@ seconds per iteration of each, their ratio, and the host batch time alone (crops
 sites, wide-FOV canvases), which is what the thread can hide behind the step:
 
     python bench/bench_loader.py [--device cpu|cuda] [--iterations 20] [--site-shift 0.5] [--wide-fov 0.0]
-        [--workers N]
+        [--on-canvas] [--workers N]
 
 `--workers N` also times the step with N loader processes (`loader_workers`), which draw other batches
 (each its own seed) than the thread, of the same kind.
@@ -53,7 +53,7 @@ def bench_config(args: argparse.Namespace, cases, output: Path, **extra):
         "method": "supervised", "data": "synthetic", "patch_size": [64, 64, 48], "spacing": [1.25] * 3,
         "batch_size": 4, "labeled_bs": 4, "labeled_num": len(cases), "val_num": 0, "validate_every": 0,
         "checkpoint_every": 10 ** 6, "seed": 1, "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov,
-        "output": str(output), **extra})
+        "site_shift_on_canvas": args.on_canvas, "output": str(output), **extra})
 
 
 def run_once(prefetch: bool, args: argparse.Namespace, cases, work: Path, workers: int = 0) -> float:
@@ -93,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--site-shift", type=float, default=0.5, help="site_shift_prob of the runs")
     parser.add_argument("--wide-fov", type=float, default=0.0, help="wide_fov_prob of the runs")
+    parser.add_argument("--on-canvas", action="store_true",
+                        help="site_shift_on_canvas: the site acquires the whole-scan canvas, not the crop")
     parser.add_argument("--workers", type=int, default=0, help="also time N loader processes (0: not timed)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -106,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefetched = run_once(True, args, cases, work)
         processes = run_once(False, args, cases, work, args.workers) if args.workers else None
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch 4 x 64x64x48, "
-          f"site_shift_prob {args.site_shift:g}, wide_fov_prob {args.wide_fov:g}, {args.iterations} iterations each")
+          f"site_shift_prob {args.site_shift:g}{' on the canvas' if args.on_canvas else ''}, wide_fov_prob "
+          f"{args.wide_fov:g}, {args.iterations} iterations each")
     print(f"host batch alone:  {host:.3f} s")
     print(f"step, no prefetch: {plain:.3f} s/it")
     print(f"step, prefetch:    {prefetched:.3f} s/it")
@@ -117,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = {"device": args.device, "host_batch_s": host, "plain_s_per_it": plain,
                    "prefetch_s_per_it": prefetched, "ratio": prefetched / plain, "iterations": args.iterations,
                    "site_shift_prob": args.site_shift, "wide_fov_prob": args.wide_fov,
-                   "workers": args.workers, "workers_s_per_it": processes}
+                   "site_shift_on_canvas": args.on_canvas, "workers": args.workers, "workers_s_per_it": processes}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
