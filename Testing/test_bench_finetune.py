@@ -122,3 +122,15 @@ def test_figures_are_written_after_each_fine_tune(bench, monkeypatch, tmp_path):
     assert seen == [[], ["default"]]
     assert [row["method"] for row in saved["runs"]] == ["default"] and saved["base"]["shifted"] == 0.8
     assert saved["device"] == "cpu"
+
+
+def test_whole_scan_canvases_do_not_depend_on_the_site_size(bench):
+    """The scored whole scans are built from the donors' tissue: a run with fewer site scans (`--unlabeled 0`)
+    must score the same canvases as the default run, a larger site must not lend its scans or the scored ones."""
+    records = [f"case{i}" for i in range(80)]
+    default = bench.whole_scan_donors(records, 16, 8)
+    assert default == records[16:28]
+    assert bench.whole_scan_donors(records, 4, 8) == default == bench.whole_scan_donors(records, 2, 8)
+    assert bench.whole_scan_donors(records, 40, 8) == records[40:52]
+    with pytest.raises(SystemExit, match="tissue donors"):
+        bench.whole_scan_donors(records, 64, 8)  # 64..75 would overlap the scored 72..79

@@ -12,7 +12,8 @@ its model is scored the same way:
 
 With `--whole VOXELS` every scan is what a clinician brings instead of the benchmark's atrium-centred crop: the
 crop inside a whole-scan canvas (VOXELS x VOXELS in-plane at 0.625 mm, the crop's slices) tiled with the tissue
-of other training cases (preprocess/wide_fov.py), then acquired by the site. The fine-tunes get those files;
+of other training cases (preprocess/wide_fov.py; the 12 after the default site's 16 whatever the site's size, so that
+every run scores the same canvases), then acquired by the site. The fine-tunes get those files;
 the scored cases go through `semiseg-la segment` as a user runs it (`--region auto`: the localiser finds the
 atrium, the model segments its region), and are scored on the whole canvas. `--fixed-region` also scores each
 model in one region per case, the atrium's box + 15 mm drawn from the reference label: a shifted whole scan's
@@ -58,8 +59,10 @@ from semiseg_la.metrics import dice
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
 from semiseg_la.preprocess.wide_fov import REGION_MARGIN_MM, build_wide_case, make_donor, patch_mm
 
-#: tissue donors of the whole-scan canvases: the train.list cases after the site's (neither site nor scored)
+#: tissue donors of the whole-scan canvases: the train.list cases after the default site's (neither site nor scored)
 WHOLE_DONORS = 12
+#: the default site's size (4 labelled + 12 unlabelled): the donors start after it, whatever the run's site
+DEFAULT_SITE = 16
 
 #: method name on the command line -> the finetune preset it runs ("default" is what Slicer runs)
 PRESETS = {"default": "finetune", "supervised": "finetune-supervised", "caml": "finetune-caml",
@@ -75,14 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
     records = [r for r in open_dataset(args.data, "train.list") if r.label_path]
     site, validation = records[:args.labeled + args.unlabeled], records[-args.val:]
-    acquire = WholeScans(records[len(site):len(site) + WHOLE_DONORS], args.whole) if args.whole else None
+    donors = whole_scan_donors(records, len(site), args.val) if args.whole else []
+    acquire = WholeScans(donors, args.whole) if args.whole else None
     site_dir, unlabeled_dir = write_site(work, site, args.labeled, shift, acquire)
     cases = [acquire(record, 1000 + i) if acquire else record.load() for i, record in enumerate(validation)]
     shifted = [(shift.apply(image, 1000 + i), label) for i, (image, label) in enumerate(cases)]
     scorer = WholeScanScorer(work / "scoring", args.tta, args.fixed_region or (), args.device) if acquire else None
     base = score_model(args.model, cases, shifted, args.tta, scorer, args.device)
     rows: List[Dict] = []
-    save = partial(write_json, args, shift, validation, base, rows)
+    save = partial(write_json, args, shift, validation, base, rows, donors)
     save()
     print(f"site: {shift.describe()}; {args.labeled} labelled + {args.unlabeled} unlabelled site "
           f"{f'whole scans ({args.whole} x {args.whole} in-plane)' if acquire else 'scans'}; "
@@ -123,14 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def write_json(args: argparse.Namespace, shift: SiteShift, validation, base: Dict, rows: List[Dict]) -> None:
+def whole_scan_donors(records: Sequence, site_size: int, val: int) -> List:
+    """The tissue donors of the whole-scan canvases: the WHOLE_DONORS cases after the default site, or after a larger
+    site. The same cases whatever a smaller site's size, so that the scored canvases (built from them) are the same
+    and runs with other site sizes compare; never a site or a scored case."""
+    start = max(DEFAULT_SITE, site_size)
+    if start + WHOLE_DONORS > len(records) - val:
+        raise SystemExit(f"--whole needs {WHOLE_DONORS} tissue donors between the site's {site_size} cases and the "
+                         f"{val} scored ones: train.list has {len(records)} labelled cases")
+    return list(records[start:start + WHOLE_DONORS])
+
+
+def write_json(args: argparse.Namespace, shift: SiteShift, validation, base: Dict, rows: List[Dict],
+               donors: Sequence = ()) -> None:
     """Every figure so far into `--json`, rewritten after each fine-tune: a run stopped part-way keeps them."""
     if not args.json:
         return
     result = {"shift": shift.describe(), "family": args.shift, "strength": args.strength, "seed": args.seed,
               "budget_s": args.budget, "tta": args.tta, "labeled": args.labeled, "unlabeled": args.unlabeled,
               "whole": args.whole, "overrides": args.overrides, "device": args.device,
-              "validation": [r.case_id for r in validation], "base": base, "runs": rows}
+              "validation": [r.case_id for r in validation], "donors": [r.case_id for r in donors], "base": base,
+              "runs": rows}
     atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=float) + "\n")
 
 
