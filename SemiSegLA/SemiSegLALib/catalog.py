@@ -92,14 +92,15 @@ def guardWarning(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str
 def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
     """When the fine-tuned model was not checked against its parent (fewer than 3 labelled cases), or beat it
     on a single held-out case: how little that says. In the fine-tune benchmark at a simulated scanner one
-    held-out whole scan called the child better in 7 of 7 runs where it was 1-4 Dice points worse on 8 other
-    whole scans (docs/results.md)."""
+    held-out whole scan called the child better in 12 of 12 runs (six training seeds) where it was 0.2-2.0 Dice
+    points worse on 8 other whole scans: better on the six the site left segmentable, worse on the two its parent
+    segmented worst (docs/results.md); hence where to look first."""
     if not isinstance(guard, dict):
         return None
     verdict = str(guard.get("verdict", ""))
     figures, parentId = _guardFigures(guard, parentId)
-    compare = (f"compare it with {parentId} on a scan you did not annotate (Revert to base selects the parent "
-               "again).")
+    compare = (f"compare it with {parentId} on scans you did not annotate, first those {parentId} segmented worst "
+               "(Revert to base selects the parent again).")
     if verdict.startswith("unchecked"):
         return (f"It was not checked against its parent {parentId}: with fewer than 3 labelled cases none is held "
                 f"out. Before relying on it, {compare}")
