@@ -22,6 +22,7 @@ from SemiSegLALib.catalog import (
     DEFAULT_METHOD_PRESETS,
     Catalog,
     CatalogError,
+    agreementNote,
     diceText,
     guardNote,
     guardWarning,
@@ -488,6 +489,9 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             note = job.guardWarning or guardNote(done.get("guard"), baseModelId)
             if note:
                 job.addNotice(note)
+            where = agreementNote(done.get("guard"), {row.caseId: row.volumeName for row, _ in plan.unlabelled})
+            if where:
+                job.addNotice(where)
             # the model list is re-read after the job: by _startJob when waiting, else by the caller (the
             # panel lists the models in a worker thread; this runs on the main thread)
             return newId

@@ -113,6 +113,13 @@ def test_a_fine_tune_adapts_to_the_site_and_the_card_says_how(parent_models, tmp
     assert card["validation"]["figure"] == "site hold-out"
     assert card["validation"]["checkpoint"] == "last (iteration 60)"  # judged by the held-out case, not picked
     assert card["lineage"]["parent"] == PARENT_ID
+    # the two unlabelled scans (not the held-out case3), segmented by both: the parent misses the inverted spheres
+    # that the child finds, so the two disagree there
+    agreement = record["agreement"]
+    assert agreement == done["guard"]["agreement"] and agreement["compared"] == 2
+    assert sorted(case for case, _ in agreement["cases"]) == ["scan4", "scan5"]
+    assert all(0.0 <= value < 0.5 for _, value in agreement["cases"]), agreement
+    assert agreement["cases"][0][1] <= agreement["cases"][1][1] and "look at those first" in agreement["summary"]
     listing = run_cli(["models", "list"], env_extra=env_for(parent_models))
     row = next(line for line in listing.stdout.splitlines() if line.startswith(card["id"]))
     assert "site hold-out" in row
@@ -515,3 +522,25 @@ def test_a_localiser_is_fine_tuned_at_its_own_width_and_stays_a_localiser(tmp_pa
     assert child.config["base"] == 8 and child_card.extra.get("role") == "localiser"
     refused = run_cli(["finetune", *common, "--method", "caml", "--output", str(tmp_path / "caml")], env_extra=env)
     assert refused.returncode == 4 and "8 channels wide" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_comparison_on_unlabelled_scans_agrees_with_itself_and_stops_at_the_deadline(parent_models, tmp_path):
+    """The parent compared with itself agrees everywhere; with no time left in the budget nothing is segmented,
+    and the card says why."""
+    from semiseg_la.checkpoints import ModelCard, load_network
+    from semiseg_la.cli.export import unlabelled_agreement
+    from semiseg_la.engine.config import build_config
+    from semiseg_la.io.datasets import open_unlabeled_folder
+    from semiseg_la.progress import ProgressReporter
+
+    _, unl = write_site(tmp_path, labeled=0, unlabeled=3)
+    folder = parent_models / PARENT_ID
+    card, (network, _) = ModelCard.load(folder), load_network(folder)
+    config = build_config({"method": "supervised", "data": "synthetic", "patch_size": PATCH,
+                           "spacing": [1.0, 1.0, 1.0], "device": "cpu", "output": str(tmp_path / "run")})
+    scans = open_unlabeled_folder(unl)
+    itself = unlabelled_agreement(network.eval(), config, card, folder, scans, ProgressReporter(), None, 0.1)
+    assert itself["compared"] == 3 and itself["not_compared"] == 0
+    assert all(value == pytest.approx(1.0) for _, value in itself["cases"])
+    late = unlabelled_agreement(network.eval(), config, card, folder, scans, ProgressReporter(), time.monotonic(), 0.1)
+    assert late["compared"] == 0 and late["not_compared"] == 3 and late["summary"].startswith("no time was left")

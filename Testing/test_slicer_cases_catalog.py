@@ -265,3 +265,14 @@ def test_a_child_better_on_one_held_out_case_or_unchecked_is_called_little_evide
     unchecked = guardNote({"verdict": "unchecked: fewer than 3 labelled cases", "held_out_cases": 0}, "base-v1")
     assert "not checked against its parent base-v1" in unchecked and "Revert to base" in unchecked
     assert guardNote(None, "x") is None
+
+
+def test_the_scans_where_the_new_model_and_its_parent_disagree_most_are_named_first():
+    from SemiSegLALib.catalog import agreementNote
+
+    guard = {"agreement": {"cases": [["Scan_2", 0.64], ["Scan_1", 0.88], ["Scan_3", 0.95], ["Scan_4", 0.97]]}}
+    text = agreementNote(guard, {"Scan_2": "Scan 2", "Scan_1": "Scan 1"})
+    assert text.startswith("Of 4 unlabelled volume(s)") and "'Scan 2' (0.64), 'Scan 1' (0.88), 'Scan_3' (0.95)" in text
+    assert "Scan_4" not in text
+    assert agreementNote({"agreement": {"cases": [], "not_compared": 3}}) is None
+    assert agreementNote({"verdict": "better or equal"}) is None and agreementNote(None) is None

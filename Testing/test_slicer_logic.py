@@ -429,6 +429,10 @@ def test_finetune_better_on_one_held_out_case_says_how_little_that_is(fake, make
     notes = [n for n in job.notices if "one held-out case" in n]
     assert notes and "(Dice 0.880 vs 0.850)" in notes[0] and "little evidence" in notes[0]
     assert notes[0] in job.summary()
+    # where the new model and its parent disagree most on the unlabelled volumes, by the volumes' own names
+    where = [n for n in job.notices if "disagree most" in n]
+    assert where and where[0].startswith("Of 1 unlabelled volume(s)"), job.notices
+    assert "disagree most on 'Case B' (0.60)" in where[0]  # the volume's name, not its file's case id Case_B
 
 
 def test_finetune_on_one_labelled_case_says_it_was_not_checked(fake, make_logic):

@@ -110,6 +110,23 @@ def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
             f"evidence: before relying on it, {compare}")
 
 
+def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Where the new model and its parent disagree most on the unlabelled scans (the core segments up to 8 of them
+    with both after a fine-tune, in what is left of the budget): the scans to look at first. At a simulated scanner
+    the two scans a fine-tune made worse were the two where the models disagreed most, and the one held-out case
+    did not see them (docs/results.md). ``volumeNames`` maps the core's case ids back to the volumes' names."""
+    agreement = guard.get("agreement") if isinstance(guard, dict) else None
+    if not isinstance(agreement, dict):
+        return None
+    cases = [c for c in agreement.get("cases") or [] if isinstance(c, (list, tuple)) and len(c) == 2]
+    if not cases:
+        return None
+    names = volumeNames or {}
+    lowest = ", ".join(f"'{names.get(str(case), case)}' ({float(value):.2f})" for case, value in cases[:3])
+    return (f"Of {len(cases)} unlabelled volume(s), the new model and its parent disagree most on {lowest} (Dice "
+            "between their results): look at those first, segmented with each model.")
+
+
 def methodLabel(method: str) -> str:
     if not method:
         return "unknown method"

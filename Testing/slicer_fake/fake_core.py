@@ -257,6 +257,11 @@ def cmd_finetune(args):
              "parent": args.base, "parent_dice": 0.85 if held_out or worse else None,
              "child_dice": (0.61 if worse else 0.88) if held_out or worse else None,
              "held_out_cases": held_out}
+    # the core's comparison of the new model with its parent on the unlabelled scans (cli/export.py), by file stem
+    stems = sorted(os.path.splitext(n)[0] for n in os.listdir(args.unlabeled)) if args.unlabeled else []
+    if stems:
+        guard["agreement"] = {"cases": [[stem, round(0.60 + 0.15 * i, 2)] for i, stem in enumerate(stems)],
+                              "compared": len(stems), "not_compared": 0, "summary": "..."}
     emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard})
     return 0
 

@@ -28,7 +28,7 @@ from ..preprocess.normalize import reference_landmarks
 from ..preprocess.resample import crop_to_roi
 from ..preprocess.wide_fov import REGION_MARGIN_MM, is_whole_scan, patch_mm
 from ..progress import ProgressReporter
-from .common import add_device_flag, add_progress_flag, card_get, command_seconds, reporter_for
+from .common import COMMAND_STARTED, add_device_flag, add_progress_flag, card_get, command_seconds, reporter_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -308,9 +308,10 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
     if not args.no_export:
         from .export import export_run
 
+        deadline = COMMAND_STARTED + float(config.time_budget_s) if config.time_budget_s else None
         exported = export_run(config, result, split, validation_records=split.validation,
                               parent_card=parent_card, name=args.name, reporter=reporter,
-                              parent_folder=parent_folder)
+                              parent_folder=parent_folder, deadline=deadline)
     if exported:
         reporter.log(f"exported model {exported[0]} to {exported[1]}")
     guard = _guard_summary(exported[3] if exported else None)
@@ -328,7 +329,7 @@ def _guard_summary(finetune: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any
     holdout = finetune.get("site_holdout") or {}
     return {"verdict": finetune.get("verdict"), "parent": finetune.get("parent"),
             "parent_dice": holdout.get("parent_dice"), "child_dice": holdout.get("child_dice"),
-            "held_out_cases": finetune.get("held_out_cases")}
+            "held_out_cases": finetune.get("held_out_cases"), "agreement": finetune.get("agreement")}
 
 
 def _with_saved_plan(config: TrainConfig) -> TrainConfig:
