@@ -134,3 +134,36 @@ def test_whole_scan_canvases_do_not_depend_on_the_site_size(bench):
     assert bench.whole_scan_donors(records, 40, 8) == records[40:52]
     with pytest.raises(SystemExit, match="tissue donors"):
         bench.whole_scan_donors(records, 64, 8)  # 64..75 would overlap the scored 72..79
+
+
+def test_unlabelled_scans_are_listed_lowest_agreement_first(bench):
+    """`--score-unlabeled`: each unlabelled scan's parent and child Dice beside the card's agreement, lowest first,
+    and the mean change on the scans the module names against the rest."""
+    parent = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6, "e": 0.5}
+    child = {"a": 0.92, "b": 0.7, "c": 0.72, "d": 0.5, "e": 0.55}
+    lines = bench.format_unlabeled(parent, child, [["d", 0.6], ["b", 0.7], ["e", 0.8], ["a", 0.95], ["c", 0.97]])
+    assert [line.split()[0] for line in lines[1:6]] == ["d", "b", "e", "a", "c"]
+    assert "-10.00p" in lines[1] and "0.600" in lines[1]
+    assert lines[-1] == "  the 3 scans with the lowest agreement: mean change -5.00p; the other 2: +2.00p"
+    assert len(bench.format_unlabeled(parent, child, None)) == 6  # no agreement recorded: no ranking line
+
+
+def test_unlabelled_site_scans_come_with_their_reference_labels(bench, tmp_path):
+    """The scans are read back as the fine-tune read them; the labels are the cases' own (or the canvas's)."""
+    import numpy as np
+
+    from semiseg_la.io.volume import Volume, write_volume
+
+    label = np.zeros((12, 12, 8), np.uint8)
+    label[3:9, 3:9, 2:6] = 1
+    record = type("Record", (), {"label_path": "x", "load": lambda self: (
+        Volume(label.astype(np.float32), (1.0,) * 3), Volume(label, (1.0,) * 3))})
+    site = []
+    for name in ("l0", "u1", "u2"):
+        site.append(record())
+        site[-1].case_id = name
+    for name in ("u1", "u2"):
+        write_volume(Volume(np.full(label.shape, 2.0, np.float32), (1.0,) * 3), tmp_path / f"{name}.nrrd")
+    scans = list(bench.unlabeled_site_scans(site, 1, tmp_path))
+    assert [case for case, _, _ in scans] == ["u1", "u2"]
+    assert float(scans[0][1].array.max()) == 2.0 and int(scans[0][2].array.sum()) == int(label.sum())

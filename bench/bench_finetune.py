@@ -21,7 +21,10 @@ Dice moves by several points with a few millimetres of region (docs/results.md),
 each model's region on its own first pass, so the auto figures mix what a fine-tune changed in the network with
 where its region settled; the fixed-region figures hold the region still. With several margins
 (`--fixed-region 10 15 20 25`) each model is scored in each, and the mean per-case spread (highest minus lowest
-Dice over the margins) says how much the region alone moves a case. `--methods` with no name scores the base only.
+Dice over the margins) says how much the region alone moves a case. `--methods` with no name scores the base only. With `--score-unlabeled` the base and each fine-tuned model are also scored on the
+site's unlabelled scans (their reference labels are known here, never to the fine-tune), listed beside the Dice
+between the child's and the parent's labels that the fine-tune's card records: do the scans where the two disagree
+most, which the Slicer module names after a fine-tune, mark the ones the fine-tune made worse?
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
@@ -67,6 +70,8 @@ DEFAULT_SITE = 16
 #: method name on the command line -> the finetune preset it runs ("default" is what Slicer runs)
 PRESETS = {"default": "finetune", "supervised": "finetune-supervised", "caml": "finetune-caml",
            "crln": "finetune-crln", "semicml-la": "finetune-semicml-la", "adapter": "finetune-site-adapter"}
+#: the unlabelled scans of lowest agreement that the Slicer module names after a fine-tune
+LOWEST_NAMED = 3
 STEP_RE = re.compile(r"([0-9.]+) s per iteration")
 
 
@@ -116,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
                "shifted_cases": scores["shifted_cases"], "unshifted_cases": scores["unshifted_cases"]}
         row.update({k: scores[k] for k in ("fixed_regions", "region_spread") if k in scores})
+        if args.score_unlabeled:  # the base once, with the first fine-tune, in one pass over the scans
+            models = ([] if "unlabeled_cases" in base else [args.model]) + [run["model_dir"]]
+            figures = score_unlabeled(models, unlabeled_site_scans(site, args.labeled, unlabeled_dir, acquire),
+                                      args.tta, scorer, args.device)
+            base.setdefault("unlabeled_cases", figures[0])
+            row["unlabeled_cases"] = figures[-1]
         rows.append(row)
         save()
         print(format_row(row), flush=True)
@@ -123,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_fixed(fixed, base["fixed_regions"][margin], margin), flush=True)
         if "region_spread" in row:
             print(format_spread(row["region_spread"]), flush=True)
+        if "unlabeled_cases" in row:
+            agreement = ((row.get("guard") or {}).get("agreement") or {}).get("cases")
+            print("\n".join(format_unlabeled(base["unlabeled_cases"], row["unlabeled_cases"], agreement)), flush=True)
     print_summary(base, rows)
     return 0
 
@@ -174,6 +188,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixed-region", nargs="*", type=float, default=None, metavar="MM",
                         help="with --whole: also score every model in the label's box + MM a side (default 15, "
                         "`segment`'s margin: the region held still); several margins: each, and the per-case spread")
+    parser.add_argument("--score-unlabeled", action="store_true",
+                        help="also score the base and each fine-tuned model on the site's unlabelled scans (their "
+                        "reference labels are known to this bench, not to the fine-tune), beside the card's agreement "
+                        "between the child and its parent: do the scans where the two disagree most mark where the "
+                        "fine-tune lost?")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -251,9 +270,20 @@ class WholeScanScorer:
         return label_roi(label, patch_mm(spec.patch_size, spec.spacing), [margin] * 6)
 
 
-def score_model(model: str, cases, shifted, tta: str, scorer=None, device: str = "cpu") -> Dict:
+def case_scorer(model: str, tta: str, scorer=None, device: str = "cpu"):
+    """`score(image, label)`: the Dice of `model`'s label as this bench scores it (a whole scan through `segment
+    --region auto`, a crop with the predictor), and the model's id."""
     if scorer is not None:
-        scores = _scored(model, cases, shifted, lambda image, label: dice(scorer(model, image), label.array))
+        return (lambda image, label: dice(scorer(model, image), label.array)), model
+    network, card = load_network(resolve_model(model))
+    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device=device)
+    return (lambda image, label: dice(predictor.predict(image).label.array, label.array)), card.id
+
+
+def score_model(model: str, cases, shifted, tta: str, scorer=None, device: str = "cpu") -> Dict:
+    score, model_id = case_scorer(model, tta, scorer, device)
+    if scorer is not None:
+        scores = _scored(model, cases, shifted, score)
         fixed = {f"{m:g}": _scored(model, cases, shifted, lambda image, label, m=m: dice(
             scorer(model, image, scorer.fixed_region(model, label, m)), label.array)) for m in scorer.margins}
         if fixed:
@@ -261,10 +291,46 @@ def score_model(model: str, cases, shifted, tta: str, scorer=None, device: str =
         if len(fixed) > 1:
             scores["region_spread"] = region_spread(list(fixed.values()))
         return scores
-    network, card = load_network(resolve_model(model))
-    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device=device)
-    return _scored(card.id, cases, shifted, lambda image, label: dice(predictor.predict(image).label.array,
-                                                                      label.array))
+    return _scored(model_id, cases, shifted, score)
+
+
+def unlabeled_site_scans(site, labeled: int, unlabeled_dir: Path, acquire=None):
+    """The unlabelled site scans as the fine-tune read them (the written files), each with its reference label:
+    (case id, image, label), one at a time."""
+    for i, record in enumerate(site):
+        if i >= labeled:
+            label = (acquire(record, i) if acquire else record.load())[1]
+            yield record.case_id, read_volume(unlabeled_dir / f"{record.case_id}.nrrd"), label
+
+
+def score_unlabeled(models: Sequence[str], scans, tta: str, scorer=None, device: str = "cpu") -> List[Dict]:
+    """Each model's Dice on each unlabelled site scan: {case id: Dice} per model, in the order given."""
+    scores = [case_scorer(model, tta, scorer, device)[0] for model in models]
+    figures: List[Dict] = [{} for _ in models]
+    for case_id, image, label in scans:
+        for score, by_case in zip(scores, figures):
+            by_case[case_id] = float(score(image, label))
+    return figures
+
+
+def format_unlabeled(parent: Dict[str, float], child: Dict[str, float], agreement: Sequence) -> List[str]:
+    """Per unlabelled scan, lowest agreement first: the parent's and the child's Dice, the change, and the card's
+    agreement; then the mean change on the scans the card ranks lowest (as many as the Slicer module names) and on
+    the rest."""
+    agreed = {str(case): float(value) for case, value in agreement or []}
+    order = sorted(child, key=lambda case: agreed.get(case, 2.0))
+    lines = [f"  {'unlabelled':20s} {'parent':>7s} {'child':>7s} {'change':>7s} {'agreement':>9s}"]
+    for case in order:
+        value = f"{agreed[case]:9.3f}" if case in agreed else f"{'-':>9s}"
+        lines.append(f"  {case:20s} {parent[case]:7.4f} {child[case]:7.4f} "
+                     f"{100 * (child[case] - parent[case]):+6.2f}p {value}")
+    ranked = [case for case in order if case in agreed]
+    if len(ranked) > LOWEST_NAMED:
+        change = [100 * (child[c] - parent[c]) for c in ranked]
+        lines.append(f"  the {LOWEST_NAMED} scans with the lowest agreement: mean change "
+                     f"{np.mean(change[:LOWEST_NAMED]):+.2f}p; the other {len(ranked) - LOWEST_NAMED}: "
+                     f"{np.mean(change[LOWEST_NAMED:]):+.2f}p")
+    return lines
 
 
 def _scored(model: str, cases, shifted, score) -> Dict:
