@@ -21,10 +21,11 @@ Dice moves by several points with a few millimetres of region (docs/results.md),
 each model's region on its own first pass, so the auto figures mix what a fine-tune changed in the network with
 where its region settled; the fixed-region figures hold the region still. With several margins
 (`--fixed-region 10 15 20 25`) each model is scored in each, and the mean per-case spread (highest minus lowest
-Dice over the margins) says how much the region alone moves a case. `--methods` with no name scores the base only. With `--score-unlabeled` the base and each fine-tuned model are also scored on the
-site's unlabelled scans (their reference labels are known here, never to the fine-tune), listed beside the Dice
-between the child's and the parent's labels that the fine-tune's card records: do the scans where the two disagree
-most, which the Slicer module names after a fine-tune, mark the ones the fine-tune made worse?
+Dice over the margins) says how much the region alone moves a case. `--methods` with no name scores the base
+only. With `--score-unlabeled` the base and each fine-tuned model are also scored on the site's unlabelled scans
+(their reference labels are known here, never to the fine-tune), listed beside the Dice between the child's and
+the parent's labels that the fine-tune's card records: are the scans where the two disagree most, which the
+Slicer module names after a fine-tune, the ones the fine-tune changed, and for better or worse?
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
