@@ -111,10 +111,11 @@ def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
 
 
 def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[str, str]] = None) -> Optional[str]:
-    """Where the new model and its parent disagree most on the unlabelled scans (the core segments up to 8 of them
-    with both after a fine-tune, in what is left of the budget): the scans to look at first. At a simulated scanner
-    the two scans a fine-tune made worse were the two where the models disagreed most, and the one held-out case
-    did not see them (docs/results.md). ``volumeNames`` maps the core's case ids back to the volumes' names."""
+    """Where the new model and its parent disagree most on the unlabelled scans (the core segments up to 16 of them
+    with both after a fine-tune, in what is left of the budget): the scans to look at first. There one of the two is
+    wrong, and it may be either: at a simulated scanner the lowest agreement fell on the scans the parent segmented
+    worst, where the new model gained on some and lost on others, and the one held-out case saw none of them
+    (docs/results.md). ``volumeNames`` maps the core's case ids back to the volumes' names."""
     agreement = guard.get("agreement") if isinstance(guard, dict) else None
     if not isinstance(agreement, dict):
         return None
@@ -124,7 +125,8 @@ def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[st
     names = volumeNames or {}
     lowest = ", ".join(f"'{names.get(str(case), case)}' ({float(value):.2f})" for case, value in cases[:3])
     return (f"Of {len(cases)} unlabelled volume(s), the new model and its parent disagree most on {lowest} (Dice "
-            "between their results): look at those first, segmented with each model.")
+            "between their results): look at those first, segmented with each model; there one of them is wrong, "
+            "and it may be either.")
 
 
 def methodLabel(method: str) -> str:

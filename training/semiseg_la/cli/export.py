@@ -33,7 +33,7 @@ HOLDOUT_FROM = 3
 HOLDOUT_MAX = 5
 #: at most this many unlabelled scans segmented by the child and its parent after a fine-tune, to say where the two
 #: disagree (each costs two segmentations, and runs only in what is left of the time budget)
-AGREEMENT_SCANS = 8
+AGREEMENT_SCANS = 16
 #: seconds kept after the comparison for writing the model folder
 AGREEMENT_RESERVE_S = 4.0
 
@@ -267,10 +267,11 @@ def unlabelled_agreement(network, config: TrainConfig, parent_card, parent_folde
                          scans: Sequence[CaseRecord], reporter: ProgressReporter, deadline: Optional[float],
                          per_scan_s: float) -> Dict[str, Any]:
     """Where the fine-tuned model and its parent disagree on the site's unlabelled scans: the Dice between their
-    labels, lowest first. At a simulated scanner the two scans a fine-tune made worse were the two where the child
-    and its parent disagreed most (0.64-0.92, against 0.94-0.98 on six others; docs/results.md), and a single
-    held-out case does not see them: this says which scans to look at first. Up to AGREEMENT_SCANS, in what is left
-    of the time budget (a scan costs two segmentations, about `per_scan_s` each as the export measured them)."""
+    labels, lowest first: the scans to look at first. A single held-out case judges the child on one scan; this says
+    where the two differ, for better or worse: at a simulated scanner the lowest agreement fell on the scans the
+    parent segmented worst, among them scans the child made worse and the one it improved most (docs/results.md).
+    Up to AGREEMENT_SCANS, in what is left of the time budget (a scan costs two segmentations, about `per_scan_s`
+    each as the export measured them)."""
     from ..checkpoints import load_network
 
     parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
@@ -301,7 +302,8 @@ def agreement_record(figures: Dict[str, float], chosen: int) -> Dict[str, Any]:
     else:
         lowest = ", ".join(f"{case} ({value:.2f})" for case, value in ordered[:3])
         summary = (f"the new model and its parent, compared on {len(ordered)} unlabelled scan(s), disagree most on "
-                   f"{lowest} (Dice between their labels): look at those first")
+                   f"{lowest} (Dice between their labels): look at those first (one of the two is wrong there, and "
+                   "it may be either)")
     return {"cases": [[case, round(value, 4)] for case, value in ordered], "compared": len(ordered),
             "not_compared": chosen - len(ordered), "summary": summary}
 
