@@ -4,6 +4,7 @@ on a held-out site case and says so when the child is worse, and `--from default
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -528,7 +529,7 @@ def test_the_comparison_on_unlabelled_scans_agrees_with_itself_and_stops_at_the_
     """The parent compared with itself agrees everywhere; with no time left in the budget nothing is segmented,
     and the card says why."""
     from semiseg_la.checkpoints import ModelCard, load_network
-    from semiseg_la.cli.export import unlabelled_agreement
+    from semiseg_la.cli.export import _unannotated_scans, unlabelled_agreement
     from semiseg_la.engine.config import build_config
     from semiseg_la.io.datasets import open_unlabeled_folder
     from semiseg_la.progress import ProgressReporter
@@ -544,3 +545,12 @@ def test_the_comparison_on_unlabelled_scans_agrees_with_itself_and_stops_at_the_
     assert all(value == pytest.approx(1.0) for _, value in itself["cases"])
     late = unlabelled_agreement(network.eval(), config, card, folder, scans, ProgressReporter(), time.monotonic(), 0.1)
     assert late["compared"] == 0 and late["not_compared"] == 3 and late["summary"].startswith("no time was left")
+    # a scan that cannot be read (a supervised fine-tune never opened it) is named, the others are still compared
+    (unl / "scan1.nrrd").write_bytes(b"not an image")
+    partly = unlabelled_agreement(network.eval(), config, card, folder, open_unlabeled_folder(unl),
+                                  ProgressReporter(), None, 0.1)
+    assert partly["compared"] == 2 and list(partly["unreadable"]) == ["scan1"], partly
+    assert "unreadable" in partly["unreadable"]["scan1"] and "disagree most" in partly["summary"]
+    # the folder gone since the run started: no comparison, and the model is still exported (no exception)
+    gone = dataclasses.replace(config, unlabeled_dir=str(tmp_path / "moved-away"))
+    assert _unannotated_scans(gone, ProgressReporter()) == []

@@ -19,7 +19,7 @@ from ..engine.data import Split
 from ..engine.loop import TrainResult, restore_method
 from ..engine.precision import device_name
 from ..engine.state import load_state
-from ..errors import RegionError
+from ..errors import InputError, RegionError
 from ..inference.memory import StickyFallback
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
@@ -88,7 +88,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
                                                  reporter, channel, parent_folder)
         card.extra["finetune"]["parent_blend"] = blended
         _warn_if_worse(card.extra["finetune"], reporter)
-        scans = _unannotated_scans(config)
+        scans = _unannotated_scans(config, reporter)
         if channel is None and scans:
             card.extra["finetune"]["agreement"] = unlabelled_agreement(
                 network, config, parent_card, parent_folder, scans, reporter, deadline, per_scan_s)
@@ -256,11 +256,16 @@ class Segmenter:
                                  scout_predict)
 
 
-def _unannotated_scans(config: TrainConfig) -> List[CaseRecord]:
-    """The site's unannotated scans (`--unlabeled`), whether or not the method trained on them."""
+def _unannotated_scans(config: TrainConfig, reporter: ProgressReporter) -> List[CaseRecord]:
+    """The site's unannotated scans (`--unlabeled`), whether or not the method trained on them. A folder gone since
+    the run started (or resumed) costs the comparison, not the trained model."""
     from ..io.datasets import open_unlabeled_folder
 
-    return open_unlabeled_folder(config.unlabeled_dir) if config.unlabeled_dir else []
+    try:
+        return open_unlabeled_folder(config.unlabeled_dir) if config.unlabeled_dir else []
+    except InputError as exc:
+        reporter.log(f"the new model is not compared with its parent on unlabelled scans: {exc}")
+        return []
 
 
 def unlabelled_agreement(network, config: TrainConfig, parent_card, parent_folder: Optional[Path],
@@ -280,24 +285,35 @@ def unlabelled_agreement(network, config: TrainConfig, parent_card, parent_folde
                        _as_scout(region_settler(parent_card)) if config.cut_whole_scans else None)
     chosen = list(scans)[:AGREEMENT_SCANS]
     figures: Dict[str, float] = {}
+    unreadable: Dict[str, str] = {}  # a method that trains on labelled cases only never read these files
     reporter.start("compare", len(chosen), "the new model and its parent on unlabelled scans")
     for i, record in enumerate(chosen, 1):
         if deadline is not None and time.monotonic() + 2.5 * per_scan_s + AGREEMENT_RESERVE_S > deadline:
             break
-        image, _ = record.load()
+        try:
+            image, _ = record.load()
+        except InputError as exc:
+            unreadable[record.case_id] = str(exc)
+            reporter.log(f"{record.case_id}: not compared: {exc}")
+            continue
         figures[record.case_id] = float(dice(child(image, record.case_id), parent(image, record.case_id)))
         reporter.update(i)
     reporter.end()
-    result = agreement_record(figures, len(chosen))
+    result = agreement_record(figures, len(chosen), unreadable)
     reporter.log(result["summary"])
     return result
 
 
-def agreement_record(figures: Dict[str, float], chosen: int) -> Dict[str, Any]:
-    """The card's account of the comparison: each scan's Dice between the two models' labels, lowest first, and
-    one sentence for the user."""
+def agreement_record(figures: Dict[str, float], chosen: int, unreadable: Optional[Dict[str, str]] = None
+                     ) -> Dict[str, Any]:
+    """The card's account of the comparison: each scan's Dice between the two models' labels, lowest first, the
+    scans that could not be read, and one sentence for the user."""
     ordered = sorted(figures.items(), key=lambda item: item[1])
-    if not ordered:
+    unreadable = unreadable or {}
+    if not ordered and unreadable:
+        summary = (f"the new model was not compared with its parent: none of the {len(unreadable)} unlabelled scan(s) "
+                   "tried could be read")
+    elif not ordered:
         summary = "no time was left in the budget to compare the new model with its parent on unlabelled scans"
     else:
         lowest = ", ".join(f"{case} ({value:.2f})" for case, value in ordered[:3])
@@ -305,7 +321,7 @@ def agreement_record(figures: Dict[str, float], chosen: int) -> Dict[str, Any]:
                    f"{lowest} (Dice between their labels): look at those first (one of the two is wrong there, and "
                    "it may be either)")
     return {"cases": [[case, round(value, 4)] for case, value in ordered], "compared": len(ordered),
-            "not_compared": chosen - len(ordered), "summary": summary}
+            "not_compared": chosen - len(ordered), "unreadable": unreadable, "summary": summary}
 
 
 def _as_segment_gives(image, spec, predict, device: str, localisers: Dict[str, Any], case_id: str,
