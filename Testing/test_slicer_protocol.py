@@ -71,6 +71,12 @@ def test_finetune_tracker_keeps_training_progress_during_validation():
     assert tracker.percent == before and tracker.stage == "train"
     assert tracker.lastDice == pytest.approx(0.8123)
     assert tracker.statusText() == "Training 50/100 loss 0.4 val. Dice 0.812 - ETA 1 min 00 s"
+    # after training the core checks the new model, then compares it with its parent on unlabelled scans: the
+    # percent stays where training left it, the stage says what is running
+    tracker.feed(line(stage="train", step=100, total=100, eta_s=0, loss=0.3))
+    tracker.feed(line(stage="compare", step=3, total=12, eta_s=None))
+    assert tracker.percent == pytest.approx(3.0 + 2.0 + 90.0)
+    assert tracker.statusText().startswith("Comparing with the parent 3/12")
 
 
 def test_error_record_is_the_failure_reason_on_one_line():

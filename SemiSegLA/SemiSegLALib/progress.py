@@ -2,8 +2,9 @@
 
 The core (``semiseg-la ... --progress json``) writes one JSON object per line on stdout:
 
-* ``{"stage": "load"|"preprocess"|"predict"|"postprocess"|"write"|"train"|"validate", "step": i,
-  "total": n, "eta_s": float|null, "message": str?, ...}``: progress of one stage;
+* ``{"stage": "load"|"preprocess"|"predict"|"postprocess"|"write"|"train"|"validate"|"evaluate"|"compare",
+  "step": i, "total": n, "eta_s": float|null, "message": str?, ...}``: progress of one stage (a stage not listed
+  is shown by its name);
 * ``{"stage": "log", "message": str}``: a message for the user (e.g. the CUDA out-of-memory fallback);
 * ``{"stage": "done", ...}``: the final result record;
 * ``{"stage": "error", "message": one line, "kind": "input"|"checkpoint"|"oom"|"config"|"region"|"storage"|
@@ -43,6 +44,9 @@ STAGE_LABELS = {
     "write": "Writing",
     "train": "Training",
     "validate": "Validating",
+    # after a fine-tune's training: the held-out check, then the comparison on unlabelled scans
+    "evaluate": "Checking the new model",
+    "compare": "Comparing with the parent",
 }
 
 MAX_REASON_CHARS = 300
