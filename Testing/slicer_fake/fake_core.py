@@ -261,7 +261,7 @@ def cmd_finetune(args):
     stems = sorted(os.path.splitext(n)[0] for n in os.listdir(args.unlabeled)) if args.unlabeled else []
     if stems:
         guard["agreement"] = {"cases": [[stem, round(0.60 + 0.15 * i, 2)] for i, stem in enumerate(stems)],
-                              "compared": len(stems), "not_compared": 0, "summary": "..."}
+                              "compared": len(stems), "not_compared": 0, "unreadable": {}, "summary": "..."}
     emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard})
     return 0
 
