@@ -192,8 +192,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--score-unlabeled", action="store_true",
                         help="also score the base and each fine-tuned model on the site's unlabelled scans (their "
                         "reference labels are known to this bench, not to the fine-tune), beside the card's agreement "
-                        "between the child and its parent: do the scans where the two disagree most mark where the "
-                        "fine-tune lost?")
+                        "between the child and its parent: are the scans where the two disagree most the ones the "
+                        "fine-tune changed, and for better or worse?")
     parser.add_argument("--work", default=None, help="folder for the site data, runs and models (default: temp)")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -167,18 +167,25 @@ def finetune_record(config: TrainConfig, split: Split, validation: Dict[str, Any
         record["verdict"] = (f"unchecked: fewer than {HOLDOUT_FROM} labelled cases, so none was held out to "
                              "compare the fine-tuned model with its parent")
         return record
-    from ..checkpoints import load_network
-
-    parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
-    scout = _as_scout(region_settler(parent_card)) if config.cut_whole_scans else None
-    parent = evaluate_records(parent_network.eval(), with_card_inputs(config, parent_card), held_out, reporter,
-                              channel, what="the parent on the held-out case(s)", scout=scout)
+    parent_network, parent_config, scout = _parent_as_scored(config, parent_card, parent_folder)
+    parent = evaluate_records(parent_network, parent_config, held_out, reporter, channel,
+                              what="the parent on the held-out case(s)", scout=scout)
     child_dice, parent_dice = float(validation["dice"]), float(parent["dice"])
     record["site_holdout"] = {"cases": [r.case_id for r in held_out], "parent_dice": parent_dice,
                               "child_dice": child_dice, "parent_hd95_mm": parent.get("hd95_mm"),
                               "child_hd95_mm": validation.get("hd95_mm")}
     record["verdict"] = "worse" if child_dice < parent_dice else "better or equal"
     return record
+
+
+def _parent_as_scored(config: TrainConfig, parent_card, parent_folder: Optional[Path]):
+    """The parent as `segment` runs it, for the guard rail and the comparison on unlabelled scans: its network in
+    eval mode, `config` with its card's inputs, and the scout that settles its region on a whole scan."""
+    from ..checkpoints import load_network
+
+    network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
+    scout = _as_scout(region_settler(parent_card)) if config.cut_whole_scans else None
+    return network.eval(), with_card_inputs(config, parent_card), scout
 
 
 def with_card_inputs(config: TrainConfig, card) -> TrainConfig:
@@ -277,12 +284,9 @@ def unlabelled_agreement(network, config: TrainConfig, parent_card, parent_folde
     parent segmented worst, among them scans the child made worse and the one it improved most (docs/results.md).
     Up to AGREEMENT_SCANS, in what is left of the time budget (a scan costs two segmentations, about `per_scan_s`
     each as the export measured them)."""
-    from ..checkpoints import load_network
-
-    parent_network, _ = load_network(_parent_dir(parent_card, parent_folder), device="cpu")
+    parent_network, parent_config, parent_scout = _parent_as_scored(config, parent_card, parent_folder)
     child = Segmenter(network, config, reporter, _child_scout(config, parent_card))
-    parent = Segmenter(parent_network.eval(), with_card_inputs(config, parent_card), reporter,
-                       _as_scout(region_settler(parent_card)) if config.cut_whole_scans else None)
+    parent = Segmenter(parent_network, parent_config, reporter, parent_scout)
     chosen = list(scans)[:AGREEMENT_SCANS]
     figures: Dict[str, float] = {}
     unreadable: Dict[str, str] = {}  # a method that trains on labelled cases only never read these files
