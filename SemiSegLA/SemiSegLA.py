@@ -20,8 +20,11 @@ from SemiSegLALib import geometry, nodes
 from SemiSegLALib import region as regionMath
 from SemiSegLALib.catalog import (
     DEFAULT_METHOD_PRESETS,
+    NEW_RESULT,
+    PARENT_RESULT,
     Catalog,
     CatalogError,
+    agreementLabels,
     agreementNote,
     diceText,
     guardNote,
@@ -489,7 +492,9 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             note = job.guardWarning or guardNote(done.get("guard"), baseModelId)
             if note:
                 job.addNotice(note)
-            where = agreementNote(done.get("guard"), {row.caseId: row.volumeName for row, _ in plan.unlabelled})
+            job.comparisons = self.showDisagreement(done.get("guard"), plan, job)
+            where = agreementNote(done.get("guard"), {row.caseId: row.volumeName for row, _ in plan.unlabelled},
+                                  [name for name, _, _ in job.comparisons])
             if where:
                 job.addNotice(where)
             # the model list is re-read after the job: by _startJob when waiting, else by the caller (the
@@ -501,6 +506,34 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         job.workDir = workDir
         job.datasetPlan = plan
         return self._startJob(job, waitForCompletion, timeout)
+
+    def showDisagreement(self, guard, plan: caseRules.DatasetPlan, job: Job) -> List[Tuple[str, object, object]]:
+        """Each model's result on the unlabelled volumes where the new model and its parent disagree most (the core
+        keeps both labels of a few, ``agreementLabels``), as two automatic segmentations beside each volume, so the
+        user compares them without segmenting again; neither is a label until corrected and ticked. A volume gone from
+        the scene, or a file not on its volume's written grid, is logged and skipped. [(volume name, new, parent)]"""
+        written = {row.caseId: (row, path) for row, path in plan.unlabelled}
+        shown: List[Tuple[str, object, object]] = []
+        for caseId, newPath, parentPath in agreementLabels(guard):
+            if caseId not in written:
+                continue
+            row, scanPath = written[caseId]
+            try:
+                volume = nodes.getNode(row.volumeId, f"volume '{row.volumeName}'")
+                for path in (newPath, parentPath):
+                    geometry.checkSameGrid(scanPath, path)
+                new, _ = nodes.importLabelAsSegmentation(newPath, volume, f"{row.volumeName}: {NEW_RESULT}")
+                try:
+                    parent, _ = nodes.importLabelAsSegmentation(
+                        parentPath, volume, f"{row.volumeName}: {PARENT_RESULT}", color=nodes.PARENT_RESULT_COLOR)
+                except Exception:
+                    nodes.removeNodeAndHelpers(new)  # both or neither
+                    raise
+            except (LookupError, OSError, RuntimeError, ValueError) as exc:
+                job.log(f"The two results on '{row.volumeName}' were not added: {exc}")
+                continue
+            shown.append((row.volumeName, new, parent))
+        return shown
 
     # -- panel state, saved with the scene ----------------------------------------------------------------
     PANEL_PARAMETERS = ("Model", "Device", "Iterations", "TimeBudgetMinutes", "Method", "BaseModel", "Region")
@@ -1225,6 +1258,8 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         self.setStatus(f"{self.logic.describeNewModel(job.result)} {summary}")
 
                 self.refreshModels(quiet=True, then=adopt)
+                if getattr(job, "comparisons", None):
+                    self.refreshCases()  # the two results added beside the volumes where the models disagree most
         elif job.state is State.CANCELLED:
             self.ui.progressBar.value = 0
             self.setStatus(job.summary())
@@ -1630,6 +1665,12 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(entry)
         self.assertEqual(entry.parent, modelId)
         self.assertEqual(logic.catalog.baseOf(newId).id, logic.catalog.baseOf(modelId).id)
+        # both models' results on the unlabelled volume are beside it, and neither is a label until corrected
+        self.assertEqual([name for name, _, _ in job.comparisons], ["case B"])
+        for node in job.comparisons[0][1:]:
+            self.assertEqual(node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()).GetName(), "case B")
+            self.assertFalse(nodes.isReviewed(node))
+        self.assertEqual(caseRules.counts(logic.scanCases()), (1, 1))
         self.assertIsNone(logic.catalog.get(modelId).error)
         nextId = logic.removeModel(newId)
         self.assertIsNone(logic.catalog.get(newId))

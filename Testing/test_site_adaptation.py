@@ -121,6 +121,14 @@ def test_a_fine_tune_adapts_to_the_site_and_the_card_says_how(parent_models, tmp
     assert sorted(case for case, _ in agreement["cases"]) == ["scan4", "scan5"]
     assert all(0.0 <= value < 0.5 for _, value in agreement["cases"]), agreement
     assert agreement["cases"][0][1] <= agreement["cases"][1][1] and "look at those first" in agreement["summary"]
+    # both models' labels of those scans are kept in the run folder, on each scan's grid, and are what was compared
+    assert list(agreement["labels"]) == [case for case, _ in agreement["cases"]]
+    for case, value in agreement["cases"]:
+        scan = read_volume(unl / f"{case}.nrrd")
+        new, old = (read_volume(agreement["labels"][case][which]) for which in ("new", "parent"))
+        assert new.same_grid(scan) and old.same_grid(scan) and Path(agreement["labels"][case]["new"]).parent == (
+            tmp_path / "run" / "agreement")
+        assert dice_of(new.array, old.array) == pytest.approx(value, abs=1e-4)
     listing = run_cli(["models", "list"], env_extra=env_for(parent_models))
     row = next(line for line in listing.stdout.splitlines() if line.startswith(card["id"]))
     assert "site hold-out" in row
@@ -523,6 +531,34 @@ def test_a_localiser_is_fine_tuned_at_its_own_width_and_stays_a_localiser(tmp_pa
     assert child.config["base"] == 8 and child_card.extra.get("role") == "localiser"
     refused = run_cli(["finetune", *common, "--method", "caml", "--output", str(tmp_path / "caml")], env_extra=env)
     assert refused.returncode == 4 and "8 channels wide" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def dice_of(a: np.ndarray, b: np.ndarray) -> float:
+    from semiseg_la.metrics import dice
+
+    return float(dice(a, b))
+
+
+def test_the_labels_of_the_lowest_agreement_are_kept_and_the_others_removed(tmp_path, monkeypatch):
+    """Four scans offered in turn: the two of lowest agreement keep their two files; a scan pushed out by a lower
+    one loses its files; a folder left by an earlier export is cleared."""
+    from semiseg_la.cli import export
+    from semiseg_la.progress import ProgressReporter
+
+    monkeypatch.setattr(export, "AGREEMENT_SHOWN", 2)
+    folder = tmp_path / "agreement"
+    folder.mkdir()
+    (folder / "stale_new.nrrd").write_bytes(b"from an earlier export")
+    image = Volume(np.zeros((6, 5, 4), np.float32), (1.0, 1.0, 2.0))
+    kept = export.AgreementLabels(folder, ProgressReporter())
+    for case, value in (("a", 0.9), ("b", 0.5), ("c", 0.7), ("d", 0.3), ("e", 0.95)):
+        new = np.zeros(image.shape, np.uint8)
+        new[: int(10 * value) % 6] = 1
+        kept.offer(case, value, image, new, np.ones(image.shape, np.uint8))
+    assert sorted(kept.files) == ["b", "d"]
+    assert sorted(p.name for p in folder.iterdir()) == ["b_new.nrrd", "b_parent.nrrd", "d_new.nrrd", "d_parent.nrrd"]
+    stored = read_volume(kept.files["d"]["new"])
+    assert stored.same_grid(image) and stored.array.sum() == 3 * 5 * 4
 
 
 def test_the_comparison_on_unlabelled_scans_agrees_with_itself_and_stops_at_the_deadline(parent_models, tmp_path):

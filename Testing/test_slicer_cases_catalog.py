@@ -72,6 +72,20 @@ def test_several_segmentations_prefer_one_with_the_atrium_and_say_so():
     assert "2 segmentations use this volume" in rows[0].status
 
 
+def test_a_corrected_segmentation_is_preferred_to_later_automatic_results():
+    """After a fine-tune a volume may carry both models' automatic results; the one the user corrected and ticked
+    makes it a labelled case, whichever was added last. Without a corrected one the volume stays unlabelled."""
+    v = vol(1)
+    new, parent = seg(1, v.id, "Left atrium"), seg(2, v.id, "Left atrium")
+    for node in (new, parent):
+        node.reviewed, node.automatic = False, True
+    rows = buildCaseTable([v], [new, parent])
+    assert rows[0].role == UNLABELLED and rows[0].segmentationId == parent.id
+    new.reviewed = True
+    rows = buildCaseTable([v], [new, parent])
+    assert rows[0].role == LABELLED and rows[0].segmentationId == new.id
+
+
 def test_user_pairing_overrides_and_can_mean_none():
     v1, v2 = vol(1), vol(2)
     s = seg(7, None, "Left atrium")  # no reference geometry at all
@@ -276,3 +290,19 @@ def test_the_scans_where_the_new_model_and_its_parent_disagree_most_are_named_fi
     assert "Scan_4" not in text
     assert agreementNote({"agreement": {"cases": [], "not_compared": 3}}) is None
     assert agreementNote({"verdict": "better or equal"}) is None and agreementNote(None) is None
+    shown = agreementNote(guard, {"Scan_2": "Scan 2"}, ["Scan 2"])
+    assert "Each model's result on 'Scan 2' is in the scene as '<volume>: new model' and '<volume>: parent'" in shown
+    assert "segmented with each model" in text and "segmented with each model" not in shown
+
+
+def test_the_label_files_of_the_lowest_agreement_are_read_in_order_and_malformed_ones_skipped():
+    from SemiSegLALib.catalog import agreementLabels
+
+    labels = {"Scan_2": {"new": "/r/Scan_2_new.nrrd", "parent": "/r/Scan_2_parent.nrrd"},
+              "Scan_1": {"new": "/r/Scan_1_new.nrrd"}, "Scan_3": "not a record",
+              "Scan_4": {"new": "/r/Scan_4_new.nrrd", "parent": "/r/Scan_4_parent.nrrd"}}
+    assert agreementLabels({"agreement": {"cases": [], "labels": labels}}) == [
+        ("Scan_2", "/r/Scan_2_new.nrrd", "/r/Scan_2_parent.nrrd"),
+        ("Scan_4", "/r/Scan_4_new.nrrd", "/r/Scan_4_parent.nrrd")]
+    assert agreementLabels({"agreement": {"cases": []}}) == [] and agreementLabels(None) == []
+    assert agreementLabels({"agreement": {"labels": ["not", "a", "mapping"]}}) == []

@@ -16,7 +16,13 @@ from conftest import rotation
 # isort: split
 from SemiSegLALib import cases as caseRules
 from SemiSegLALib.jobs import OOM_FALLBACK_NOTICE, OOM_RETRY_NOTICE, Job
-from SemiSegLALib.nodes import LEFT_ATRIUM_COLOR, LEFT_ATRIUM_TERMINOLOGY
+from SemiSegLALib.nodes import (
+    LEFT_ATRIUM_COLOR,
+    LEFT_ATRIUM_TERMINOLOGY,
+    PARENT_RESULT_COLOR,
+    isAutomaticResult,
+    isReviewed,
+)
 from SemiSegLALib.state import State
 
 BASE = "la-caml-v1.0.0"
@@ -354,8 +360,11 @@ def test_finetune_end_to_end_writes_the_dataset_on_each_grid(fake, make_logic, t
     assert os.listdir(plan.unlabeledDir) == ["Case_B.nrrd"]
     assert os.path.isdir(os.path.join(job.workDir, "runs", "finetune"))  # the child ran in the temp folder
     assert any("Case C" in line and "no 'Left atrium' segment" in line for line in job.logLines)
-    # the scene is as it was: no temporary label maps left behind
-    assert [n.GetID() for n in fake.scene.fakeNodes()] == before
+    # no temporary label maps left behind: what is new is the two results on the unlabelled Case B
+    added = [n for n in fake.scene.fakeNodes() if n.GetID() not in before]
+    assert [n.GetName() for n in added if n.IsA("vtkMRMLSegmentationNode")] == ["Case B: new model",
+                                                                               "Case B: parent"]
+    assert not [n for n in added if n.IsA("vtkMRMLVolumeNode")]
 
 
 def test_finetune_needs_a_labelled_case(fake, make_logic):
@@ -433,6 +442,45 @@ def test_finetune_better_on_one_held_out_case_says_how_little_that_is(fake, make
     where = [n for n in job.notices if "disagree most" in n]
     assert where and where[0].startswith("Of 1 unlabelled volume(s)"), job.notices
     assert "disagree most on 'Case B' (0.60)" in where[0]  # the volume's name, not its file's case id Case_B
+    assert "Each model's result on 'Case B' is in the scene as '<volume>: new model'" in where[0]
+
+
+def test_finetune_adds_both_results_where_the_two_models_disagree_most(fake, make_logic):
+    """The core keeps both models' labels of the unlabelled scans of lowest agreement; the module adds them beside
+    each volume as automatic segmentations (its own colour for the parent's), which leave the volume unlabelled."""
+    a, seg, b, c, other, mask = labelled_scene(fake)
+    logic = make_logic()
+    logic.refreshModels()
+    job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    [(name, new, parent)] = job.comparisons
+    assert name == "Case B" and new.GetName() == "Case B: new model" and parent.GetName() == "Case B: parent"
+    for node, cut in ((new, 1.0), (parent, 2.0)):  # the fake core's labels: the scan above mean + cut x std
+        assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is b
+        assert isAutomaticResult(node) and not isReviewed(node)
+        segment = node.GetSegmentation().GetNthSegment(0)
+        assert segment.GetName() == "Left atrium" and node.GetSegmentation().geometry.close(b.geometry, tol=1e-9)
+        np.testing.assert_array_equal(segment.mask, b.array > b.array.mean() + cut * b.array.std())
+    assert parent.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(PARENT_RESULT_COLOR)
+    assert new.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(LEFT_ATRIUM_COLOR)
+    rows = {r.volumeName: r for r in logic.scanCases()}
+    assert rows["Case B"].role == "unlabelled" and "automatic result" in rows["Case B"].status
+
+
+def test_finetune_skips_a_disagreement_result_off_its_volume_grid(fake, make_logic):
+    """A parent's label on another grid than the scan written for the core: neither result is added, the log
+    says why, and the note falls back to asking the user to segment with each model."""
+    labelled_scene(fake)
+    logic = make_logic("bad-agreement-grid")
+    logic.refreshModels()
+    before = {n.GetID() for n in fake.scene.fakeNodes()}
+    job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.comparisons == []
+    assert not [n for n in fake.scene.fakeNodes() if n.GetID() not in before and n.IsA("vtkMRMLSegmentationNode")]
+    assert any("The two results on 'Case B' were not added" in line and "grid" in line for line in job.logLines)
+    where = [n for n in job.notices if "disagree most" in n]
+    assert where and "segmented with each model" in where[0] and "in the scene" not in where[0]
 
 
 def test_finetune_on_one_labelled_case_says_it_was_not_checked(fake, make_logic):

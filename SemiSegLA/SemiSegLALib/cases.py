@@ -5,7 +5,8 @@ Rules:
 * every plain scalar volume of the scene is a row (label-map, diffusion-weighted, tensor and vector volumes
   are not cases);
 * a volume is **labelled** when a segmentation is paired with it: by default a segmentation whose reference
-  geometry is that volume, or the one the user picks in the Segmentation column;
+  geometry is that volume (of several, the last reviewed one with a "Left atrium" segment, else the last with
+  one), or the one the user picks in the Segmentation column;
 * a labelled case's segmentation must contain a "Left atrium" segment (by name); otherwise the row is
   invalid and says how to fix it;
 * only a **reviewed** segmentation makes a labelled case: SemiSegLA's own automatic results count only once
@@ -119,7 +120,8 @@ def buildCaseTable(volumes: Sequence[VolumeInfo], segmentations: Sequence[Segmen
                     row.status = "The segmentation chosen for this volume no longer exists; choose again."
         elif candidates:
             with_la = [s for s in candidates if s.leftAtriumSegment() is not None]
-            chosen = (with_la or candidates)[-1]
+            corrected = [s for s in with_la if s.reviewed]  # a corrected one over SemiSegLA's unreviewed results
+            chosen = (corrected or with_la or candidates)[-1]
             if len(candidates) > 1:
                 row.status = (f"{len(candidates)} segmentations use this volume as reference; using "
                               f"'{chosen.name}' (pick another in the Segmentation column).")

@@ -6,10 +6,14 @@ reads what the core reports and never edits model files itself.
 """
 
 import json
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 SOURCES_ORDER = {"bundled": 0, "site": 1, "local": 2}
 DEFAULT_METHOD_PRESETS = ("supervised", "mean_teacher")
+#: the names' ends of the two segmentations a fine-tune adds beside a volume where the new model and its parent
+#: disagree most ("<volume>: new model", "<volume>: parent")
+NEW_RESULT = "new model"
+PARENT_RESULT = "parent"
 METHOD_LABELS = {
     "supervised": "Supervised",
     "mean_teacher": "Mean Teacher",
@@ -110,12 +114,14 @@ def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
             f"evidence: before relying on it, {compare}")
 
 
-def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[str, str]] = None) -> Optional[str]:
+def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[str, str]] = None,
+                  shown: Sequence[str] = ()) -> Optional[str]:
     """Where the new model and its parent disagree most on the unlabelled scans (the core segments up to 16 of them
     with both after a fine-tune, in what is left of the budget): the scans to look at first. There one of the two is
     wrong, and it may be either: at a simulated scanner the lowest agreement fell on the scans the parent segmented
     worst, where the new model gained on some and lost on others, and the one held-out case saw none of them
-    (docs/results.md). ``volumeNames`` maps the core's case ids back to the volumes' names."""
+    (docs/results.md). ``volumeNames`` maps the core's case ids back to the volumes' names; ``shown``: the volumes
+    whose two results were added to the scene (``agreementLabels``)."""
     agreement = guard.get("agreement") if isinstance(guard, dict) else None
     if not isinstance(agreement, dict):
         return None
@@ -124,9 +130,24 @@ def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[st
         return None
     names = volumeNames or {}
     lowest = ", ".join(f"'{names.get(str(case), case)}' ({float(value):.2f})" for case, value in cases[:3])
-    return (f"Of {len(cases)} unlabelled volume(s), the new model and its parent disagree most on {lowest} (Dice "
-            "between their results): look at those first, segmented with each model; there one of them is wrong, "
-            "and it may be either.")
+    text = (f"Of {len(cases)} unlabelled volume(s), the new model and its parent disagree most on {lowest} (Dice "
+            "between their results): look at those first")
+    if not shown:
+        return text + ", segmented with each model; there one of them is wrong, and it may be either."
+    return (text + f"; there one of them is wrong, and it may be either. Each model's result on "
+            f"{', '.join(repr(name) for name in shown)} is in the scene as '<volume>: {NEW_RESULT}' and "
+            f"'<volume>: {PARENT_RESULT}' (one network pass each; Segment atrium also averages flips).")
+
+
+def agreementLabels(guard: Optional[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
+    """(case id, the new model's label file, the parent's) of the unlabelled scans where the two disagree most, lowest
+    agreement first: the core keeps both labels of a few of them in its run folder (cli/export.py AGREEMENT_SHOWN)."""
+    agreement = guard.get("agreement") if isinstance(guard, dict) else None
+    labels = agreement.get("labels") if isinstance(agreement, dict) else None
+    if not isinstance(labels, dict):
+        return []
+    return [(str(case), str(files["new"]), str(files["parent"])) for case, files in labels.items()
+            if isinstance(files, dict) and files.get("new") and files.get("parent")]
 
 
 def methodLabel(method: str) -> str:

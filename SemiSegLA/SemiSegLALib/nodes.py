@@ -47,6 +47,8 @@ LEFT_ATRIUM_TERMINOLOGY = (
 # DICOM-Master.json). ``terminologyColor`` reads the colour from the loaded terminology.
 LEFT_ATRIUM_RGB = (203, 108, 81)
 LEFT_ATRIUM_COLOR = tuple(v / 255.0 for v in LEFT_ATRIUM_RGB)
+#: the parent's result beside the new model's after a fine-tune (SemiSegLA.showDisagreement): a colour of its own
+PARENT_RESULT_COLOR = (0.95, 0.85, 0.25)
 TEMPORARY_LABEL_NAME = "SemiSegLA temporary label"
 
 # Node attributes (saved with the scene): a segmentation SemiSegLA produced carries AUTOMATIC_ATTRIBUTE; it

@@ -16,6 +16,7 @@ JSON-lines progress. Behaviour switches come from the environment:
   noise           interleave warnings and non-JSON text
   no-presets      ``models presets`` is an unknown command (as in an older core)
   guard-worse     ``finetune`` ends with the core's parent/child check saying the child is worse
+  bad-agreement-grid  ``finetune`` keeps the parent's label of a compared scan on another spacing
   slow-list       ``models list`` takes a second (for the background-call tests)
   localiser       ``--region auto`` finds a box (the middle half of each axis), as the core's localiser does
                   on a whole scan; without it, auto segments the whole image, as the core does for an image no
@@ -261,9 +262,33 @@ def cmd_finetune(args):
     stems = sorted(os.path.splitext(n)[0] for n in os.listdir(args.unlabeled)) if args.unlabeled else []
     if stems:
         guard["agreement"] = {"cases": [[stem, round(0.60 + 0.15 * i, 2)] for i, stem in enumerate(stems)],
-                              "compared": len(stems), "not_compared": 0, "unreadable": {}, "summary": "..."}
+                              "compared": len(stems), "not_compared": 0, "unreadable": {}, "summary": "...",
+                              "labels": agreement_labels(args.unlabeled, stems[:3])}
     emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard})
     return 0
+
+
+def agreement_labels(unlabeled_dir, stems):
+    """Both models' labels of the scans of lowest agreement, as the core keeps them (cli/export.py AgreementLabels):
+    absolute paths in the run folder, on each scan's grid (mode bad-agreement-grid: the parent's on another)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = os.path.abspath(os.path.join("runs", "finetune", "agreement"))
+    os.makedirs(folder, exist_ok=True)
+    labels = {}
+    for stem in stems:
+        image = sitk.ReadImage(os.path.join(unlabeled_dir, stem + ".nrrd"))
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        labels[stem] = {}
+        for which, cut in (("new", array.mean() + array.std()), ("parent", array.mean() + 2 * array.std())):
+            label = sitk.GetImageFromArray((array > cut).astype(np.uint8))
+            label.CopyInformation(image)
+            if which == "parent" and "bad-agreement-grid" in MODES:
+                label.SetSpacing([s * 2 for s in image.GetSpacing()])
+            labels[stem][which] = os.path.join(folder, f"{stem}_{which}.nrrd")
+            sitk.WriteImage(label, labels[stem][which], useCompression=True)
+    return labels
 
 
 def cmd_models(args):

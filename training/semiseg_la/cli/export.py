@@ -19,7 +19,7 @@ from ..engine.data import Split
 from ..engine.loop import TrainResult, restore_method
 from ..engine.precision import device_name
 from ..engine.state import load_state
-from ..errors import InputError, RegionError
+from ..errors import InputError, RegionError, StorageError
 from ..inference.memory import StickyFallback
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
@@ -36,6 +36,10 @@ HOLDOUT_MAX = 5
 AGREEMENT_SCANS = 16
 #: seconds kept after the comparison for writing the model folder
 AGREEMENT_RESERVE_S = 4.0
+#: the scans of lowest agreement whose two labels are kept (in the run folder's AGREEMENT_LABELS), so the user sees
+#: both results where the two disagree most without segmenting again (the Slicer module names and shows these)
+AGREEMENT_SHOWN = 3
+AGREEMENT_LABELS = "agreement"
 
 
 def held_out_count(labelled: int) -> int:
@@ -91,7 +95,8 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
         scans = _unannotated_scans(config, reporter)
         if channel is None and scans:
             card.extra["finetune"]["agreement"] = unlabelled_agreement(
-                network, config, parent_card, parent_folder, scans, reporter, deadline, per_scan_s)
+                network, config, parent_card, parent_folder, scans, reporter, deadline, per_scan_s,
+                Path(config.output).resolve() / AGREEMENT_LABELS)
     folder = new_local_model_dir(model_id)
     state_dict = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     save_model(folder, state_dict, card)
@@ -277,19 +282,21 @@ def _unannotated_scans(config: TrainConfig, reporter: ProgressReporter) -> List[
 
 def unlabelled_agreement(network, config: TrainConfig, parent_card, parent_folder: Optional[Path],
                          scans: Sequence[CaseRecord], reporter: ProgressReporter, deadline: Optional[float],
-                         per_scan_s: float) -> Dict[str, Any]:
+                         per_scan_s: float, labels_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Where the fine-tuned model and its parent disagree on the site's unlabelled scans: the Dice between their
     labels, lowest first: the scans to look at first. A single held-out case judges the child on one scan; this says
     where the two differ, for better or worse: at a simulated scanner the lowest agreement fell on the scans the
     parent segmented worst, among them scans the child made worse and the one it improved most (docs/results.md).
     Up to AGREEMENT_SCANS, in what is left of the time budget (a scan costs two segmentations, about `per_scan_s`
-    each as the export measured them)."""
+    each as the export measured them). With `labels_dir` the two labels of the AGREEMENT_SHOWN scans of lowest
+    agreement are kept there, on each scan's grid (`AgreementLabels`)."""
     parent_network, parent_config, parent_scout = _parent_as_scored(config, parent_card, parent_folder)
     child = Segmenter(network, config, reporter, _child_scout(config, parent_card))
     parent = Segmenter(parent_network, parent_config, reporter, parent_scout)
     chosen = list(scans)[:AGREEMENT_SCANS]
     figures: Dict[str, float] = {}
     unreadable: Dict[str, str] = {}  # a method that trains on labelled cases only never read these files
+    kept = AgreementLabels(labels_dir, reporter) if labels_dir is not None else None
     reporter.start("compare", len(chosen), "the new model and its parent on unlabelled scans")
     for i, record in enumerate(chosen, 1):
         if deadline is not None and time.monotonic() + 2.5 * per_scan_s + AGREEMENT_RESERVE_S > deadline:
@@ -300,12 +307,52 @@ def unlabelled_agreement(network, config: TrainConfig, parent_card, parent_folde
             unreadable[record.case_id] = str(exc)
             reporter.log(f"{record.case_id}: not compared: {exc}")
             continue
-        figures[record.case_id] = float(dice(child(image, record.case_id), parent(image, record.case_id)))
+        new, old = child(image, record.case_id), parent(image, record.case_id)
+        figures[record.case_id] = float(dice(new, old))
+        if kept is not None:
+            kept.offer(record.case_id, figures[record.case_id], image, new, old)
         reporter.update(i)
     reporter.end()
     result = agreement_record(figures, len(chosen), unreadable)
     reporter.log(result["summary"])
+    if kept is not None and kept.files:
+        result["labels"] = {case: kept.files[case] for case, _ in result["cases"] if case in kept.files}
+        reporter.log(f"the two labels of {', '.join(result['labels'])}, each model's, are in {kept.folder} "
+                     "(<scan>_new.nrrd, <scan>_parent.nrrd; one network pass each, without test-time flips)")
     return result
+
+
+class AgreementLabels:
+    """The child's and the parent's labels of the AGREEMENT_SHOWN scans of lowest agreement so far, as files in
+    `folder` (`<case>_new.nrrd`, `<case>_parent.nrrd`, on the scan's grid): on disk, not in memory (two labels of a
+    whole scan each), and a scan pushed out by a lower one loses its files. A file that cannot be written costs the
+    files, not the comparison or the model."""
+
+    def __init__(self, folder: Path, reporter: ProgressReporter) -> None:
+        import shutil
+
+        self.folder, self.reporter, self.files = Path(folder), reporter, {}
+        self.values: Dict[str, float] = {}
+        shutil.rmtree(self.folder, ignore_errors=True)  # a resumed run's earlier export named other scans
+
+    def offer(self, case_id: str, value: float, image, new: np.ndarray, old: np.ndarray) -> None:
+        ranked = sorted({**self.values, case_id: value}.items(), key=lambda item: item[1])[:AGREEMENT_SHOWN]
+        if case_id not in dict(ranked):
+            return
+        from ..io import write_volume
+
+        paths = {"new": self.folder / f"{case_id}_new.nrrd", "parent": self.folder / f"{case_id}_parent.nrrd"}
+        try:
+            for which, label in (("new", new), ("parent", old)):
+                write_volume(image.with_array(np.asarray(label, np.uint8)), paths[which])
+        except (OSError, StorageError) as exc:
+            self.reporter.log(f"{case_id}: the two labels were not kept: {exc}")
+            return
+        self.values[case_id], self.files[case_id] = value, {k: str(v) for k, v in paths.items()}
+        for dropped in set(self.values) - set(dict(ranked)):
+            for path in self.files.pop(dropped).values():
+                Path(path).unlink(missing_ok=True)
+            del self.values[dropped]
 
 
 def agreement_record(figures: Dict[str, float], chosen: int, unreadable: Optional[Dict[str, str]] = None
