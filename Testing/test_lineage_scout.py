@@ -5,11 +5,13 @@ recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
 
 from cli_helpers import save_tiny_model
+from semiseg_la.cli.segment import SCOUT_AGREEMENT_WARN
 
 ON_REGIONS = {"wide_fov_prob": 0.5, "labelled_cuts": 1}  # trained on whole-scan canvases
 ONE_CUT = {"wide_fov_prob": 0.0, "labelled_cuts": 1}  # a site fine-tune: each scan cut once
@@ -119,3 +121,57 @@ def test_segment_says_which_model_settles_a_fine_tuned_models_region(tmp_path):
         assert bool(settled) == says, (proc.returncode, messages[-3:])
         if says:
             assert "root-v0.1.0, the model this one was fine-tuned from" in settled[0]
+
+
+def test_a_result_far_from_the_first_pass_that_settled_its_region_is_a_warning():
+    from semiseg_la.cli.segment import scout_disagrees
+    from semiseg_la.inference.localise import Region
+
+    region = Region((0, 0, 0), (9, 9, 9), "auto", scout_agreement=0.84)
+    assert SCOUT_AGREEMENT_WARN > 0.84
+    text = scout_disagrees(region, "root-v0.1.0")
+    assert "first pass of root-v0.1.0" in text and "(Dice 0.84 between the two)" in text
+    assert "segment the scan with root-v0.1.0 as well" in text
+    own = scout_disagrees(region)  # a model that settles its own region: its single pass against its flips
+    assert own.startswith("the result is uncertain on this scan") and "(Dice 0.84 between the two)" in own
+    assert scout_disagrees(dataclasses.replace(region, scout_agreement=SCOUT_AGREEMENT_WARN), "root") is None
+    assert scout_disagrees(dataclasses.replace(region, scout_agreement=None), "root") is None
+    assert region.to_dict()["scout_agreement"] == 0.84 and "scout_agreement" not in Region((0,) * 3, (1,) * 3,
+                                                                                          "auto").to_dict()
+
+
+def test_segment_warns_when_its_result_is_far_from_the_first_pass(tmp_path, monkeypatch):
+    """`segment --region auto` on a whole scan: the Dice between its label and the first pass that settled the
+    region (a site fine-tune's ancestor's, else the model's own single pass when it averages flips) goes into the
+    region record, and below SCOUT_AGREEMENT_WARN a warning into the log and the `done` record (the passes are
+    stood in for: these tiny models find no plausible atrium)."""
+    from cli_helpers import write_case
+    from semiseg_la.cli import segment
+    from semiseg_la.cli.main import main as cli
+    from semiseg_la.io.volume import read_volume
+    from test_localise import _blank_localiser
+
+    root = model("root-v0.1.0", 0, ON_REGIONS)
+    child = model("child-v0.1.0", 1, ONE_CUT, root)
+    src = tmp_path / "scan.nrrd"
+    write_case(src, shape=(320, 300, 40), spacing=(0.625, 0.625, 1.25))
+    records, localiser = [], _blank_localiser()
+    monkeypatch.setattr("semiseg_la.progress.ProgressReporter.done", lambda self, **record: records.append(record))
+
+    for folder, agreement, says in ((child, 0.62, "first pass of root-v0.1.0, the model it was fine-tuned from"),
+                                    (child, 0.97, None), (root, 0.62, "a single pass of the model and its result")):
+        def settled(region, image, segment_in, reporter, scout_in, agreement=agreement):
+            assert scout_in is not None  # the ancestor's first pass, or the root's own single pass (flip TTA)
+            atrium = np.zeros(image.shape, np.uint8)
+            atrium[100:140, 100:140, 10:30] = 1
+            prediction = SimpleNamespace(label=image.with_array(atrium), warnings=[], probability=None, timings={})
+            return dataclasses.replace(region, scout_agreement=agreement), (prediction, "cpu", False)
+
+        monkeypatch.setattr(segment, "segment_automatic", settled)
+        assert cli(["segment", str(src), "-o", str(tmp_path / "seg.nrrd"), "--model", str(folder),
+                    "--localiser", localiser, "--progress", "none"]) == 0
+        done = records[-1]
+        assert done["region"]["scout_agreement"] == agreement
+        warned = [w for w in done["warnings"] if "(Dice 0.62 between the two)" in w]
+        assert bool(warned) == (says is not None) and (says is None or says in warned[0]), done["warnings"]
+    assert read_volume(src).shape == read_volume(tmp_path / "seg.nrrd").shape

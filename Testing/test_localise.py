@@ -617,8 +617,19 @@ def test_a_one_pass_scout_settles_the_region_before_the_flipped_pass():
     calls.clear()
     roomy = Region(tuple(int(max(0, v)) for v in low - 40),
                    tuple(int(min(n, v)) for v, n in zip(high + 40, vol.shape)), "auto")
-    segment_automatic(roomy, vol, passes("full"), ProgressReporter(), passes("scout"))
+    region, _ = segment_automatic(roomy, vol, passes("full"), ProgressReporter(), passes("scout"))
     assert [kind for kind, _ in calls] == ["scout", "full"]  # the scout's result is not what gets written
+    assert region.scout_agreement == 1.0  # the two passes gave the same label
     calls.clear()
-    segment_automatic(roomy, vol, passes("full"), ProgressReporter())
+    region, _ = segment_automatic(roomy, vol, passes("full"), ProgressReporter())
     assert [kind for kind, _ in calls] == ["full"]  # one-pass inference: the first pass is the result
+    assert region.scout_agreement is None
+
+    def half(region):  # a full pass that keeps half the atrium the scout found: Dice 2/3 between the two
+        cut = label.copy()
+        cut[: (low[0] + high[0]) // 2 + 1] = 0
+        return SimpleNamespace(label=vol.with_array(cut)), "cpu", False
+
+    region, _ = segment_automatic(roomy, vol, half, ProgressReporter(), passes("scout"))
+    kept = int(label[(low[0] + high[0]) // 2 + 1:].sum())
+    assert region.scout_agreement == pytest.approx(2 * kept / (label.sum() + kept))

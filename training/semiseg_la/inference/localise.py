@@ -59,6 +59,7 @@ class Region:
     settle_seconds: float = 0.0  # the first fine pass over an automatic region, which settles it
     refined: bool = False  # grown (or narrowed) once around the fine result
     searched_whole: bool = False  # "auto" without a usable localiser box: the fine model searched everything
+    scout_agreement: Optional[float] = None  # Dice between the first pass that settled it and the label given
 
     @property
     def box(self) -> List[int]:
@@ -71,6 +72,8 @@ class Region:
                                    "searched_whole": self.searched_whole}
         if self.found_volume_ml is not None:
             data["found_volume_ml"] = round(self.found_volume_ml, 1)
+        if self.scout_agreement is not None:
+            data["scout_agreement"] = round(self.scout_agreement, 4)
         if image is not None:
             data["corners_lps_mm"] = [physical_point(image, self.lower),
                                       physical_point(image, [u - 1 for u in self.upper])]
