@@ -20,12 +20,11 @@ from SemiSegLALib import geometry, nodes
 from SemiSegLALib import region as regionMath
 from SemiSegLALib.catalog import (
     DEFAULT_METHOD_PRESETS,
-    NEW_RESULT,
-    PARENT_RESULT,
     Catalog,
     CatalogError,
     agreementLabels,
     agreementNote,
+    comparisonNames,
     diceText,
     guardNote,
     guardWarning,
@@ -492,9 +491,9 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             note = job.guardWarning or guardNote(done.get("guard"), baseModelId)
             if note:
                 job.addNotice(note)
-            job.comparisons = self.showDisagreement(done.get("guard"), plan, job)
+            job.comparisons = self.showDisagreement(done.get("guard"), plan, job, newId, baseModelId)
             where = agreementNote(done.get("guard"), {row.caseId: row.volumeName for row, _ in plan.unlabelled},
-                                  [name for name, _, _ in job.comparisons])
+                                  [name for name, _, _ in job.comparisons], newId, baseModelId)
             if where:
                 job.addNotice(where)
             # the model list is re-read after the job: by _startJob when waiting, else by the caller (the
@@ -507,7 +506,8 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         job.datasetPlan = plan
         return self._startJob(job, waitForCompletion, timeout)
 
-    def showDisagreement(self, guard, plan: caseRules.DatasetPlan, job: Job) -> List[Tuple[str, object, object]]:
+    def showDisagreement(self, guard, plan: caseRules.DatasetPlan, job: Job, newId: str,
+                         parentId: str) -> List[Tuple[str, object, object]]:
         """Each model's result on the unlabelled volumes where the new model and its parent disagree most (the core
         keeps both labels of a few, ``agreementLabels``), as two automatic segmentations beside each volume, so the
         user compares them without segmenting again; neither is a label until corrected and ticked. A volume gone from
@@ -522,10 +522,11 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
                 volume = nodes.getNode(row.volumeId, f"volume '{row.volumeName}'")
                 for path in (newPath, parentPath):
                     geometry.checkSameGrid(scanPath, path)
-                new, _ = nodes.importLabelAsSegmentation(newPath, volume, f"{row.volumeName}: {NEW_RESULT}")
+                newName, parentName = comparisonNames(row.volumeName, newId, parentId)
+                new, _ = nodes.importLabelAsSegmentation(newPath, volume, newName)
                 try:
-                    parent, _ = nodes.importLabelAsSegmentation(
-                        parentPath, volume, f"{row.volumeName}: {PARENT_RESULT}", color=nodes.PARENT_RESULT_COLOR)
+                    parent, _ = nodes.importLabelAsSegmentation(parentPath, volume, parentName,
+                                                                color=nodes.PARENT_RESULT_COLOR)
                 except Exception:
                     nodes.removeNodeAndHelpers(new)  # both or neither
                     raise

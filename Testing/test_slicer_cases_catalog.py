@@ -290,8 +290,9 @@ def test_the_scans_where_the_new_model_and_its_parent_disagree_most_are_named_fi
     assert "Scan_4" not in text
     assert agreementNote({"agreement": {"cases": [], "not_compared": 3}}) is None
     assert agreementNote({"verdict": "better or equal"}) is None and agreementNote(None) is None
-    shown = agreementNote(guard, {"Scan_2": "Scan 2"}, ["Scan 2"])
-    assert "Each model's result on 'Scan 2' is in the scene as '<volume>: new model' and '<volume>: parent'" in shown
+    shown = agreementNote(guard, {"Scan_2": "Scan 2"}, ["Scan 2"], "site-v1", "base-v1")
+    assert ("Each model's result on 'Scan 2' is in the scene as '<volume>: site-v1 (new)' and '<volume>: base-v1 "
+            "(parent)'") in shown
     assert "segmented with each model" in text and "segmented with each model" not in shown
 
 

@@ -362,8 +362,8 @@ def test_finetune_end_to_end_writes_the_dataset_on_each_grid(fake, make_logic, t
     assert any("Case C" in line and "no 'Left atrium' segment" in line for line in job.logLines)
     # no temporary label maps left behind: what is new is the two results on the unlabelled Case B
     added = [n for n in fake.scene.fakeNodes() if n.GetID() not in before]
-    assert [n.GetName() for n in added if n.IsA("vtkMRMLSegmentationNode")] == ["Case B: new model",
-                                                                               "Case B: parent"]
+    assert [n.GetName() for n in added if n.IsA("vtkMRMLSegmentationNode")] == [
+        "Case B: site-v0.0.1 (new)", f"Case B: {BASE} (parent)"]  # each model by its id
     assert not [n for n in added if n.IsA("vtkMRMLVolumeNode")]
 
 
@@ -442,7 +442,7 @@ def test_finetune_better_on_one_held_out_case_says_how_little_that_is(fake, make
     where = [n for n in job.notices if "disagree most" in n]
     assert where and where[0].startswith("Of 1 unlabelled volume(s)"), job.notices
     assert "disagree most on 'Case B' (0.60)" in where[0]  # the volume's name, not its file's case id Case_B
-    assert "Each model's result on 'Case B' is in the scene as '<volume>: new model'" in where[0]
+    assert f"Each model's result on 'Case B' is in the scene as '<volume>: {job.result} (new)'" in where[0]
 
 
 def test_finetune_adds_both_results_where_the_two_models_disagree_most(fake, make_logic):
@@ -454,7 +454,8 @@ def test_finetune_adds_both_results_where_the_two_models_disagree_most(fake, mak
     job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
     assert job.state is State.FINISHED, job.errorMessage
     [(name, new, parent)] = job.comparisons
-    assert name == "Case B" and new.GetName() == "Case B: new model" and parent.GetName() == "Case B: parent"
+    assert name == "Case B" and new.GetName() == f"Case B: {job.result} (new)"
+    assert parent.GetName() == f"Case B: {BASE} (parent)"
     for node, cut in ((new, 1.0), (parent, 2.0)):  # the fake core's labels: the scan above mean + cut x std
         assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is b
         assert isAutomaticResult(node) and not isReviewed(node)

@@ -10,10 +10,6 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 SOURCES_ORDER = {"bundled": 0, "site": 1, "local": 2}
 DEFAULT_METHOD_PRESETS = ("supervised", "mean_teacher")
-#: the names' ends of the two segmentations a fine-tune adds beside a volume where the new model and its parent
-#: disagree most ("<volume>: new model", "<volume>: parent")
-NEW_RESULT = "new model"
-PARENT_RESULT = "parent"
 METHOD_LABELS = {
     "supervised": "Supervised",
     "mean_teacher": "Mean Teacher",
@@ -114,14 +110,20 @@ def guardNote(guard: Optional[Dict[str, Any]], parentId: str) -> Optional[str]:
             f"evidence: before relying on it, {compare}")
 
 
+def comparisonNames(volumeName: str, newId: str, parentId: str) -> Tuple[str, str]:
+    """The names of the two segmentations a fine-tune adds beside a volume where the new model and its parent
+    disagree most: each model's id, so that a later fine-tune's pair is told apart."""
+    return f"{volumeName}: {newId} (new)", f"{volumeName}: {parentId} (parent)"
+
+
 def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[str, str]] = None,
-                  shown: Sequence[str] = ()) -> Optional[str]:
+                  shown: Sequence[str] = (), newId: str = "", parentId: str = "") -> Optional[str]:
     """Where the new model and its parent disagree most on the unlabelled scans (the core segments up to 16 of them
     with both after a fine-tune, in what is left of the budget): the scans to look at first. There one of the two is
     wrong, and it may be either: at a simulated scanner the lowest agreement fell on the scans the parent segmented
     worst, where the new model gained on some and lost on others, and the one held-out case saw none of them
     (docs/results.md). ``volumeNames`` maps the core's case ids back to the volumes' names; ``shown``: the volumes
-    whose two results were added to the scene (``agreementLabels``)."""
+    whose two results were added to the scene (``agreementLabels``, named by ``comparisonNames``)."""
     agreement = guard.get("agreement") if isinstance(guard, dict) else None
     if not isinstance(agreement, dict):
         return None
@@ -134,9 +136,10 @@ def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[st
             "between their results): look at those first")
     if not shown:
         return text + ", segmented with each model; there one of them is wrong, and it may be either."
+    new, parent = comparisonNames("<volume>", newId, parentId)
     return (text + f"; there one of them is wrong, and it may be either. Each model's result on "
-            f"{', '.join(repr(name) for name in shown)} is in the scene as '<volume>: {NEW_RESULT}' and "
-            f"'<volume>: {PARENT_RESULT}' (one network pass each; Segment atrium also averages flips).")
+            f"{', '.join(repr(name) for name in shown)} is in the scene as '{new}' and '{parent}' (one network "
+            "pass each; Segment atrium also averages flips).")
 
 
 def agreementLabels(guard: Optional[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
