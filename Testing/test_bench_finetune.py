@@ -49,6 +49,9 @@ def test_a_site_without_unlabelled_scans_is_fine_tuned_without_the_flag(bench, m
 def test_whole_scans_are_also_scored_in_fixed_regions_when_asked(bench, monkeypatch, tmp_path):
     """`--fixed-region 5 15`: every model is scored per case with `--region auto` and in the label's box + each
     margin (the same box for every model); the figures are reported side by side, with the per-case spread."""
+    import json
+    from pathlib import Path
+
     import numpy as np
 
     from semiseg_la.io.volume import Volume, write_volume
@@ -63,6 +66,8 @@ def test_whole_scans_are_also_scored_in_fixed_regions_when_asked(bench, monkeypa
         if "--region" in argv and argv[argv.index("--region") + 4] == "35":  # the wider region spills over
             out[20:30, 10:20, 5:15] = 1
         write_volume(Volume(out, (1.0, 1.0, 1.0)), argv[argv.index("-o") + 1])
+        region = {"source": "box"} if "--region" in argv else {"source": "auto", "scout_agreement": 0.5 + len(seen)}
+        Path(argv[argv.index("--roi-out") + 1]).write_text(json.dumps(region))
         return 0
 
     monkeypatch.setattr(bench, "cli", fake_segment)
@@ -75,6 +80,9 @@ def test_whole_scans_are_also_scored_in_fixed_regions_when_asked(bench, monkeypa
     assert abs(scores["fixed_regions"]["15"]["shifted"] - 2 / 3) < 1e-6
     assert abs(scores["region_spread"]["shifted"] - 1 / 3) < 1e-6
     assert ["--region" in argv for argv in seen] == [False, False, True, True, True, True]
+    # the automatic region's scout agreement, case by case; none recorded for a region given
+    assert scores["unshifted_scout_agreement"] == [1.5] and scores["shifted_scout_agreement"] == [2.5]
+    assert scorer.scout_agreement is None
     assert seen[2][-6:] == ["1", "2", "3", "25", "25", "18"]
     text = bench.format_fixed({"shifted": 0.75, "unshifted": 0.89}, {"shifted": 0.70, "unshifted": 0.90}, "15")
     assert "+ 15 mm" in text and "recovered 25.0%" in text and "-1.00p" in text

@@ -25,7 +25,9 @@ Dice over the margins) says how much the region alone moves a case. `--methods` 
 only. With `--score-unlabeled` the base and each fine-tuned model are also scored on the site's unlabelled scans
 (their reference labels are known here, never to the fine-tune), listed beside the Dice between the child's and
 the parent's labels that the fine-tune's card records: are the scans where the two disagree most, which the
-Slicer module names after a fine-tune, the ones the fine-tune changed, and for better or worse?
+Slicer module names after a fine-tune, the ones the fine-tune changed, and for better or worse? Each whole scan
+scored through `--region auto` also records its `scout_agreement` (the figure `segment` warns on, None where it
+has none); `bench/pool_scout_agreement.py` reads those over runs.
 
 Columns: iterations run, seconds per iteration (measured by the run's own budget plan), wall time of the
 command, Dice on shifted validation cases, the share of the Dice lost to the shift that the fine-tune
@@ -45,7 +47,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -73,6 +75,8 @@ PRESETS = {"default": "finetune", "supervised": "finetune-supervised", "caml": "
            "crln": "finetune-crln", "semicml-la": "finetune-semicml-la", "adapter": "finetune-site-adapter"}
 #: the unlabelled scans of lowest agreement that the Slicer module names after a fine-tune
 LOWEST_NAMED = 3
+#: per scored case, the Dice between the first pass that settled its whole-scan region and the label scored
+SCOUT_KEYS = ("unshifted_scout_agreement", "shifted_scout_agreement")
 STEP_RE = re.compile(r"([0-9.]+) s per iteration")
 
 
@@ -121,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = {"method": method, **run, "shifted": scores["shifted"], "unshifted": scores["unshifted"],
                "recovered": recovered, "unshifted_change": scores["unshifted"] - base["unshifted"],
                "shifted_cases": scores["shifted_cases"], "unshifted_cases": scores["unshifted_cases"]}
-        row.update({k: scores[k] for k in ("fixed_regions", "region_spread") if k in scores})
+        row.update({k: scores[k] for k in ("fixed_regions", "region_spread", *SCOUT_KEYS) if k in scores})
         if args.score_unlabeled:  # the base once, with the first fine-tune, in one pass over the scans
             models = ([] if "unlabeled_cases" in base else [args.model]) + [run["model_dir"]]
             figures = score_unlabeled(models, unlabeled_site_scans(site, args.labeled, unlabeled_dir, acquire),
@@ -251,18 +255,25 @@ class WholeScanScorer:
     def __init__(self, folder: Path, tta: str, margins: Sequence[float] = (), device: str = "cpu") -> None:
         self.folder, self.tta, self.margins = folder, tta, tuple(float(m) for m in margins)
         self.device = device
+        #: the last automatic region's `scout_agreement` (what `segment` warns on), None when it had none
+        self.scout_agreement: Optional[float] = None
         folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, model: str, image: Volume, region: Sequence[int] = ()) -> np.ndarray:
-        source, output = self.folder / "scan.nrrd", self.folder / "label.nrrd"
+        source, output, roi = self.folder / "scan.nrrd", self.folder / "label.nrrd", self.folder / "roi.json"
         write_volume(image, source, compress=False)
+        roi.unlink(missing_ok=True)
+        self.scout_agreement = None
         code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta, "--device",
-                    self.device, "--progress", "none", *(["--region", *map(str, region)] if region else [])])
+                    self.device, "--progress", "none", "--roi-out", str(roi),
+                    *(["--region", *map(str, region)] if region else [])])
         if code == RegionError.exit_code:  # what the user gets: no segmentation, scored as such
             print(f"segment with {model}: no plausible atrium found, scored as Dice 0", flush=True)
             return np.zeros(image.shape, np.uint8)
         if code != 0:
             raise RuntimeError(f"segment exited with {code} for model {model}")
+        if roi.is_file():
+            self.scout_agreement = json.loads(roi.read_text()).get("scout_agreement")
         return read_volume(output).array
 
     def fixed_region(self, model: str, label: Volume, margin: float = REGION_MARGIN_MM) -> List[int]:
@@ -284,7 +295,7 @@ def case_scorer(model: str, tta: str, scorer=None, device: str = "cpu"):
 def score_model(model: str, cases, shifted, tta: str, scorer=None, device: str = "cpu") -> Dict:
     score, model_id = case_scorer(model, tta, scorer, device)
     if scorer is not None:
-        scores = _scored(model, cases, shifted, score)
+        scores = _scored(model, cases, shifted, score, lambda: scorer.scout_agreement)
         fixed = {f"{m:g}": _scored(model, cases, shifted, lambda image, label, m=m: dice(
             scorer(model, image, scorer.fixed_region(model, label, m)), label.array)) for m in scorer.margins}
         if fixed:
@@ -334,12 +345,19 @@ def format_unlabeled(parent: Dict[str, float], child: Dict[str, float], agreemen
     return lines
 
 
-def _scored(model: str, cases, shifted, score) -> Dict:
-    """Mean and per-case Dice on the unshifted and the shifted cases: `score(image, label)`."""
-    plain = [score(image, label) for image, label in cases]
-    moved = [score(image, label) for image, label in shifted]
-    return {"model": model, "unshifted": float(np.mean(plain)), "shifted": float(np.mean(moved)),
-            "shifted_cases": [float(d) for d in moved], "unshifted_cases": [float(d) for d in plain]}
+def _scored(model: str, cases, shifted, score, scout=None) -> Dict:
+    """Mean and per-case Dice on the unshifted and the shifted cases: `score(image, label)`; with `scout`, what it
+    returns after each case too (the `scout_agreement` of that label, `pool_scout_agreement.py` reads it)."""
+    scores: Dict = {"model": model}
+    for kind, pairs in (("unshifted", cases), ("shifted", shifted)):
+        figures, agreements = [], []
+        for image, label in pairs:
+            figures.append(float(score(image, label)))
+            agreements.append(scout() if scout is not None else None)
+        scores[kind], scores[f"{kind}_cases"] = float(np.mean(figures)), figures
+        if scout is not None:
+            scores[f"{kind}_scout_agreement"] = agreements
+    return scores
 
 
 def run_finetune(method: str, args: argparse.Namespace, work: Path, site_dir: Path, unlabeled_dir: Path) -> Dict:
