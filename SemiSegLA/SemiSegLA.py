@@ -296,6 +296,7 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
         workDir = self._workDir("seg", stored + voxels + FULL_DISK_BYTES, "Segmenting")
         inputPath = os.path.join(workDir, "input.nrrd")
         outputPath = os.path.join(workDir, "output.nrrd")
+        firstPassPath = os.path.join(workDir, "first_pass.nrrd")
         resultName = name or f"{inputVolume.GetName()} segmentation"
         volumeName = inputVolume.GetName()
 
@@ -308,7 +309,9 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
                 job.log(f"Region: the box '{roiNode.GetName()}', voxels {job.regionBox} of {inputPath}")
 
         def build(dev: str):
-            spec = self.commandFactory.segment(inputPath, outputPath, modelId, dev, overlap, region=job.regionBox)
+            automatic = job.regionBox is None  # only an automatic region is settled on a first pass
+            spec = self.commandFactory.segment(inputPath, outputPath, modelId, dev, overlap, region=job.regionBox,
+                                               firstPassPath=firstPassPath if automatic else None)
             spec.cwd = workDir  # whatever the core writes next to itself stays in the temp folder
             return spec
 
@@ -333,6 +336,7 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
             if not isinstance(warnings, list):
                 warnings = job.region.warnings if job.region is not None else []
             job.warnings = [job.reword(str(w)) for w in warnings]
+            job.firstPassNode = self.showFirstPass(regionMath.FirstPass.fromDone(done), job, inputPath, volumeName)
             return segNode
 
         job = Job("segment", self.runner, build, device=device, prepare=prepare, finalize=finalize,
@@ -340,10 +344,30 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
                   reword=lambda text: regionMath.forSlicerUsers(text, inputPath, volumeName))
         job.workDir = workDir
         job.inputVolume = inputVolume
+        job.firstPassNode, job.firstPassNotice = None, None  # an uncertain result's first pass, shown beside it
         job.regionBox = fixedRegion
         job.regionNode = roiNode  # the box it segments in; an automatic run's box once it is known
         job.region = None
         return self._startJob(job, waitForCompletion, timeout)
+
+    def showFirstPass(self, firstPass: Optional[regionMath.FirstPass], job: Job, inputPath: str, volumeName: str):
+        """An uncertain result's first pass (the core compared the two and warned) as an automatic segmentation beside
+        it, so the user sees where they differ without segmenting again: for a fine-tuned model that pass is its
+        parent's. Unreviewed, so never a label until corrected and ticked. A file not on the input's grid, or one
+        that cannot be read, is logged and skipped: the result stands. The node, or None."""
+        if firstPass is None or not firstPass.uncertain:
+            return None
+        name = firstPass.segmentationName(volumeName)
+        try:
+            volume = job.inputVolume
+            geometry.checkSameGrid(inputPath, firstPass.path)
+            node, _ = nodes.importLabelAsSegmentation(firstPass.path, volume, name, color=nodes.PARENT_RESULT_COLOR)
+            nodes.markAsComparison(node)
+        except (LookupError, OSError, RuntimeError, ValueError) as exc:
+            job.log(f"The first pass was not added beside the result: {exc}")
+            return None
+        job.firstPassNotice = firstPass.notice(name)
+        return node
 
     def _regionOf(self, region, inputVolume):
         """(ROI node or None, what to pass to the core: "whole", a voxel box or None for auto). A box that
@@ -527,6 +551,7 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
                 try:
                     parent, _ = nodes.importLabelAsSegmentation(parentPath, volume, parentName,
                                                                 color=nodes.PARENT_RESULT_COLOR)
+                    nodes.markAsComparison(parent)
                 except Exception:
                     nodes.removeNodeAndHelpers(new)  # both or neither
                     raise
@@ -1238,8 +1263,10 @@ class SemiSegLAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     shown = (f" The region it was found in is shown as '{regionNode.GetName()}': if it misses the "
                              "atrium, move or resize it and click Segment atrium again.")
                 if job.warnings:
-                    self.setStatus(f"{created} Check it: {' '.join(job.warnings)}{shown}", warning=True)
-                    slicer.util.warningDisplay("\n\n".join(job.warnings), windowTitle="SemiSegLA: check the result")
+                    firstPass = getattr(job, "firstPassNotice", None)
+                    told = job.warnings + ([firstPass] if firstPass else [])
+                    self.setStatus(f"{created} Check it: {' '.join(told)}{shown}", warning=True)
+                    slicer.util.warningDisplay("\n\n".join(told), windowTitle="SemiSegLA: check the result")
                 else:
                     self.setStatus(f"{created} {job.summary()} Edit it in Segment Editor.{shown}")
                 self.refreshCases()
@@ -1644,6 +1671,15 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentId, volume)
         np.testing.assert_array_equal(segmentArray > 0, slicer.util.arrayFromVolume(output) > 0)
         slicer.mrmlScene.RemoveNode(output)
+        # an uncertain result's first pass (here the core's own output read again) goes beside it, never its label
+        record = {"output": os.path.join(job.workDir, "output.nrrd"), "model": modelId, "agreement": 0.5,
+                  "uncertain": True}
+        first = logic.showFirstPass(regionMath.FirstPass(record), job, os.path.join(job.workDir, "input.nrrd"),
+                                    "case A")
+        self.assertEqual(first.GetName(), f"case A: {modelId} (first pass)")
+        self.assertTrue(nodes.isComparison(first) and not nodes.isReviewed(first))
+        self.assertEqual([row.segmentationId for row in logic.scanCases()], [segNode.GetID()])
+        nodes.removeNodeAndHelpers(first)
 
         self.delayDisplay("Short fine-tune with one labelled and one unlabelled case")
         array = segmentArray
@@ -1671,6 +1707,7 @@ class SemiSegLATest(ScriptedLoadableModuleTest):
         for node in job.comparisons[0][1:]:
             self.assertEqual(node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()).GetName(), "case B")
             self.assertFalse(nodes.isReviewed(node))
+        self.assertTrue(nodes.isComparison(job.comparisons[0][2]) and not nodes.isComparison(job.comparisons[0][1]))
         self.assertEqual(caseRules.counts(logic.scanCases()), (1, 1))
         self.assertIsNone(logic.catalog.get(modelId).error)
         nextId = logic.removeModel(newId)

@@ -6,6 +6,7 @@ recorded."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -175,3 +176,56 @@ def test_segment_warns_when_its_result_is_far_from_the_first_pass(tmp_path, monk
         warned = [w for w in done["warnings"] if "(Dice 0.62 between the two)" in w]
         assert bool(warned) == (says is not None) and (says is None or says in warned[0]), done["warnings"]
     assert read_volume(src).shape == read_volume(tmp_path / "seg.nrrd").shape
+
+
+def test_segment_writes_the_first_pass_it_compared_with(tmp_path, monkeypatch, capsys):
+    """`--first-pass-out`: the label of the pass that settled the region, on the input's grid, and its record in
+    the `done` line (the model that made it, the agreement, whether `segment` warned); nothing, and a log line,
+    when a region was given; a bad extension refused before anything runs."""
+    from cli_helpers import write_case
+    from semiseg_la.cli import segment
+    from semiseg_la.cli.main import main as cli
+    from semiseg_la.io.volume import read_volume
+    from test_localise import _blank_localiser
+
+    root = model("root-v0.1.0", 0, ON_REGIONS)
+    child = model("child-v0.1.0", 1, ONE_CUT, root)
+    src, first_out = tmp_path / "scan.nrrd", tmp_path / "first.nrrd"
+    write_case(src, shape=(320, 300, 40), spacing=(0.625, 0.625, 1.25))
+    image = read_volume(src)
+    localiser = _blank_localiser()
+
+    def run(argv):
+        code = cli(argv)
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        return code, next((r for r in lines if r.get("stage") == "done"), None), [r.get("message", "") for r in lines]
+
+    def box(lower, upper):
+        array = np.zeros(image.shape, np.uint8)
+        array[lower[0]:upper[0], lower[1]:upper[1], lower[2]:upper[2]] = 1
+        return SimpleNamespace(label=image.with_array(array), warnings=[], probability=None, timings={})
+
+    first, final = box((100, 100, 10), (140, 140, 30)), box((100, 100, 10), (140, 120, 30))
+    monkeypatch.setattr(segment, "region_scout", lambda card, predict_with, reporter: (
+        lambda chosen: (first, "cpu", False), "root-v0.1.0"))
+
+    def settled(region, image, segment_in, reporter, scout_in):
+        scout_in(region)  # the first pass, then the result (half of it)
+        return dataclasses.replace(region, scout_agreement=2 / 3), (final, "cpu", False)
+
+    monkeypatch.setattr(segment, "segment_automatic", settled)
+    argv = ["segment", str(src), "-o", str(tmp_path / "seg.nrrd"), "--model", str(child), "--localiser", localiser,
+            "--progress", "json", "--first-pass-out", str(first_out)]
+    code, done, _ = run(argv)
+    assert code == 0
+    record = done["first_pass"]
+    assert record == {"output": str(first_out.resolve()), "model": "root-v0.1.0", "agreement": 0.6667,
+                      "uncertain": True}
+    written = read_volume(first_out)
+    assert np.array_equal(written.array, first.label.array) and written.spacing == image.spacing
+    first_out.unlink()
+    code, done, logs = run(argv[:-2] + ["--region", "0", "0", "0", "60", "60", "20", "--first-pass-out",
+                                        str(first_out)])
+    assert code == 0 and done["first_pass"] is None and not first_out.exists()
+    assert any("nothing written: no first pass settled this region (box)" in m for m in logs)
+    assert run(argv[:-1] + [str(tmp_path / "first.png")])[0] == 2

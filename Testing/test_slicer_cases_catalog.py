@@ -74,16 +74,24 @@ def test_several_segmentations_prefer_one_with_the_atrium_and_say_so():
 
 def test_a_corrected_segmentation_is_preferred_to_later_automatic_results():
     """After a fine-tune a volume may carry both models' automatic results; the one the user corrected and ticked
-    makes it a labelled case, whichever was added last. Without a corrected one the volume stays unlabelled."""
+    makes it a labelled case, whichever was added last. Without a corrected one the volume stays unlabelled, paired
+    with its own latest result rather than another model's added to compare with (an uncertain result's first pass,
+    a fine-tune's parent): a "Corrected" tick on the row must not make that one the label."""
     v = vol(1)
     new, parent = seg(1, v.id, "Left atrium"), seg(2, v.id, "Left atrium")
     for node in (new, parent):
         node.reviewed, node.automatic = False, True
     rows = buildCaseTable([v], [new, parent])
     assert rows[0].role == UNLABELLED and rows[0].segmentationId == parent.id
+    parent.comparison = True
+    rows = buildCaseTable([v], [new, parent])
+    assert rows[0].role == UNLABELLED and rows[0].segmentationId == new.id
+    assert buildCaseTable([v], [parent])[0].segmentationId == parent.id  # the only one: still shown
     new.reviewed = True
     rows = buildCaseTable([v], [new, parent])
     assert rows[0].role == LABELLED and rows[0].segmentationId == new.id
+    new.reviewed, parent.reviewed = False, True  # the user corrected the parent's and ticked it: theirs to choose
+    assert buildCaseTable([v], [new, parent])[0].segmentationId == parent.id
 
 
 def test_user_pairing_overrides_and_can_mean_none():

@@ -21,6 +21,7 @@ from SemiSegLALib.nodes import (
     LEFT_ATRIUM_TERMINOLOGY,
     PARENT_RESULT_COLOR,
     isAutomaticResult,
+    isComparison,
     isReviewed,
 )
 from SemiSegLALib.state import State
@@ -464,8 +465,10 @@ def test_finetune_adds_both_results_where_the_two_models_disagree_most(fake, mak
         np.testing.assert_array_equal(segment.mask, b.array > b.array.mean() + cut * b.array.std())
     assert parent.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(PARENT_RESULT_COLOR)
     assert new.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(LEFT_ATRIUM_COLOR)
+    assert isComparison(parent) and not isComparison(new)
     rows = {r.volumeName: r for r in logic.scanCases()}
     assert rows["Case B"].role == "unlabelled" and "automatic result" in rows["Case B"].status
+    assert rows["Case B"].segmentationId == new.GetID()  # a Corrected tick there marks the new model's result
 
 
 def test_finetune_skips_a_disagreement_result_off_its_volume_grid(fake, make_logic):

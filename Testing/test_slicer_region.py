@@ -266,6 +266,53 @@ def test_warnings_are_kept_for_the_user(fake, make_logic):
     assert job.region.candidates == 2
 
 
+def segmentations(fake):
+    return [n for n in fake.scene.fakeNodes() if n.IsA("vtkMRMLSegmentationNode")]
+
+
+def test_an_uncertain_result_comes_with_its_first_pass_beside_it(fake, make_logic, tmp_path, monkeypatch):
+    """The core warns that the result and the first pass that settled its region differ and writes that pass
+    (`--first-pass-out`, asked for on an automatic region only): it is added beside the volume as another model's
+    automatic result, never a label, and the case table keeps the volume paired with its own result."""
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("SEMISEG_FAKE_CALLS", str(calls))
+    volume = add_case(fake, "LA_unsure")
+    logic = make_logic("localiser,uncertain")
+    job = logic.segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert "--first-pass-out" in calls_of(calls)[-1]
+    first, result = job.firstPassNode, job.result
+    assert first.GetName() == f"LA_unsure: {BASE} (first pass)" and set(segmentations(fake)) == {first, result}
+    assert nodes.isAutomaticResult(first) and not nodes.isReviewed(first) and nodes.isComparison(first)
+    assert not nodes.isComparison(result)
+    assert first.GetNodeReference(first.GetReferenceImageGeometryReferenceRole()) is volume
+    expected = result.GetSegmentation().GetNthSegment(0).mask.copy()
+    expected[:, :, 12:] = 0  # the stand-in core's first pass: the result in the first half of the box along i
+    np.testing.assert_array_equal(first.GetSegmentation().GetNthSegment(0).mask, expected)
+    assert first.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(nodes.PARENT_RESULT_COLOR)
+    assert job.firstPassNotice == (f"The first pass it was compared with (Dice 0.62 between the two), by {BASE}, is "
+                                   f"beside it as 'LA_unsure: {BASE} (first pass)': where the two differ, one of "
+                                   "them is wrong.")
+    assert [r.segmentationId for r in logic.scanCases()] == [result.GetID()]
+    # a box given: no first pass asked for; a result that is not uncertain: nothing added beside it
+    box = box_on_voxels(fake, volume, [2, 2, 2, 20, 16, 10])
+    job = logic.segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT, region=box)
+    assert job.state is State.FINISHED and "--first-pass-out" not in calls_of(calls)[-1]
+    job = make_logic("localiser").segment(volume, BASE, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED and job.firstPassNode is None and job.firstPassNotice is None
+    assert len(segmentations(fake)) == 4
+
+
+def test_a_first_pass_off_the_volume_grid_is_skipped(fake, make_logic):
+    volume = add_case(fake, "LA_offgrid")
+    job = make_logic("localiser,uncertain,bad-first-pass-grid").segment(volume, BASE, device="cpu",
+                                                                       waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    assert job.firstPassNode is None and segmentations(fake) == [job.result]
+    assert any(line.startswith("The first pass was not added beside the result") for line in job.logLines)
+    assert job.warnings and job.warnings[0].startswith("the result is uncertain on this scan")
+
+
 def click_segment(widget):
     """Segment atrium, as a user clicks it, and wait until the job has ended."""
     widget.ui.segmentButton.click()
@@ -348,6 +395,18 @@ def test_warnings_reach_the_status_line_and_a_dialog(fake, make_widget):  # noqa
     assert "--region" not in status and ui.statusLabel.styleSheet == "color: #b9770e;"
     assert [d[0] for d in fake.dialogs] == ["warning"]
     assert "2 atrium-like regions found" in fake.dialogs[0][1]
+
+
+def test_an_uncertain_result_names_its_first_pass_in_the_status_and_dialog(fake, make_widget):  # noqa: F811
+    volume = add_case(fake, "LA_doubt")
+    widget = make_widget("localiser,uncertain")
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    click_segment(widget)
+    assert widget.job.state is State.FINISHED, widget.job.errorMessage
+    status = widget.ui.statusLabel.text
+    assert status.startswith("'LA_doubt segmentation' created. Check it: the result is uncertain on this scan")
+    assert f"is beside it as 'LA_doubt: {BASE} (first pass)': where the two differ, one of them is wrong." in status
+    assert [d[0] for d in fake.dialogs] == ["warning"] and "(first pass)" in fake.dialogs[0][1]
 
 
 def test_create_box_button_and_box_choice(fake, make_widget, tmp_path, monkeypatch):  # noqa: F811

@@ -50,13 +50,15 @@ class SegmentInfo:
 
 class SegmentationInfo:
     def __init__(self, nodeId: str, name: str, referenceVolumeId: Optional[str],
-                 segments: Sequence[SegmentInfo], reviewed: bool = True, automatic: bool = False) -> None:
+                 segments: Sequence[SegmentInfo], reviewed: bool = True, automatic: bool = False,
+                 comparison: bool = False) -> None:
         self.id = nodeId
         self.name = name
         self.referenceVolumeId = referenceVolumeId
         self.segments = list(segments)
         self.reviewed = reviewed  # the user's "Corrected" mark (see nodes.isReviewed)
         self.automatic = automatic  # produced by SemiSegLA
+        self.comparison = comparison  # another model's result beside it, to compare with (nodes.isComparison)
 
     def leftAtriumSegment(self) -> Optional[SegmentInfo]:
         return findLeftAtriumSegment(self.segments)
@@ -121,7 +123,10 @@ def buildCaseTable(volumes: Sequence[VolumeInfo], segmentations: Sequence[Segmen
         elif candidates:
             with_la = [s for s in candidates if s.leftAtriumSegment() is not None]
             corrected = [s for s in with_la if s.reviewed]  # a corrected one over SemiSegLA's unreviewed results
-            chosen = (corrected or with_la or candidates)[-1]
+            # then the latest result over another model's added beside it to compare with, which a "Corrected"
+            # tick on this row would otherwise turn into the label
+            own = [s for s in with_la if not s.comparison]
+            chosen = (corrected or own or with_la or candidates)[-1]
             if len(candidates) > 1:
                 row.status = (f"{len(candidates)} segmentations use this volume as reference; using "
                               f"'{chosen.name}' (pick another in the Segmentation column).")

@@ -93,9 +93,10 @@ class CommandFactory:
 
     # -- commands --------------------------------------------------------------------------------------
     def segment(self, inputPath: str, outputPath: str, model: Optional[str] = None, device: str = "auto",
-                overlap: Optional[float] = None, region=None) -> CommandSpec:
+                overlap: Optional[float] = None, region=None, firstPassPath: Optional[str] = None) -> CommandSpec:
         """``region``: None or "auto" (the core's default: it finds the atrium), "whole", or a voxel box of
-        the input file [i0, j0, k0, i1, j1, k1] (upper bounds exclusive)."""
+        the input file [i0, j0, k0, i1, j1, k1] (upper bounds exclusive). ``firstPassPath``: where the core also
+        writes the first pass that settled an automatic region (``--first-pass-out``)."""
         device = normalizeDevice(device)
         args = ["segment", str(inputPath), "-o", str(outputPath)]
         if model:
@@ -104,6 +105,8 @@ class CommandFactory:
         if overlap is not None:
             args += ["--overlap", f"{float(overlap):g}"]
         args += regionArguments(region)
+        if firstPassPath:
+            args += ["--first-pass-out", str(firstPassPath)]
         args += ["--progress", "json"]
         return CommandSpec(self._argv(args), self.environment(device))
 

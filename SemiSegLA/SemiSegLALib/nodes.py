@@ -55,6 +55,9 @@ TEMPORARY_LABEL_NAME = "SemiSegLA temporary label"
 # counts as a labelled case only once REVIEWED_ATTRIBUTE is "true" (the user's "Corrected" mark).
 AUTOMATIC_ATTRIBUTE = "SemiSegLA.AutomaticResult"
 REVIEWED_ATTRIBUTE = "SemiSegLA.Reviewed"
+# another model's result, added beside a volume to compare with (a fine-tune's parent, an uncertain result's first
+# pass): the case table never pairs it with its volume while another segmentation of the volume is there
+COMPARISON_ATTRIBUTE = "SemiSegLA.ComparisonOnly"
 # the volume classes that are cases: exactly the input selector's (nodeTypes vtkMRMLScalarVolumeNode with
 # showChildNodeTypes false): label maps, diffusion-weighted, tensor and vector volumes are subclasses
 CASE_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
@@ -136,6 +139,14 @@ def removeNodeAndHelpers(node, removeColorNodes: bool = False) -> None:
 
 def isAutomaticResult(segmentationNode) -> bool:
     return (segmentationNode.GetAttribute(AUTOMATIC_ATTRIBUTE) or "").lower() == "true"
+
+
+def isComparison(segmentationNode) -> bool:
+    return (segmentationNode.GetAttribute(COMPARISON_ATTRIBUTE) or "").lower() == "true"
+
+
+def markAsComparison(segmentationNode) -> None:
+    segmentationNode.SetAttribute(COMPARISON_ATTRIBUTE, "true")
 
 
 def isReviewed(segmentationNode) -> bool:
@@ -281,7 +292,8 @@ def scanScene() -> Tuple[List[VolumeInfo], List[SegmentationInfo]]:
                                         segmentation.GetNthSegment(index).GetName()))
         segmentations.append(SegmentationInfo(node.GetID(), node.GetName(),
                                               reference.GetID() if reference else None, segments,
-                                              reviewed=isReviewed(node), automatic=isAutomaticResult(node)))
+                                              reviewed=isReviewed(node), automatic=isAutomaticResult(node),
+                                              comparison=isComparison(node)))
     return volumes, segmentations
 
 

@@ -176,3 +176,32 @@ class RegionRecord:
         ranges = " x ".join(f"{lo}-{hi - 1}" for lo, hi in zip(self.box[:3], self.box[3:]))
         volume = f", atrium {self.foundVolumeMl:.0f} mL" if self.foundVolumeMl is not None else ""
         return f"{what}: voxels {ranges}{volume}"
+
+
+class FirstPass:
+    """The ``first_pass`` object of the core's ``done`` record (``segment --first-pass-out``): the label of the pass
+    that settled an automatic region, the model that made it (a fine-tuned model's parent, else the model itself
+    in one pass), its agreement with the result and whether the core called the result uncertain."""
+
+    def __init__(self, record: Dict) -> None:
+        self.path = str(record.get("output") or "")
+        self.model = str(record.get("model") or "")
+        agreement = record.get("agreement")
+        self.agreement = float(agreement) if isinstance(agreement, (int, float)) else None
+        self.uncertain = record.get("uncertain") is True
+
+    @classmethod
+    def fromDone(cls, done: Dict) -> Optional["FirstPass"]:
+        record = done.get("first_pass") if isinstance(done, dict) else None
+        return cls(record) if isinstance(record, dict) and record.get("output") else None
+
+    def segmentationName(self, volumeName: str) -> str:
+        """'<volume>: <model> (first pass)', beside the result '<volume> segmentation'."""
+        return f"{volumeName}: {self.model} (first pass)"
+
+    def notice(self, name: str) -> str:
+        """What the status line adds when the first pass is shown beside an uncertain result."""
+        agreement = f" (Dice {self.agreement:.2f} between the two)" if self.agreement is not None else ""
+        return (f"The first pass it was compared with{agreement}, by {self.model}, is beside it as '{name}': where "
+                "the two differ, one of them is wrong.")
+

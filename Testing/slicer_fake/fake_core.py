@@ -23,6 +23,10 @@ JSON-lines progress. Behaviour switches come from the environment:
                   larger than an atrium crop
   no-atrium       ``--region auto``: the core's RegionError (a ``region`` error record, exit 5)
   two-candidates  ``--region auto``: the core's warning that two atrium-like regions were found
+  uncertain       ``--region auto`` with a box found: the result and the first pass that settled its region differ
+                  (Dice 0.62): the core's warning, and with ``--first-pass-out`` that pass's label (half the
+                  result's box, a parent's id when the model records one)
+  bad-first-pass-grid  ``--first-pass-out`` written with another spacing
 ``SEMISEG_FAKE_CALLS``: a file where every invocation appends {"argv", "cuda_visible_devices"}.
 ``SEMISEG_LA_HOME``: where local models live (``models/<id>/card.json``).
 """
@@ -168,6 +172,15 @@ def cmd_segment(args):
         out.SetSpacing([s * 2 for s in image.GetSpacing()])
     emit({"stage": "postprocess", "step": 1, "total": 1, "eta_s": 0.0})
     sitk.WriteImage(out, args.output, useCompression=False)
+    first_pass = None
+    if source == "auto" and box != [0, 0, 0] + list(image.GetSize()):  # a box found: settled on a first pass
+        agreement = 0.62 if "uncertain" in MODES else 0.95
+        if "uncertain" in MODES:
+            warnings.append(f"the result is uncertain on this scan: a single pass of the model and its result with "
+                            f"test-time flips differ (Dice {agreement:.2f} between the two), and such results were "
+                            "poor at simulated sites; check it before use")
+        if args.first_pass_out:
+            first_pass = write_first_pass(args.first_pass_out, label, image, box, args.model, agreement)
     emit({"stage": "write", "step": 1, "total": 1, "eta_s": 0.0})
     if "no-done" in MODES:
         return 0
@@ -183,8 +196,25 @@ def cmd_segment(args):
         with open(args.roi_out, "w", encoding="utf-8") as f:
             json.dump({"input": args.input, **region}, f)
     emit({"stage": "done", "output": args.output, "device": device, "fell_back_to_cpu": fell_back,
-          "timings": {"total_s": 0.1}, "region": region, "warnings": warnings})
+          "timings": {"total_s": 0.1}, "region": region, "warnings": warnings, "first_pass": first_pass})
     return 0
+
+
+def write_first_pass(path, label, image, box, model, agreement):
+    """The core's ``--first-pass-out`` (cli/segment.py write_first_pass): the first pass's label on the input's grid
+    (here the result in the first half of the box along i), and its ``done`` record."""
+    import SimpleITK as sitk
+
+    first = label.copy()
+    first[:, :, (box[0] + box[3]) // 2:] = 0
+    out = sitk.GetImageFromArray(first)
+    out.CopyInformation(image)
+    if "bad-first-pass-grid" in MODES:
+        out.SetSpacing([s * 2 for s in image.GetSpacing()])
+    sitk.WriteImage(out, path, useCompression=False)
+    parent = next((entry.get("parent") for entry in local_models() if entry.get("id") == model), None)
+    return {"output": os.path.abspath(path), "model": parent or model or "fake-default", "agreement": agreement,
+            "uncertain": agreement < 0.85}
 
 
 def check_dataset(data_dir, unlabeled_dir):
@@ -342,6 +372,7 @@ def main(argv=None):
     seg.add_argument("--overlap", type=float)
     seg.add_argument("--region", nargs="+", default=["auto"])
     seg.add_argument("--roi-out")
+    seg.add_argument("--first-pass-out")
     seg.add_argument("--progress", default="tqdm")
     ft = sub.add_parser("finetune")
     ft.add_argument("--from", dest="base", required=True)

@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roi", type=int, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                    help="the same as --region X0 Y0 Z0 X1 Y1 Z1")
     p.add_argument("--roi-out", default=None, help="write the region used (voxel box, LPS corners) as JSON here")
+    p.add_argument("--first-pass-out", default=None,
+                   help="also write the label of the first pass that settled an automatic region (a site fine-tune's "
+                        "ancestor's, else the model's own single pass with flips on), the one `scout_agreement` "
+                        "compares with; nothing when there was none")
     p.add_argument("--localiser", default=None,
                    help="localiser model for --region auto (default: the catalog's, $SEMISEG_LA_LOCALISER)")
     add_tta_flag(p)
@@ -69,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     reporter = reporter_for(args)
     t0 = time.perf_counter()
     check_output_path(args.output)
+    if args.first_pass_out:
+        check_output_path(args.first_pass_out)
     if not 0.0 <= args.overlap < 1.0:
         raise InputError(f"--overlap {args.overlap} must be in [0, 1)")
     reporter.start("load", 1)
@@ -85,15 +91,21 @@ def run(args: argparse.Namespace) -> int:
         return predict_with_fallback(plain if scout else network, spec, image, args,
                                      None if chosen.source == "whole" else chosen.box, reporter)
 
+    first_pass = None
     if region.source == "auto":
         scout_in, settler_id = region_scout(card, lambda net, net_spec, chosen: predict_with_fallback(
             net, net_spec, image, args, None if chosen.source == "whole" else chosen.box, reporter), reporter)
         if scout_in is None and network is not plain:
             scout_in = lambda chosen: segment_in(chosen, scout=True)  # noqa: E731
+        if scout_in is not None and args.first_pass_out:
+            scout_in = first_pass = LastLabel(scout_in)
         region, (prediction, device, fell_back) = segment_automatic(region, image, segment_in, reporter, scout_in)
         region.warnings.extend(filter(None, [scout_disagrees(region, settler_id)]))
+        first_pass_record = write_first_pass(first_pass, region, args.first_pass_out, settler_id or model_id,
+                                             reporter)
     else:
         prediction, device, fell_back = segment_in(region)
+        first_pass_record = write_first_pass(None, region, args.first_pass_out, model_id, reporter)
     warnings = region.warnings + prediction.warnings
     for warning in warnings:
         reporter.log("warning: " + warning)
@@ -115,8 +127,40 @@ def run(args: argparse.Namespace) -> int:
     reporter.log(f"wrote {args.output} ({int(prediction.label.array.sum())} LA voxels, {timings['total_s']} s)")
     reporter.done(output=str(Path(args.output).resolve()), model=model_id, device=device,
                   fell_back_to_cpu=fell_back, voxels=int(prediction.label.array.sum()), timings=timings,
-                  region=region_record, warnings=warnings)
+                  region=region_record, warnings=warnings, first_pass=first_pass_record)
     return 0
+
+
+class LastLabel:
+    """A first-pass function (`scout_in`) that keeps the label of its last call: the pass that settled the region
+    (`_settled` calls it once per region, the last time for the region kept)."""
+
+    def __init__(self, segment) -> None:
+        self.segment, self.label = segment, None
+
+    def __call__(self, chosen: Region):
+        result = self.segment(chosen)
+        self.label = result[0].label
+        return result
+
+
+def write_first_pass(first_pass: Optional[LastLabel], region: Region, path: Optional[str], model: str,
+                     reporter: ProgressReporter) -> Optional[Dict[str, object]]:
+    """`--first-pass-out`: the first pass's label on the input's grid, and its record for the `done` line (the
+    file, the model that made it, its agreement with the result and whether `segment` warned on it); None, said in
+    the log, when no first pass settled the region (a region given, a crop, one pass without flips)."""
+    if not path:
+        return None
+    if first_pass is None or first_pass.label is None or region.scout_agreement is None:
+        reporter.log(f"--first-pass-out: nothing written: no first pass settled this region ({region.source})")
+        return None
+    try:
+        write_volume(first_pass.label, path)
+    except (OSError, RuntimeError) as exc:  # costs the first pass's file, not the result
+        reporter.log(f"--first-pass-out: {path} not written: {exc}")
+        return None
+    return {"output": str(Path(path).resolve()), "model": model, "agreement": round(region.scout_agreement, 4),
+            "uncertain": region.scout_agreement < SCOUT_AGREEMENT_WARN}
 
 
 def predict_with_fallback(network, spec, image, args, roi, reporter: ProgressReporter):
