@@ -291,8 +291,8 @@ def test_an_uncertain_result_comes_with_its_first_pass_beside_it(fake, make_logi
     np.testing.assert_array_equal(first.GetSegmentation().GetNthSegment(0).mask, expected)
     assert first.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(nodes.PARENT_RESULT_COLOR)
     assert job.firstPassNotice == (f"The first pass it was compared with (Dice 0.62 between the two), by {BASE}, is "
-                                   f"beside it as 'LA_unsure: {BASE} (first pass)': where the two differ, one of "
-                                   "them is wrong.")
+                                   f"beside it as 'LA_unsure: {BASE} (first pass)': compare the two where they "
+                                   "differ; either may be the better one.")
     assert [r.segmentationId for r in logic.scanCases()] == [result.GetID()]
     # a box given: no first pass asked for; a result that is not uncertain: nothing added beside it
     box = box_on_voxels(fake, volume, [2, 2, 2, 20, 16, 10])
@@ -405,7 +405,7 @@ def test_an_uncertain_result_names_its_first_pass_in_the_status_and_dialog(fake,
     assert widget.job.state is State.FINISHED, widget.job.errorMessage
     status = widget.ui.statusLabel.text
     assert status.startswith("'LA_doubt segmentation' created. Check it: the result is uncertain on this scan")
-    assert f"is beside it as 'LA_doubt: {BASE} (first pass)': where the two differ, one of them is wrong." in status
+    assert f"is beside it as 'LA_doubt: {BASE} (first pass)': compare the two where they differ" in status
     assert [d[0] for d in fake.dialogs] == ["warning"] and "(first pass)" in fake.dialogs[0][1]
 
 

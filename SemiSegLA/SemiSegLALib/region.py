@@ -202,6 +202,6 @@ class FirstPass:
     def notice(self, name: str) -> str:
         """What the status line adds when the first pass is shown beside an uncertain result."""
         agreement = f" (Dice {self.agreement:.2f} between the two)" if self.agreement is not None else ""
-        return (f"The first pass it was compared with{agreement}, by {self.model}, is beside it as '{name}': where "
-                "the two differ, one of them is wrong.")
+        return (f"The first pass it was compared with{agreement}, by {self.model}, is beside it as '{name}': "
+                "compare the two where they differ; either may be the better one.")
 
