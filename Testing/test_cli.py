@@ -106,6 +106,18 @@ def test_segment_averages_the_flips_by_default(tmp_path, tiny_model):
     assert np.abs(default - one_pass).max() > 1e-2  # the random tiny network is not flip-symmetric
 
 
+def test_progress_none_drops_the_bars_and_keeps_the_messages(tmp_path, tiny_model):
+    """`--progress none > run.log 2>&1` (the README's detached run) must still log what was written and every
+    warning: it drops the bars only (it used to drop everything, leaving such a log empty)."""
+    src, out = tmp_path / "scan.nrrd", tmp_path / "seg.nrrd"
+    write_case(src)
+    proc = run_cli(["segment", str(src), "-o", str(out), "--model", "tiny-test-v0.1.0", "--device", "cpu",
+                    "--tta", "none", "--progress", "none"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stderr
+    assert "%|" not in proc.stderr  # no tqdm bar
+
+
 def test_models_list_json_shows_local_model(tiny_model):
     import json
 

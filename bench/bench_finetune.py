@@ -38,6 +38,8 @@ verdict on the held-out site case.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -264,14 +266,16 @@ class WholeScanScorer:
         write_volume(image, source, compress=False)
         roi.unlink(missing_ok=True)
         self.scout_agreement = None
-        code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta, "--device",
-                    self.device, "--progress", "none", "--roi-out", str(roi),
-                    *(["--region", *map(str, region)] if region else [])])
+        messages = io.StringIO()
+        with contextlib.redirect_stderr(messages):  # segment's lines for each scored scan stay out of the table
+            code = cli(["segment", str(source), "-o", str(output), "--model", model, "--tta", self.tta, "--device",
+                        self.device, "--progress", "none", "--roi-out", str(roi),
+                        *(["--region", *map(str, region)] if region else [])])
         if code == RegionError.exit_code:  # what the user gets: no segmentation, scored as such
             print(f"segment with {model}: no plausible atrium found, scored as Dice 0", flush=True)
             return np.zeros(image.shape, np.uint8)
         if code != 0:
-            raise RuntimeError(f"segment exited with {code} for model {model}")
+            raise RuntimeError(f"segment exited with {code} for model {model}: {messages.getvalue().strip()}")
         if roi.is_file():
             self.scout_agreement = json.loads(roi.read_text()).get("scout_agreement")
         return read_volume(output).array

@@ -14,6 +14,8 @@ whole label (hit), and the region's smallest in-plane margin to the label in mm 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -82,7 +84,8 @@ def segment_dice(image: Volume, label: np.ndarray, tmp: Path, args) -> tuple:
            "--region", args.region]
     cmd += (["--model", args.model] if args.model else []) + (["--localiser", args.localiser] if args.localiser else [])
     started = time.perf_counter()
-    code = cli(cmd)
+    with contextlib.redirect_stderr(io.StringIO()):  # segment's lines for each canvas stay out of the table
+        code = cli(cmd)
     seconds = time.perf_counter() - started
     if code != 0:
         return 0.0, {"box": [0, 0, 0, 0, 0, 0]}, seconds

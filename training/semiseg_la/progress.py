@@ -79,17 +79,19 @@ class JsonLinesProgress(ProgressReporter):
 
 
 class TqdmProgress(ProgressReporter):
-    """Human progress bars on stderr."""
+    """Human progress bars on stderr, and the command's messages there. `bars=False` (`--progress none`, e.g. a
+    detached run logging to a file) drops the bars only: the model exported, the guard rail's verdict and every
+    warning are what such a log is read for."""
 
-    def __init__(self, disable: bool = False) -> None:
-        self.disable = disable
+    def __init__(self, bars: bool = True) -> None:
+        self.bars = bars
         self._bar = None
 
     def start(self, stage: str, total: int, message: str = "") -> None:
         from tqdm import tqdm
 
         self.end()
-        self._bar = tqdm(total=total, desc=stage, disable=self.disable, dynamic_ncols=True, file=sys.stderr)
+        self._bar = tqdm(total=total, desc=stage, disable=not self.bars, dynamic_ncols=True, file=sys.stderr)
 
     def update(self, step: int, **fields: Any) -> None:
         if self._bar is None:
@@ -105,8 +107,9 @@ class TqdmProgress(ProgressReporter):
             self._bar = None
 
     def log(self, message: str) -> None:
-        if not self.disable:
-            print(message, file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)  # above an open bar, not through it
 
 
 _ACTIVE: list = []
@@ -117,7 +120,7 @@ def make_reporter(mode: str) -> ProgressReporter:
     if mode == "json":
         reporter: ProgressReporter = JsonLinesProgress()
     else:
-        reporter = TqdmProgress(disable=(mode == "none"))
+        reporter = TqdmProgress(bars=(mode != "none"))
     _ACTIVE.append(reporter)
     return reporter
 

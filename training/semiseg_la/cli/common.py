@@ -19,7 +19,8 @@ def command_seconds() -> float:
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", choices=("tqdm", "json", "none"), default="tqdm",
-                        help="tqdm bars for people, JSON lines for the Slicer module, or nothing")
+                        help="tqdm bars for people, JSON lines for the Slicer module, or none: no bars (for a log "
+                             "file; messages, warnings and errors still go to stderr)")
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
