@@ -127,6 +127,14 @@ def test_models_list_json_shows_local_model(tiny_model):
     assert ids["tiny-test-v0.1.0"]["source"] == "local"
 
 
+def test_models_alone_lists_the_catalog(tiny_model):
+    """`semiseg-la models` with no subcommand is `models list` (it was a usage error)."""
+    alone, listed = run_cli(["models"]), run_cli(["models", "list"])
+    assert alone.returncode == 0, alone.stderr
+    assert "tiny-test-v0.1.0" in alone.stdout
+    assert alone.stdout == listed.stdout
+
+
 def test_models_import_accepts_official_state_dicts_and_refuses_pickles(tmp_path):
     import json
 

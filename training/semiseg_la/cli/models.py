@@ -1,4 +1,4 @@
-"""`semiseg-la models list | show | import | remove | lineage | presets`."""
+"""`semiseg-la models [list] | show | import | remove | lineage | presets`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="the model catalog: bundled and local models")
-    msub = p.add_subparsers(dest="models_command", required=True)
+    p = sub.add_parser("models", help="the model catalog: bundled and local models (alone: `models list`)")
+    p.set_defaults(handler=run_list, json=False)  # what a user typing `semiseg-la models` wants to see
+    msub = p.add_subparsers(dest="models_command")
     ls = msub.add_parser("list", help="list bundled, site and local models")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(handler=run_list)
