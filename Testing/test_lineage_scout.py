@@ -216,8 +216,9 @@ def test_segment_writes_the_first_pass_it_compared_with(tmp_path, monkeypatch, c
     monkeypatch.setattr(segment, "segment_automatic", settled)
     argv = ["segment", str(src), "-o", str(tmp_path / "seg.nrrd"), "--model", str(child), "--localiser", localiser,
             "--progress", "json", "--first-pass-out", str(first_out)]
-    code, done, _ = run(argv)
+    code, done, logs = run(argv)
     assert code == 0
+    assert f"wrote {first_out}: the first pass of root-v0.1.0 (Dice 0.67 with the result)" in logs
     record = done["first_pass"]
     assert record == {"output": str(first_out.resolve()), "model": "root-v0.1.0", "agreement": 0.6667,
                       "uncertain": True}

@@ -159,6 +159,7 @@ def write_first_pass(first_pass: Optional[LastLabel], region: Region, path: Opti
     except (OSError, RuntimeError) as exc:  # costs the first pass's file, not the result
         reporter.log(f"--first-pass-out: {path} not written: {exc}")
         return None
+    reporter.log(f"wrote {path}: the first pass of {model} (Dice {region.scout_agreement:.2f} with the result)")
     return {"output": str(Path(path).resolve()), "model": model, "agreement": round(region.scout_agreement, 4),
             "uncertain": region.scout_agreement < SCOUT_AGREEMENT_WARN}
 
