@@ -178,7 +178,8 @@ def test_the_guard_rail_flags_a_child_worse_than_its_parent(parent_models, tmp_p
     done = json_lines(result.stdout)[-1]
     assert done["guard"]["verdict"] == "worse", done["guard"]
     assert "worse than its parent" in result.stderr and PARENT_ID in result.stderr
-    assert "on the held-out case(s) (Dice " in result.stderr
+    assert "on the held-out case(s) case3 (Dice " in result.stderr
+    assert result.stderr.count("worse than its parent") == 1  # JSON lines on stdout: the warning once on stderr
     card = json.loads((Path(done["model_dir"]) / "card.json").read_text())
     holdout = card["finetune"]["site_holdout"]
     assert holdout["child_dice"] < holdout["parent_dice"]
@@ -267,6 +268,9 @@ def test_from_default_names_the_default_model(parent_models, tmp_path):
     assert result.returncode == 0, result.stderr
     card = json.loads((Path(json_lines(result.stdout)[-1]["model_dir"]) / "card.json").read_text())
     assert card["lineage"]["parent"] == PARENT_ID
+    logged = [r["message"] for r in json_lines(result.stdout) if r.get("stage") == "log"]
+    assert f"not checked against the parent {PARENT_ID}: fewer than 3 labelled cases, so none was held out to " \
+           "compare the fine-tuned model with its parent" in logged
     for command in (["models", "show", "default"], ["models", "lineage", "default"]):
         shown = run_cli(command, env_extra=env)
         assert shown.returncode == 0 and PARENT_ID in shown.stdout
@@ -284,6 +288,9 @@ def test_a_training_preset_fine_tunes_with_the_parents_patch_spacing_and_its_own
     result = run_cli(common + ["--labeled", "3", "--val", "1", "--output", str(tmp_path / "run2")],
                      env_extra=env_for(parent_models))
     assert result.returncode == 0, result.stderr
+    # --progress none: the check's verdict is in the log whatever it is, once
+    verdicts = [line for line in result.stderr.splitlines() if f"its parent {PARENT_ID} on the held-out" in line]
+    assert len(verdicts) == 1 and ("better than or equal" in verdicts[0] or "worse" in verdicts[0]), result.stderr
     import yaml
 
     config = yaml.safe_load((tmp_path / "run2" / "config.yaml").read_text())

@@ -16,6 +16,9 @@ from typing import Any, Optional, TextIO
 class ProgressReporter:
     """Reports stage progress; the base class is silent (library use, tests)."""
 
+    #: whether `log` reaches the person at the terminal (stderr); a warning they must see is printed there otherwise
+    logs_to_stderr = False
+
     def start(self, stage: str, total: int, message: str = "") -> None:  # noqa: B027
         pass
 
@@ -82,6 +85,8 @@ class TqdmProgress(ProgressReporter):
     """Human progress bars on stderr, and the command's messages there. `bars=False` (`--progress none`, e.g. a
     detached run logging to a file) drops the bars only: the model exported, the guard rail's verdict and every
     warning are what such a log is read for."""
+
+    logs_to_stderr = True
 
     def __init__(self, bars: bool = True) -> None:
         self.bars = bars

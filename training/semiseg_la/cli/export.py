@@ -91,7 +91,7 @@ def export_run(config: TrainConfig, result: TrainResult, split: Split, validatio
         card.extra["finetune"] = finetune_record(config, split, validation, parent_card, validation_records,
                                                  reporter, channel, parent_folder)
         card.extra["finetune"]["parent_blend"] = blended
-        _warn_if_worse(card.extra["finetune"], reporter)
+        _report_guard(card.extra["finetune"], reporter)
         scans = _unannotated_scans(config, reporter)
         if channel is None and scans:
             card.extra["finetune"]["agreement"] = unlabelled_agreement(
@@ -204,16 +204,27 @@ def with_card_inputs(config: TrainConfig, card) -> TrainConfig:
                                intensity_reference=[float(v) for v in reference] if reference is not None else None)
 
 
-def _warn_if_worse(record: Dict[str, Any], reporter: ProgressReporter) -> None:
+def _report_guard(record: Dict[str, Any], reporter: ProgressReporter) -> None:
+    """The check of the child against its parent, one line in the log whatever it found (a script's log is read for
+    it); a worse child is also printed on stderr when the log goes elsewhere (JSON lines on stdout)."""
     holdout = record.get("site_holdout")
-    if not holdout or record.get("verdict") != "worse":
+    if not holdout:
+        why = record["verdict"].removeprefix("unchecked: ")
+        reporter.log(f"not checked against the parent {record['parent']}: {why}")
+        return
+    figures = f"(Dice {holdout['child_dice']:.4f} vs {holdout['parent_dice']:.4f})"
+    cases = ", ".join(holdout["cases"])
+    if record["verdict"] != "worse":
+        reporter.log(f"the fine-tuned model is better than or equal to its parent {record['parent']} on the held-out "
+                     f"case(s) {cases} {figures}; {len(holdout['cases'])} case(s) are little evidence: compare the "
+                     "two on scans you did not annotate")
         return
     # "held-out case(s)", not "site case(s)": a fine-tune with --val holds out validation cases of any dataset
     message = (f"WARNING: the fine-tuned model is worse than its parent {record['parent']} on the held-out "
-               f"case(s) (Dice {holdout['child_dice']:.4f} vs {holdout['parent_dice']:.4f}); keep using the parent, "
-               "or annotate more cases and fine-tune again")
+               f"case(s) {cases} {figures}; keep using the parent, or annotate more cases and fine-tune again")
     reporter.log(message)
-    print(f"semiseg-la: {message}", file=sys.stderr)
+    if not reporter.logs_to_stderr:
+        print(f"semiseg-la: {message}", file=sys.stderr)
 
 
 def evaluate_records(network, config: TrainConfig, records: Sequence[CaseRecord],
