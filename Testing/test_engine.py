@@ -260,3 +260,19 @@ def _alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_the_cpu_is_named_with_its_thread_count_for_people():
+    """What the time estimate and a card's `device` say on a CPU (it read "CPU x1 threads")."""
+    import torch
+
+    from semiseg_la.engine.precision import device_name
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert device_name("cpu") == "CPU, 1 thread"
+        torch.set_num_threads(2)
+        assert device_name("cpu") == "CPU, 2 threads"
+    finally:
+        torch.set_num_threads(threads)

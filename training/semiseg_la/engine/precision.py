@@ -26,4 +26,5 @@ def device_name(device: str) -> str:
     """The device a run uses, for people: the GPU's name, or the CPU with its thread count."""
     if torch.cuda.is_available() and device != "cpu":
         return torch.cuda.get_device_name(0)
-    return f"CPU x{torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
