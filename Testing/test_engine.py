@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -276,3 +277,15 @@ def test_the_cpu_is_named_with_its_thread_count_for_people():
         assert device_name("cpu") == "CPU, 2 threads"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_time_estimate_names_a_validation_pass_only_when_there_is_one():
+    """A site fine-tune with 1-2 labelled cases has no validation split: no "0.0 s per validation" then."""
+    from semiseg_la.engine.budget import BudgetPlan
+
+    plan = BudgetPlan(step_s=3.23, validation_s=0.0, spent_s=11, export_s=8, loop_s=41, iterations=12, capped=False)
+    assert plan.message(60, "CPU, 1 thread") == (
+        "time estimate on CPU, 1 thread: 3.23 s per iteration; 12 iterations fit in the 60 s budget (about 0.7 min "
+        "of training, 11 s already spent loading and measuring, 8 s kept for the export)")
+    with_validation = dataclasses.replace(plan, validation_s=2.0)
+    assert "3.23 s per iteration, 2.0 s per validation; 12 iterations" in with_validation.message(60, "CPU")

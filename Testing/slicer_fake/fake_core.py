@@ -263,8 +263,8 @@ def cmd_finetune(args):
     if "slow" in MODES:
         total = max(total, 200)
     # the core's budget plan, logged before training (semiseg_la.engine.budget)
-    emit({"stage": "log", "message": f"time estimate on CPU (2 threads): 0.01 s per iteration, 0.0 s per "
-                                     f"validation; {total} iterations fit in the 600 s budget"})
+    emit({"stage": "log", "message": f"time estimate on CPU, 2 threads: 0.01 s per iteration; "
+                                     f"{total} iterations fit in the 600 s budget"})
     for step in range(1, total + 1):
         time.sleep(delay)
         emit({"stage": "train", "step": step, "total": total, "eta_s": (total - step) * delay,

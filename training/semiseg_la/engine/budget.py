@@ -41,8 +41,9 @@ class BudgetPlan:
 
     def message(self, budget_s: float, device: str) -> str:
         cap = " (the preset's cap)" if self.capped else ""
-        return (f"time estimate on {device}: {self.step_s:.2f} s per iteration, {self.validation_s:.1f} s per "
-                f"validation; {self.iterations} iterations{cap} fit in the {budget_s:.0f} s budget "
+        validation = f", {self.validation_s:.1f} s per validation" if self.validation_s > 0 else ""  # none: no split
+        return (f"time estimate on {device}: {self.step_s:.2f} s per iteration{validation}; "
+                f"{self.iterations} iterations{cap} fit in the {budget_s:.0f} s budget "
                 f"(about {self.loop_s / 60:.1f} min of training, {self.spent_s:.0f} s already spent loading and "
                 f"measuring, {self.export_s:.0f} s kept for the export)")
 
