@@ -99,6 +99,18 @@ def test_label_values_outside_classes_are_listed():
     assert validate_label(twos, image, classes=(0, 1, 2)).max() == 2
 
 
+def test_a_mask_of_0_and_255_is_told_how_to_fix_it_and_a_multi_class_label_is_not():
+    image, label = _pair()
+    mask = label.with_array(label.array * 255)
+    assert "(a mask of 0 and 255? store the atrium as 1)" in _message(lambda: validate_label(mask, image))
+    several = label.array.copy()
+    several[0] = 3
+    text = _message(lambda: validate_label(label.with_array(several), image))
+    assert "{3}" in text and "a mask of" not in text
+    text = _message(lambda: validate_label(mask, image, classes=(0, 1, 2)))
+    assert "{255}" in text and "a mask of" not in text
+
+
 def test_label_nan_and_fractions():
     image, label = _pair()
     values = label.array.astype(np.float32)

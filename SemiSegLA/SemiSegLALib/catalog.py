@@ -135,9 +135,10 @@ def agreementNote(guard: Optional[Dict[str, Any]], volumeNames: Optional[Dict[st
     text = (f"Of {len(cases)} unlabelled volume(s), the new model and its parent disagree most on {lowest} (Dice "
             "between their results): look at those first")
     if not shown:
-        return text + ", segmented with each model; there one of them is wrong, and it may be either."
+        return (text + ", segmented with each model; where their results differ, one of them is wrong, and it may "
+                "be either.")
     new, parent = comparisonNames("<volume>", newId, parentId)
-    return (text + f"; there one of them is wrong, and it may be either. Each model's result on "
+    return (text + f"; where their results differ, one of them is wrong, and it may be either. Each model's result on "
             f"{', '.join(repr(name) for name in shown)} is in the scene as '{new}' and '{parent}' (one network "
             "pass each; Segment atrium also averages flips).")
 

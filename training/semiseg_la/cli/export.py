@@ -380,8 +380,8 @@ def agreement_record(figures: Dict[str, float], chosen: int, unreadable: Optiona
     else:
         lowest = ", ".join(f"{case} ({value:.2f})" for case, value in ordered[:3])
         summary = (f"the new model and its parent, compared on {len(ordered)} unlabelled scan(s), disagree most on "
-                   f"{lowest} (Dice between their labels): look at those first (one of the two is wrong there, and "
-                   "it may be either)")
+                   f"{lowest} (Dice between their labels): look at those first (where their labels differ, one of the "
+                   "two is wrong, and it may be either)")
     return {"cases": [[case, round(value, 4)] for case, value in ordered], "compared": len(ordered),
             "not_compared": chosen - len(ordered), "unreadable": unreadable, "summary": summary}
 

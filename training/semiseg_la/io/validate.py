@@ -147,10 +147,20 @@ def _label_value_problems(array: np.ndarray, classes: Sequence[int], allow_empty
     if unexpected:
         shown = ", ".join(f"{v:g}" for v in unexpected[:_MAX_LISTED])
         more = f" and {len(unexpected) - _MAX_LISTED} more" if len(unexpected) > _MAX_LISTED else ""
-        problems.append(f"values {{{shown}{more}}} are not among the declared classes {sorted(allowed)}")
+        problems.append(f"values {{{shown}{more}}} are not among the declared classes {sorted(allowed)}"
+                        + _binary_mask_hint(present, allowed))
     if not allow_empty and array.size and not any(v != 0 for v in present):
         problems.append("label is empty (no foreground voxel)")
     return problems
+
+
+def _binary_mask_hint(present: Sequence[float], allowed: set) -> str:
+    """A mask saved with one other foreground value (0/255 from an image editor, a Slicer label value of 2 ...)
+    is the common case of a bad binary label: say how to fix it rather than only what is wrong."""
+    foreground = [v for v in present if v != 0]
+    if allowed != {0, 1} or len(foreground) != 1:
+        return ""
+    return f" (a mask of 0 and {foreground[0]:g}? store the atrium as 1)"
 
 
 def _present_values(values: np.ndarray) -> List[float]:
