@@ -16,7 +16,7 @@ import torch
 
 from conftest import sphere_volume, stop_after, synthetic_cases
 from semiseg_la.engine.config import build_config, load_preset, parse_overrides, preset_names
-from semiseg_la.engine.data import Augmentation, TwoStreamSampler, random_crop
+from semiseg_la.engine.data import Augmentation, TwoStreamSampler, random_crop, split_cases
 from semiseg_la.engine.loop import Trainer
 from semiseg_la.errors import ConfigError
 
@@ -54,6 +54,30 @@ def test_sampler_state_round_trip_continues_identically():
     b = TwoStreamSampler(7, 9, 4, 2, seed=999)
     b.load_state_dict(a.state_dict())
     assert [a.next() for _ in range(10)] == [b.next() for _ in range(10)]
+
+
+def test_a_resumed_sampler_whose_pool_shrank_draws_only_from_the_pool_it_has():
+    a = TwoStreamSampler(7, 9, 4, 2, seed=11)
+    a.next()
+    b = TwoStreamSampler(7, 5, 4, 2, seed=0)  # four unlabelled scans removed from --unlabeled before --resume
+    b.load_state_dict(a.state_dict())
+    for _ in range(20):
+        labeled, unlabeled = b.next()
+        assert all(0 <= i < 7 for i in labeled) and all(0 <= i < 5 for i in unlabeled)
+
+
+def test_held_out_validation_images_stay_out_of_the_unlabelled_pool_only_when_asked():
+    from semiseg_la.io.datasets import CaseRecord
+
+    records = [CaseRecord(f"l{i}", (f"l{i}.nrrd",), f"l{i}_label.nrrd") for i in range(4)]
+    records += [CaseRecord("u0", ("u0.nrrd",))]
+    extra = [CaseRecord("x0", ("x0.nrrd",))]
+    la_protocol = split_cases(records, labeled_num=3, val_num=1, extra_unlabeled=extra)
+    assert [r.case_id for r in la_protocol.validation] == ["l3"]
+    assert [r.case_id for r in la_protocol.unlabeled] == ["l3", "u0", "x0"]
+    held_out = split_cases(records, labeled_num=3, val_num=1, extra_unlabeled=extra, unseen_validation=True)
+    assert [r.case_id for r in held_out.labeled] == ["l0", "l1", "l2"]
+    assert [r.case_id for r in held_out.unlabeled] == ["u0", "x0"]
 
 
 def test_random_crop_pads_small_axes_like_the_la_pipeline():

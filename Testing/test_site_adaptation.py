@@ -247,6 +247,8 @@ def test_ten_labelled_cases_hold_two_out_and_the_guard_says_how_many(parent_mode
     record = card["finetune"]
     assert record["labeled_cases"] == 8 and record["held_out_cases"] == 2
     assert len(record["site_holdout"]["cases"]) == 2
+    # the held-out cases judge the child: their images are not among its unlabelled scans either (one scan)
+    assert record["unlabeled_cases"] == 1
 
 
 def test_a_budget_too_small_to_train_is_a_clear_error(parent_models, tmp_path):

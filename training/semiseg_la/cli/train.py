@@ -109,11 +109,13 @@ def _default_run_name(cfg: Dict[str, Any]) -> str:
     return f"{name}-s{cfg.get('seed', 1337)}"
 
 
-def load_split(config: TrainConfig, reporter: ProgressReporter) -> tuple:
-    """Records -> (split, labelled cases, unlabelled cases, validation cases, validation records)."""
+def load_split(config: TrainConfig, reporter: ProgressReporter, unseen_validation: bool = False) -> tuple:
+    """Records -> (split, labelled cases, unlabelled cases, validation cases). `unseen_validation`: a fine-tune's
+    held-out cases stay out of the unlabelled pool (`split_cases`)."""
     records = open_dataset(config.data, config.train_list if _is_la(config.data, config.train_list) else None)
     extra = open_unlabeled_folder(config.unlabeled_dir) if config.unlabeled_dir else []
-    split = split_cases(records, config.labeled_num, config.val_num, extra, config.use_unlabeled)
+    split = split_cases(records, config.labeled_num, config.val_num, extra, config.use_unlabeled,
+                        unseen_validation)
     total = len(split.labeled) + len(split.unlabeled) + len(split.validation)
     reporter.start("load", total, "reading and resampling cases")
     done = 0
@@ -238,13 +240,13 @@ class WholeScanCut:
                 f"(where the localiser found the atrium), {left_out} unlabelled left out (no atrium found)")
 
 
-def _load_multimodal(config: TrainConfig, reporter: ProgressReporter) -> tuple:
+def _load_multimodal(config: TrainConfig, reporter: ProgressReporter, unseen_validation: bool = False) -> tuple:
     """Co-registered channels (nnU-Net `_0000`/`_0001` files): the multi-modal Semi-CML path."""
     from ..engine.multimodal import modality_names, prepare_multimodal_split
 
     reporter.log("reading multi-modal cases (one channel per modality)")
     config.method_params.setdefault("modality_names", modality_names(config.data))
-    return prepare_multimodal_split(config)
+    return prepare_multimodal_split(config, unseen_validation=unseen_validation)
 
 
 def _is_la(root: str, list_file: Optional[str] = None) -> bool:
@@ -274,13 +276,14 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
         config = _with_saved_reference(config)
     device = _validation_device(config.device)
     trainer_ref: list = []
+    held_out = parent_card is not None  # a fine-tune's validation cases judge it against its parent: unseen
     if config.in_channels > 1:
-        split, labeled, unlabeled, validation = _load_multimodal(config, reporter)
+        split, labeled, unlabeled, validation = _load_multimodal(config, reporter, held_out)
         validator = make_multimodal_validator(validation, config.patch_size, config.spacing,
                                               lambda: trainer_ref[0].method.exported_channel, device,
                                               log=reporter.log)
     else:
-        split, labeled, unlabeled, validation = load_split(config, reporter)
+        split, labeled, unlabeled, validation = load_split(config, reporter, held_out)
         if config.wide_fov_prob > 0 and validation:  # trained for whole scans: selected on whole-scan canvases
             validation = wide_validation_cases(validation, labeled, config.spacing, config.wide_fov_max_mm,
                                                intensities=config.wide_fov_intensities,

@@ -166,9 +166,12 @@ class Split:
 
 
 def split_cases(records: Sequence[CaseRecord], labeled_num: int, val_num: int,
-                extra_unlabeled: Sequence[CaseRecord] = (), use_unlabeled: bool = True) -> Split:
+                extra_unlabeled: Sequence[CaseRecord] = (), use_unlabeled: bool = True,
+                unseen_validation: bool = False) -> Split:
     """Labelled = the first N labelled records (list order); validation = the last `val_num` labelled
-    records, used for selection only; their images (and every other record) join the unlabelled pool."""
+    records, used for selection only; their images (and every other record) join the unlabelled pool, as in
+    the LA papers' protocol. `unseen_validation` keeps the validation images out of it too: a fine-tune's held-out
+    cases judge the child against its parent, so the child must not have trained on them in any form."""
     with_label = [r for r in records if r.label_path is not None]
     validation = with_label[len(with_label) - val_num:] if val_num > 0 else []
     trainable = [r for r in with_label if r not in validation]
@@ -178,7 +181,8 @@ def split_cases(records: Sequence[CaseRecord], labeled_num: int, val_num: int,
         raise InputError(f"asked for {labeled_num} labelled cases but only {len(trainable)} labelled cases "
                          f"are available outside the {len(validation)} validation cases")
     labeled = trainable[:labeled_num]
-    unlabeled = [r for r in records if r not in labeled] + list(extra_unlabeled) if use_unlabeled else []
+    unseen = labeled + (validation if unseen_validation else [])
+    unlabeled = [r for r in records if r not in unseen] + list(extra_unlabeled) if use_unlabeled else []
     return Split(labeled, unlabeled, validation)
 
 
@@ -210,8 +214,10 @@ class TwoStreamSampler:
         return {"rng": self.rng.bit_generator.state, "queues": {k: list(v) for k, v in self.queues.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """A resumed run whose pool shrank (a scan removed from --unlabeled since) drops the indices past it."""
         self.rng.bit_generator.state = state["rng"]
-        self.queues = {k: [int(i) for i in v] for k, v in state["queues"].items()}
+        sizes = {"labeled": self.n_labeled, "unlabeled": self.n_unlabeled}
+        self.queues = {k: [int(i) for i in v if int(i) < sizes.get(k, 0)] for k, v in state["queues"].items()}
 
 
 @dataclasses.dataclass

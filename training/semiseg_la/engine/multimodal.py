@@ -107,11 +107,13 @@ def modality_names(root: str | Path, modalities: Optional[Sequence[str]] = None)
     return [str(names.get(str(i), f"channel {i}")) for i in range(N_MODALITIES)]
 
 
-def prepare_multimodal_split(config: TrainConfig, modalities: Optional[Sequence[str]] = None
+def prepare_multimodal_split(config: TrainConfig, modalities: Optional[Sequence[str]] = None,
+                             unseen_validation: bool = False
                              ) -> Tuple[Split, List[TrainCase], List[TrainCase], List[TrainCase]]:
     """The multi-modal counterpart of the CLI's load_split: (split, labelled, unlabelled, validation)."""
     records = open_multimodal_dataset(config.data, modalities, labeled=False)
-    split = split_cases(records, config.labeled_num, config.val_num, use_unlabeled=config.use_unlabeled)
+    split = split_cases(records, config.labeled_num, config.val_num, use_unlabeled=config.use_unlabeled,
+                        unseen_validation=unseen_validation)
     labeled = prepare_multimodal_cases(split.labeled, config.spacing, True, config.normalization)
     unlabeled = prepare_multimodal_cases(split.unlabeled, config.spacing, False, config.normalization)
     validation = prepare_multimodal_cases(split.validation, config.spacing, True, config.normalization)
