@@ -214,6 +214,14 @@ def test_whole_site_scans_are_trained_and_checked_in_the_atrium_region(parent_mo
                        "--tta", "none", "--device", "cpu", "--progress", "none"], env_extra=env_for(parent_models))
         assert seg.returncode == 0, seg.stderr
         assert dice(read_volume(out).array, truth) == pytest.approx(figure, abs=1e-6), model
+    # `evaluate` scores what `segment` writes too: each whole scan in the region `segment --region auto` finds
+    child, report = records[-1]["model_dir"], tmp_path / "evaluate.json"
+    scored = run_cli(["evaluate", "--model", child, "--data", str(site), "--tta", "none", "--device", "cpu",
+                      "--json", str(report), "--progress", "none"], env_extra=env_for(parent_models))
+    assert scored.returncode == 0, scored.stderr
+    evaluated = json.loads(report.read_text())
+    assert evaluated["region"] == "auto" and evaluated["regions"]["case3"]["source"] == "auto"
+    assert evaluated["cases"]["case3"]["dice"] == pytest.approx(guard["child_dice"], abs=1e-6)
 
 
 def two_step_finetune(models: Path, root: Path, labeled: int) -> dict:

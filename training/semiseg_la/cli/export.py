@@ -19,13 +19,14 @@ from ..engine.data import Split
 from ..engine.loop import TrainResult, restore_method
 from ..engine.precision import device_name
 from ..engine.state import load_state
-from ..errors import InputError, RegionError, StorageError
+from ..errors import InputError, StorageError
 from ..inference.memory import StickyFallback
 from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import dice, evaluate_case, summarize
 from ..progress import ProgressReporter
 from .common import ancestor_trained_on_regions, card_get, inference_spec, region_settler, trains_on_regions
+from .segment import label_as_segment_gives
 
 #: with this many labelled cases or more, a fine-tune holds some out to compare the child with its parent
 HOLDOUT_FROM = 3
@@ -275,8 +276,8 @@ class Segmenter:
             return predict(None).label.array
         scout_predict = (self._predictor(self.scout[0], inference_spec(self.scout[1]), image)
                          if self.scout is not None else None)
-        return _as_segment_gives(image, self.spec, predict, self.device, self.localisers, case_id, self.reporter,
-                                 scout_predict)
+        return label_as_segment_gives(image, self.spec, predict, self.device, self.localisers, case_id,
+                                      self.reporter, scout_predict)[0]
 
 
 def _unannotated_scans(config: TrainConfig, reporter: ProgressReporter) -> List[CaseRecord]:
@@ -384,23 +385,6 @@ def agreement_record(figures: Dict[str, float], chosen: int, unreadable: Optiona
                    "two is wrong, and it may be either)")
     return {"cases": [[case, round(value, 4)] for case, value in ordered], "compared": len(ordered),
             "not_compared": chosen - len(ordered), "unreadable": unreadable, "summary": summary}
-
-
-def _as_segment_gives(image, spec, predict, device: str, localisers: Dict[str, Any], case_id: str,
-                      reporter: ProgressReporter, scout_predict=None):
-    """The label `segment --region auto` gives (localiser, then the region settled around the first pass of the
-    network, or of `scout_predict`'s network for a site fine-tune): the held-out figures judge what the user
-    will get, in the region `segment` finds, not in one drawn from the reference label (on a shifted site the
-    two differed by up to 17 Dice points a case, docs/results.md). No plausible atrium found: an empty label,
-    as the user gets none."""
-    from .segment import segment_as_auto
-
-    try:
-        return segment_as_auto(image, spec, predict, ProgressReporter(), device, localisers,
-                               scout_predict)[1].label.array
-    except RegionError as exc:
-        reporter.log(f"{case_id}: no plausible atrium found ({exc.reason}); scored as an empty segmentation")
-        return np.zeros(image.shape, np.uint8)
 
 
 def _default_name(config: TrainConfig, parent_card) -> str:
