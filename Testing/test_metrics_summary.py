@@ -71,3 +71,17 @@ def test_format_table_units_and_percent():
     assert "(vox)" in table
     assert "1 empty prediction" in table
     assert METRIC_DEFINITIONS["hd95_mm"] in table
+
+
+def test_one_case_does_not_make_a_paired_difference_certain():
+    from semiseg_la.metrics import paired_interval
+
+    low, high = paired_interval([0.08, 0, 0, 0, 0, 0, 0, 0])
+    assert low == pytest.approx(0.0) and high > 0.02
+
+
+def test_a_paired_difference_every_case_shares_is_certain():
+    from semiseg_la.metrics import paired_interval
+
+    low, high = paired_interval([0.011, 0.009, 0.010, 0.012, 0.008, 0.010, 0.011, 0.009])
+    assert 0.008 < low < 0.010 < high < 0.012

@@ -216,12 +216,23 @@ def test_whole_site_scans_are_trained_and_checked_in_the_atrium_region(parent_mo
         assert dice(read_volume(out).array, truth) == pytest.approx(figure, abs=1e-6), model
     # `evaluate` scores what `segment` writes too: each whole scan in the region `segment --region auto` finds
     child, report = records[-1]["model_dir"], tmp_path / "evaluate.json"
-    scored = run_cli(["evaluate", "--model", child, "--data", str(site), "--tta", "none", "--device", "cpu",
-                      "--json", str(report), "--progress", "none"], env_extra=env_for(parent_models))
+    # and `--against parent` scores the parent beside it, case by case, as the guard rail scored it
+    scored = run_cli(["evaluate", "--model", child, "--against", "parent", "--data", str(site), "--tta", "none",
+                      "--device", "cpu", "--json", str(report), "--progress", "none"], env_extra=env_for(parent_models))
     assert scored.returncode == 0, scored.stderr
     evaluated = json.loads(report.read_text())
     assert evaluated["region"] == "auto" and evaluated["regions"]["case3"]["source"] == "auto"
     assert evaluated["cases"]["case3"]["dice"] == pytest.approx(guard["child_dice"], abs=1e-6)
+    assert evaluated["against"]["model"] == PARENT_ID
+    paired = evaluated["paired"]
+    assert paired["n_cases"] == 4 and paired["cases"]["case3"]["against_dice"] == pytest.approx(guard["parent_dice"],
+                                                                                                abs=1e-6)
+    assert paired["better"] + paired["worse"] <= 4 and paired["interval_95"][0] <= paired["dice_difference"]
+    assert f"against {PARENT_ID}: " in scored.stdout and "paired 95 % interval" in scored.stdout
+    orphan = run_cli(["evaluate", "--model", PARENT_ID, "--against", "parent", "--data", str(site)],
+                     env_extra=env_for(parent_models))
+    assert orphan.returncode != 0 and f"{PARENT_ID} has no parent in its lineage" in orphan.stderr
+    assert "Traceback" not in orphan.stderr
 
 
 def two_step_finetune(models: Path, root: Path, labeled: int) -> dict:

@@ -63,7 +63,7 @@ from semiseg_la.io import read_volume, write_volume
 from semiseg_la.io.atomic import atomic_write_text
 from semiseg_la.io.datasets import open_dataset
 from semiseg_la.io.volume import Volume
-from semiseg_la.metrics import dice
+from semiseg_la.metrics import dice, paired_interval
 from semiseg_la.preprocess.site_shift import SiteShift, shift_families
 from semiseg_la.preprocess.wide_fov import REGION_MARGIN_MM, build_wide_case, make_donor, patch_mm
 
@@ -432,15 +432,6 @@ def print_summary(base: Dict, rows: List[Dict]) -> None:
                 print(f"{name} vs supervised-only: {100 * (row['shifted'] - sup['shifted']):+.2f} Dice points at the "
                       f"site (better on {int((diffs > 0).sum())} of {diffs.size} cases; paired 95 % interval "
                       f"{100 * low:+.2f} to {100 * high:+.2f}); step time {row['step_s'] / sup['step_s']:.2f}x")
-
-
-def paired_interval(diffs: Sequence[float], resamples: int = 10000, seed: int = 0) -> tuple:
-    """Percentile bootstrap of the mean per-case difference: with 8 scored cases one case can move the mean
-    by a point, so a difference is read against this interval, not alone."""
-    diffs = np.asarray(diffs, dtype=float)
-    picks = np.random.default_rng(seed).integers(0, diffs.size, size=(resamples, diffs.size))
-    means = diffs[picks].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def torch_threads() -> int:

@@ -24,8 +24,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import paired_interval  # noqa: E402
+from semiseg_la.metrics import paired_interval
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,18 +7,22 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+import numpy as np
+
+from ..errors import InputError
 from ..inference.predictor import Predictor, combine_networks
 from ..io.atomic import atomic_write_text
 from ..io.datasets import open_dataset
 from ..io.volume import write_volume
-from ..metrics import METRIC_DEFINITIONS, evaluate_case, format_table, summarize
+from ..metrics import METRIC_DEFINITIONS, evaluate_case, format_table, paired_interval, summarize
 from ..progress import ProgressReporter
 from .common import (
     add_device_flag,
     add_progress_flag,
     add_tta_flag,
+    card_get,
     inference_spec,
     load_catalog_model,
     region_settler,
@@ -41,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the largest connected component (largest) or every voxel (none); auto: none with "
                         "--legacy, as the LA papers evaluate (CAML and MC-Net nms=0, CRLN post-processing off), "
                         "largest otherwise, as `segment` does")
+    p.add_argument("--against", default=None, metavar="MODEL",
+                   help="also score this model (a catalog id or folder, or `parent`: the model --model was "
+                        "fine-tuned from) on the same cases and print the two side by side, per case, with the mean "
+                        "difference and its paired 95 %% interval")
     p.add_argument("--region", choices=("auto", "whole"), default="auto",
                    help="auto (default): a whole scan is segmented where `segment --region auto` segments it (the "
                         "localiser's region, settled on a first pass; a scan where no plausible atrium is found "
@@ -61,42 +69,109 @@ def postprocessing(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     reporter = reporter_for(args)
-    network, card, model_id = load_catalog_model(args.model)
-    postprocess = postprocessing(args)
-    tta = tta_choice(args)
-    predictor = Predictor(combine_networks(network, tta=tta), inference_spec(card), device=args.device,
-                          overlap=args.overlap, mode="legacy" if args.legacy else "fast",
-                          largest_component=postprocess == "largest")
+    postprocess, tta = postprocessing(args), tta_choice(args)
+    scorers = [ModelScorer(args.model, args, postprocess, tta, reporter)]
+    if args.against:
+        scorers.append(ModelScorer(against_model(args.against, scorers[0]), args, postprocess, tta, reporter))
     records = [r for r in open_dataset(args.data, args.case_list) if r.label_path is not None]
-    segment = AsSegmentGives(predictor, network, card, args, reporter) if args.region == "auto" else None
-    cases: Dict[str, Dict[str, Any]] = {}
-    regions: Dict[str, Any] = {}
-    reporter.start("evaluate", len(records), f"model {model_id}")
+    # --predictions: the model's labels in that folder, the other model's in a folder of its id inside it
+    folders = [Path(args.predictions), Path(args.predictions) / scorers[-1].model_id] if args.predictions else []
+    reporter.start("evaluate", len(records), " and ".join(f"model {s.model_id}" for s in scorers))
     for i, record in enumerate(records, 1):
         image, label = record.load()
-        if segment is not None:
-            predicted, regions[record.case_id] = segment(image, record.case_id)
-        else:
-            predicted = predictor.predict(image).label.array
-        if args.predictions:
-            write_volume(image.with_array(predicted), Path(args.predictions) / f"{record.case_id}.nrrd")
-        cases[record.case_id] = _plain(evaluate_case(predicted, label.array, image.spacing))
-        reporter.update(i, dice=round(cases[record.case_id]["dice"], 4))
+        for scorer, folder in zip(scorers, folders or [None] * len(scorers)):
+            scorer.score(image, label, record.case_id, folder)
+        reporter.update(i, dice=round(scorers[0].cases[record.case_id]["dice"], 4))
     reporter.end()
-    summary = summarize(cases)
-    report = {"model": model_id, "data": str(args.data), "list": args.case_list, "n_cases": len(cases),
-              "inference": "legacy" if args.legacy else "fast", "tta": tta, "postprocess": postprocess,
-              "region": args.region, "mean": summary["mean"], "std": summary["std"],
-              "summary": summary, "definitions": METRIC_DEFINITIONS, "cases": cases,
-              **({"regions": regions} if segment is not None else {})}
+    report = scorers[0].report(args, tta, postprocess)
+    if len(scorers) > 1:
+        report["against"] = scorers[1].report(args, tta, postprocess)
+        report["paired"] = paired_dice(scorers[0], scorers[1])
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(_finite(report), indent=2) + "\n")
     out = sys.stdout if args.progress != "json" else sys.stderr
     print(f"inference: {report['inference']}; region: {args.region}; test-time augmentation: {tta}; post-processing: "
           + ("largest connected component" if postprocess == "largest" else "none (every predicted voxel)"), file=out)
-    print(format_table(summary), file=out)
-    reporter.done(json=args.json_out, mean=_finite(summary["mean"]), n_cases=len(cases))
+    print(format_table(report["summary"]), file=out)
+    if len(scorers) > 1:
+        print(paired_table(report["paired"], scorers[0].model_id, scorers[1].model_id), file=out)
+    reporter.done(json=args.json_out, mean=_finite(report["mean"]), n_cases=report["n_cases"],
+                  **({"paired": _finite(report["paired"])} if len(scorers) > 1 else {}))
     return 0
+
+
+def against_model(against: str, scorer: ModelScorer) -> str:
+    """`--against parent`: the model this one was fine-tuned from, as its card records it; else a model id."""
+    if against != "parent":
+        return against
+    parent = (card_get(scorer.card, "lineage") or {}).get("parent")
+    if not parent:
+        raise InputError(f"--against parent: {scorer.model_id} has no parent in its lineage; name the model to "
+                         "compare it with")
+    return str(parent)
+
+
+class ModelScorer:
+    """One model as `evaluate` runs it (`segment`'s flips, post-processing and, with `--region auto`, region), and
+    the metrics of each case it scored."""
+
+    def __init__(self, model: Optional[str], args: argparse.Namespace, postprocess: str, tta: str,
+                 reporter: ProgressReporter) -> None:
+        network, self.card, self.model_id = load_catalog_model(model)
+        self.predictor = Predictor(combine_networks(network, tta=tta), inference_spec(self.card), device=args.device,
+                                   overlap=args.overlap, mode="legacy" if args.legacy else "fast",
+                                   largest_component=postprocess == "largest")
+        self.segment = (AsSegmentGives(self.predictor, network, self.card, args, reporter)
+                        if args.region == "auto" else None)
+        self.cases: Dict[str, Dict[str, Any]] = {}
+        self.regions: Dict[str, Any] = {}
+
+    def score(self, image, label, case_id: str, predictions: Optional[Path]) -> None:
+        if self.segment is not None:
+            predicted, self.regions[case_id] = self.segment(image, case_id)
+        else:
+            predicted = self.predictor.predict(image).label.array
+        if predictions:
+            write_volume(image.with_array(predicted), predictions / f"{case_id}.nrrd")
+        self.cases[case_id] = _plain(evaluate_case(predicted, label.array, image.spacing))
+
+    def report(self, args: argparse.Namespace, tta: str, postprocess: str) -> Dict[str, Any]:
+        summary = summarize(self.cases)
+        return {"model": self.model_id, "data": str(args.data), "list": args.case_list, "n_cases": len(self.cases),
+                "inference": "legacy" if args.legacy else "fast", "tta": tta, "postprocess": postprocess,
+                "region": args.region, "mean": summary["mean"], "std": summary["std"],
+                "summary": summary, "definitions": METRIC_DEFINITIONS, "cases": self.cases,
+                **({"regions": self.regions} if self.segment is not None else {})}
+
+
+def paired_dice(model: ModelScorer, against: ModelScorer) -> Dict[str, Any]:
+    """The two models' Dice on the same cases: the mean difference, its paired bootstrap interval, and the cases
+    each does better on (a few cases are little evidence: the interval says how little)."""
+    cases = list(model.cases)
+    if not cases:
+        return {"n_cases": 0}
+    diffs = np.array([model.cases[c]["dice"] - against.cases[c]["dice"] for c in cases], dtype=float)
+    low, high = paired_interval(diffs)
+    return {"n_cases": len(cases), "dice_difference": float(diffs.mean()), "interval_95": [low, high],
+            "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum()),
+            "cases": {c: {"dice": model.cases[c]["dice"], "against_dice": against.cases[c]["dice"],
+                          "difference": float(d)} for c, d in zip(cases, diffs)}}
+
+
+def paired_table(paired: Dict[str, Any], model_id: str, against_id: str) -> str:
+    """Per case and overall, in Dice points: what the user reads to choose between the two."""
+    if not paired.get("n_cases"):
+        return f"{model_id} against {against_id}: no case to compare"
+    width = max(len(c) for c in paired["cases"])
+    lines = [f"{'case':<{width}}  {'Dice':>7}  {'against':>7}  {'difference':>10}"]
+    for case, row in paired["cases"].items():
+        lines.append(f"{case:<{width}}  {100 * row['dice']:7.2f}  {100 * row['against_dice']:7.2f}  "
+                     f"{100 * row['difference']:+10.2f}")
+    low, high = paired["interval_95"]
+    lines.append(f"{model_id} against {against_id}: {100 * paired['dice_difference']:+.2f} Dice points on average "
+                 f"(better on {paired['better']}, worse on {paired['worse']} of {paired['n_cases']} cases; paired "
+                 f"95 % interval {100 * low:+.2f} to {100 * high:+.2f})")
+    return "\n".join(lines)
 
 
 class AsSegmentGives:

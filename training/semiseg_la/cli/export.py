@@ -218,7 +218,8 @@ def _report_guard(record: Dict[str, Any], reporter: ProgressReporter) -> None:
     if record["verdict"] != "worse":
         reporter.log(f"the fine-tuned model is better than or equal to its parent {record['parent']} on the held-out "
                      f"case(s) {cases} {figures}; {len(holdout['cases'])} case(s) are little evidence: compare the "
-                     "two on scans you did not annotate")
+                     "two on scans you did not annotate (on ones you annotate later: `semiseg-la evaluate --model "
+                     "NEW --against parent`)")
         return
     # "held-out case(s)", not "site case(s)": a fine-tune with --val holds out validation cases of any dataset
     message = (f"WARNING: the fine-tuned model is worse than its parent {record['parent']} on the held-out "

@@ -15,10 +15,10 @@ from .segmentation import (
     hd95,
     jaccard,
 )
-from .summary import format_table, summarize
+from .summary import format_table, paired_interval, summarize
 from .surface import surface, surface_distances
 
 __all__ = [
     "LEGACY_KEYS", "METRIC_DEFINITIONS", "METRIC_KEYS", "MM_KEYS", "asd", "assd", "dice", "evaluate_case",
-    "format_table", "hd95", "jaccard", "summarize", "surface", "surface_distances",
+    "format_table", "hd95", "jaccard", "paired_interval", "summarize", "surface", "surface_distances",
 ]
