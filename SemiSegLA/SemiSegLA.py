@@ -520,6 +520,10 @@ class SemiSegLALogic(ScriptedLoadableModuleLogic):
                                   [name for name, _, _ in job.comparisons], newId, baseModelId)
             if where:
                 job.addNotice(where)
+            leftOut = caseRules.leftOutNote(done.get("left_out_unlabeled"),
+                                            {row.caseId: row.volumeName for row, _ in plan.unlabelled})
+            if leftOut:
+                job.addNotice(leftOut)
             # the model list is re-read after the job: by _startJob when waiting, else by the caller (the
             # panel lists the models in a worker thread; this runs on the main thread)
             return newId

@@ -245,6 +245,35 @@ def two_step_finetune(models: Path, root: Path, labeled: int) -> dict:
     return json_lines(result.stdout)[-1]
 
 
+def test_an_unusable_unlabelled_scan_is_left_out_and_named_but_an_unusable_labelled_case_stops_the_run(
+        parent_models, tmp_path):
+    """Unlabelled scans are extra: a 2D localiser series of the study or a scan of NaNs among them costs that scan,
+    not the fine-tune, and the log and the `done` record say which and why. An annotated case is the user's work:
+    its problem is an error."""
+    import SimpleITK as sitk
+
+    site, unl = write_site(tmp_path, labeled=3, unlabeled=1)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((40, 36), np.float32)), str(unl / "localiser.nrrd"))
+    write_volume(Volume(np.full((40, 36, 36), np.nan, np.float32), (1.0, 1.0, 1.0)), unl / "nans.nrrd")
+    common = ["finetune", "--from", PARENT_ID, "--data", str(site), "--unlabeled", str(unl), "--iterations", "2",
+              "--set", "fit_to_budget=false", "--device", "cpu", "--progress", "json"]
+    result = run_cli(common + ["--output", str(tmp_path / "run")], env_extra=env_for(parent_models))
+    assert result.returncode == 0, result.stderr
+    records = json_lines(result.stdout)
+    left_out = records[-1]["left_out_unlabeled"]
+    assert sorted(left_out) == ["localiser", "nans"]
+    assert "2D" in left_out["localiser"] and "NaN" in left_out["nans"]
+    logs = [r["message"] for r in records if r.get("stage") == "log"]
+    assert any(m.startswith("warning: localiser: left out of the unlabelled scans, unusable:") for m in logs)
+    assert "warning: 2 of 3 unlabelled scan(s) could not be used (above); the run went on without them" in logs
+    assert "2 labelled, 1 unlabelled, 1 validation cases" in logs
+    label = site / "labels" / "case0.nrrd"
+    write_volume(read_volume(label).with_array(np.zeros((40, 36, 36), np.uint8)), label)
+    refused = run_cli(common + ["--output", str(tmp_path / "run2"), "--progress", "none"],
+                      env_extra=env_for(parent_models))
+    assert refused.returncode != 0 and "case0" in refused.stderr and "empty" in refused.stderr
+
+
 def test_two_labelled_cases_are_all_trained_and_the_check_is_marked_unchecked(parent_models, tmp_path):
     done = two_step_finetune(parent_models, tmp_path, labeled=2)
     assert done["guard"]["verdict"].startswith("unchecked")

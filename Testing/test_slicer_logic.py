@@ -487,6 +487,24 @@ def test_finetune_skips_a_disagreement_result_off_its_volume_grid(fake, make_log
     assert where and "segmented with each model" in where[0] and "in the scene" not in where[0]
 
 
+def test_finetune_names_an_unlabelled_volume_the_core_left_out_and_why(fake, make_logic):
+    """The core goes on without an unusable unlabelled scan (a 2D localiser series of the study): the notices name
+    the volume, not its file, with the reason, and say how to leave it out; without one, no such notice."""
+    labelled_scene(fake)
+    logic = make_logic("left-out")
+    logic.refreshModels()
+    job = logic.finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True, timeout=TIMEOUT)
+    assert job.state is State.FINISHED, job.errorMessage
+    notes = [n for n in job.notices if "left out of the fine-tune" in n]
+    assert notes == ["1 unlabelled volume(s) were left out of the fine-tune: 'Case B' (invalid image: image is 2D "
+                     "(shape (256, 256)); a 3D scalar image is required). Untick *Use* for such volumes in the case "
+                     "table if they are not scans of the atrium."], job.notices
+    assert notes[0] in job.summary()
+    job = make_logic().finetune(BASE, "mean_teacher", iterations=3, device="cpu", waitForCompletion=True,
+                                timeout=TIMEOUT)
+    assert job.state is State.FINISHED and not [n for n in job.notices if "left out" in n]
+
+
 def test_finetune_on_one_labelled_case_says_it_was_not_checked(fake, make_logic):
     """One labelled case: nothing is held out, the core's verdict is "unchecked", and the notices say so."""
     labelled_scene(fake)

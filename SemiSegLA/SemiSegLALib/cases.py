@@ -269,3 +269,17 @@ class DatasetPlan:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.datasetJson(), f, indent=2)
         return path
+
+
+def leftOutNote(leftOut: Optional[Dict[str, str]], volumeNames: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """The unlabelled volumes the core read but did not train on, and why (the ``done`` record's
+    ``left_out_unlabeled``: a whole scan where no atrium was found, or an unusable image such as a 2D localiser
+    series of the study). Their problem does not stop a fine-tune, so the user is told after it."""
+    if not isinstance(leftOut, dict) or not leftOut:
+        return None
+    names = volumeNames or {}
+    # the core names its own temporary file first ("/tmp/.../unlabeled/x.nrrd: invalid image: ..."): drop it
+    reasons = [f"'{names.get(str(case), case)}' ({re.sub(r'^.*?[.]nrrd: ', '', str(why))})"
+               for case, why in leftOut.items()]
+    return (f"{len(reasons)} unlabelled volume(s) were left out of the fine-tune: {'; '.join(reasons)}. Untick *Use* "
+            "for such volumes in the case table if they are not scans of the atrium.")

@@ -17,6 +17,7 @@ JSON-lines progress. Behaviour switches come from the environment:
   no-presets      ``models presets`` is an unknown command (as in an older core)
   guard-worse     ``finetune`` ends with the core's parent/child check saying the child is worse
   bad-agreement-grid  ``finetune`` keeps the parent's label of a compared scan on another spacing
+  left-out        ``finetune`` leaves the first unlabelled scan out as unusable (a 2D image), as the core does
   slow-list       ``models list`` takes a second (for the background-call tests)
   localiser       ``--region auto`` finds a box (the middle half of each axis), as the core's localiser does
                   on a whole scan; without it, auto segments the whole image, as the core does for an image no
@@ -294,7 +295,13 @@ def cmd_finetune(args):
         guard["agreement"] = {"cases": [[stem, round(0.60 + 0.15 * i, 2)] for i, stem in enumerate(stems)],
                               "compared": len(stems), "not_compared": 0, "unreadable": {}, "summary": "...",
                               "labels": agreement_labels(args.unlabeled, stems[:3])}
-    emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard})
+    # the unlabelled scans read and not trained on, and why (cli/train.py load_split): the core's own file first
+    left_out = {}
+    if stems and "left-out" in MODES:
+        left_out[stems[0]] = (f"{os.path.abspath(os.path.join(args.unlabeled, stems[0]))}.nrrd: invalid image: image "
+                              "is 2D (shape (256, 256)); a 3D scalar image is required")
+    emit({"stage": "done", "model_id": model_id, "model_dir": folder, "validation": {"dice": 0.8}, "guard": guard,
+          "left_out_unlabeled": left_out})
     return 0
 
 

@@ -121,7 +121,7 @@ def load_split(config: TrainConfig, reporter: ProgressReporter, unseen_validatio
     done = 0
 
     cut = WholeScanCut(config, reporter) if config.cut_whole_scans else None
-    left_out = 0
+    no_atrium = 0
 
     if config.normalization == "standardized-zscore" and config.intensity_reference is None:
         config.intensity_reference = training_reference(split.labeled, config)
@@ -129,7 +129,7 @@ def load_split(config: TrainConfig, reporter: ProgressReporter, unseen_validatio
                      + ", ".join(f"{v:.3g}" for v in config.intensity_reference))
 
     def prep(group: Sequence[CaseRecord], labels: bool, one_view: bool = False) -> List[TrainCase]:
-        nonlocal done, left_out
+        nonlocal done, no_atrium
         views = (lambda image, label: cut(image, label)[:1]) if cut is not None and one_view else cut
         out = []
         for record in group:
@@ -139,7 +139,14 @@ def load_split(config: TrainConfig, reporter: ProgressReporter, unseen_validatio
                                          reference=config.intensity_reference))
             except RegionError as exc:  # only an unlabelled whole scan is cut where the localiser finds the atrium
                 reporter.log(f"{record.case_id}: left out of the unlabelled scans: {exc}")
-                left_out += 1
+                split.left_out[record.case_id] = str(exc)
+                no_atrium += 1
+            except InputError as exc:  # an annotated case is the user's work: its problem stops the run
+                if labels:
+                    raise
+                # an unlabelled one is extra (a 2D localiser series of the study, a file cut short): the run goes on
+                reporter.log(f"warning: {record.case_id}: left out of the unlabelled scans, unusable: {exc}")
+                split.left_out[record.case_id] = str(exc)
             done += 1
             reporter.update(done)
         return out
@@ -148,9 +155,13 @@ def load_split(config: TrainConfig, reporter: ProgressReporter, unseen_validatio
     unlabeled = prep(split.unlabeled, False)
     validation = prep(split.validation, True, one_view=True)  # scored as `segment` shows it
     reporter.end()
-    summary = cut.summary(left_out) if cut is not None else None
+    summary = cut.summary(no_atrium) if cut is not None else None
     if summary:
         reporter.log(summary)
+    unusable = len(split.left_out) - no_atrium
+    if unusable:
+        reporter.log(f"warning: {unusable} of {len(split.unlabeled)} unlabelled scan(s) could not be used (above); "
+                     "the run went on without them")
     return split, labeled, unlabeled, validation
 
 
@@ -321,7 +332,8 @@ def run_train(args: argparse.Namespace, initial=None, parent_card=None, base: Op
     reporter.done(run_dir=str(Path(config.output).resolve()), iterations=result.iterations, guard=guard,
                   stopped_early=result.stopped_early, best_iteration=result.best_iteration,
                   model_id=exported[0] if exported else None, model_dir=str(exported[1]) if exported else None,
-                  validation=exported[2] if exported else result.best_metrics)
+                  validation=exported[2] if exported else result.best_metrics,
+                  left_out_unlabeled=dict(split.left_out))  # scan -> why it was not trained on
     return 0
 
 

@@ -163,6 +163,8 @@ class Split:
     labeled: List[CaseRecord]
     unlabeled: List[CaseRecord]
     validation: List[CaseRecord]
+    #: unlabelled scans read but not trained on, and why (no atrium found in a whole scan, an unusable image)
+    left_out: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def split_cases(records: Sequence[CaseRecord], labeled_num: int, val_num: int,
