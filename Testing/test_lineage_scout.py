@@ -69,6 +69,53 @@ def test_the_walk_stops_at_a_missing_or_replaced_parent():
     assert region_settler(orphan) is None
 
 
+def test_the_settler_a_fine_tune_records_outlives_a_removed_model_between_them():
+    """A fine-tune of a fine-tune records its settler (`lineage.region_settler`): removing the model between them
+    leaves its region settled as before; a record whose weights were replaced falls back to the walk."""
+    import shutil
+
+    from semiseg_la.checkpoints import ModelCard, load_model_weights, save_model
+    from semiseg_la.checkpoints.card import weights_fingerprint
+
+    default = model("default-v0.1.0", 1, ON_REGIONS)
+    child = model("child-v0.1.0", 2, ONE_CUT, default)
+    grandchild = model("grandchild-v0.1.0", 3, ONE_CUT, child)
+    unrecorded = model("unrecorded-v0.1.0", 4, ONE_CUT, child)
+
+    def record(folder, sha256):
+        state, card = load_model_weights(folder)
+        card.lineage = dict(card.lineage, region_settler={"id": "default-v0.1.0", "sha256": sha256})
+        for item in folder.iterdir():
+            item.unlink()
+        save_model(folder, state, card)
+
+    record(grandchild, weights_fingerprint(ModelCard.load(default)))
+    stale = model("stale-v0.1.0", 5, ONE_CUT, child)
+    record(stale, "0" * 64)
+    assert settler_id(stale) == "default-v0.1.0"  # the walk through the installed child finds it
+    shutil.rmtree(child)
+    assert settler_id(grandchild) == "default-v0.1.0"
+    assert settler_id(unrecorded) is None and settler_id(stale) is None  # the walk stops at the removed child
+
+
+def test_a_fine_tune_records_the_model_that_settles_its_region(tmp_path):
+    from cli_helpers import json_lines, run_cli
+    from semiseg_la.checkpoints import ModelCard
+    from semiseg_la.checkpoints.card import weights_fingerprint
+    from test_site_adaptation import write_site
+
+    root = model("root-v0.1.0", 0, ON_REGIONS)
+    child = model("child-v0.1.0", 1, ONE_CUT, root)
+    site, unl = write_site(tmp_path, labeled=2, unlabeled=0)
+    proc = run_cli(["finetune", "--from", str(child), "--data", str(site), "--iterations", "1", "--set",
+                    "fit_to_budget=false", "--device", "cpu", "--output", str(tmp_path / "run"), "--progress", "json"])
+    assert proc.returncode == 0, proc.stderr
+    card = ModelCard.load(json_lines(proc.stdout)[-1]["model_dir"])
+    assert card.lineage["parent"] == "child-v0.1.0"
+    assert card.lineage["region_settler"] == {"id": "root-v0.1.0",
+                                              "sha256": weights_fingerprint(ModelCard.load(root))}
+
+
 def test_a_scout_pass_settles_the_region_the_guard_rail_scores_in(monkeypatch):
     """`segment_as_auto` (the guard rail's `segment --region auto`) with a scout: the first pass is the scout's,
     the label written is the network's own pass on the region the scout settled."""

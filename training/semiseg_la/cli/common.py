@@ -78,36 +78,61 @@ def region_settler(card):
     worse than the model it came from (in its parent's settled region the fine-tunes of three simulated sites
     scored 0.31 Dice points more on whole scans on average, −0.9 to +1.6, and two unshifted scans they had
     over-segmented were segmented as the parent segments them; docs/results.md). So a model not trained on
-    regions hands the settling to its nearest ancestor that was."""
+    regions hands the settling to its nearest ancestor that was: the one its card names (`lineage.region_settler`,
+    recorded at the fine-tune, so that removing a model between the two changes nothing), else the one a walk
+    up its lineage finds (cards written before that record)."""
     if trained_on_regions(card):
         return None
     lineage = card_get(card, "lineage") or {}
-    return ancestor_trained_on_regions(lineage.get("parent"), lineage.get("parent_sha256"))
+    recorded = lineage.get("region_settler") or {}
+    found = _installed(recorded.get("id"), recorded.get("sha256")) if recorded.get("id") else None
+    if found is None or not trained_on_regions(found[1]):
+        found = settler_folder(lineage.get("parent"), lineage.get("parent_sha256"))
+    return _loaded(found) if found is not None else None
 
 
-def ancestor_trained_on_regions(parent_id: Optional[str], recorded_sha256: Optional[str], max_depth: int = 16):
+def ancestor_trained_on_regions(parent_id: Optional[str], recorded_sha256: Optional[str]):
     """(network, card, id) of the first model up a lineage, from `parent_id`, that was trained on regions; None
     when the walk meets a parent that is not installed, or whose weights are not the ones recorded."""
-    from ..checkpoints import ModelCard, load_network, resolve_model
+    found = settler_folder(parent_id, recorded_sha256)
+    return _loaded(found) if found is not None else None
+
+
+def settler_folder(parent_id: Optional[str], recorded_sha256: Optional[str], max_depth: int = 16):
+    """(folder, card) of `ancestor_trained_on_regions`, without loading its weights (a fine-tune records which it
+    is in its card)."""
+    for _ in range(max_depth):
+        found = _installed(parent_id, recorded_sha256) if parent_id else None
+        if found is None:
+            return None
+        if trained_on_regions(found[1]):
+            return found
+        lineage = found[1].lineage or {}
+        parent_id, recorded_sha256 = lineage.get("parent"), lineage.get("parent_sha256")
+    return None
+
+
+def _installed(model_id: str, recorded_sha256: Optional[str]):
+    """(folder, card) of an installed model whose weights are the ones recorded (any, when none is); else None."""
+    from ..checkpoints import ModelCard, resolve_model
     from ..checkpoints.card import weights_fingerprint
     from ..errors import CheckpointError
 
-    for _ in range(max_depth):
-        if not parent_id:
-            return None
-        try:
-            folder = resolve_model(str(parent_id))
-            parent = ModelCard.load(folder)
-        except CheckpointError:
-            return None
-        if recorded_sha256 and weights_fingerprint(parent) != recorded_sha256:
-            return None
-        if trained_on_regions(parent):
-            network, settler_card = load_network(folder, device="cpu")
-            return network, settler_card, card_get(settler_card, "id")
-        lineage = parent.lineage or {}
-        parent_id, recorded_sha256 = lineage.get("parent"), lineage.get("parent_sha256")
-    return None
+    try:
+        folder = resolve_model(str(model_id))
+        card = ModelCard.load(folder)
+    except CheckpointError:
+        return None
+    if recorded_sha256 and weights_fingerprint(card) != recorded_sha256:
+        return None
+    return folder, card
+
+
+def _loaded(found):
+    from ..checkpoints import load_network
+
+    network, card = load_network(found[0], device="cpu")
+    return network, card, card_get(card, "id")
 
 
 def card_get(card, key: str, default=None):

@@ -25,7 +25,14 @@ from ..inference.predictor import InferenceSpec, Predictor
 from ..io.datasets import CaseRecord
 from ..metrics import dice, evaluate_case, summarize
 from ..progress import ProgressReporter
-from .common import ancestor_trained_on_regions, card_get, inference_spec, region_settler, trains_on_regions
+from .common import (
+    ancestor_trained_on_regions,
+    card_get,
+    inference_spec,
+    region_settler,
+    settler_folder,
+    trains_on_regions,
+)
 from .segment import label_as_segment_gives
 
 #: with this many labelled cases or more, a fine-tune holds some out to compare the child with its parent
@@ -419,6 +426,9 @@ def make_card(model_id: str, config: TrainConfig, result: TrainResult, split: Sp
     if parent_card is not None:
         lineage["parent"] = card_get(parent_card, "id")
         lineage["parent_sha256"] = weights_fingerprint(ModelCard.coerce(parent_card))
+        settler = None if trains_on_regions(config) else settler_folder(lineage["parent"], lineage["parent_sha256"])
+        if settler is not None:  # `segment --region auto` settles this model's region on that one's first pass
+            lineage["region_settler"] = {"id": card_get(settler[1], "id"), "sha256": weights_fingerprint(settler[1])}
     name = model_id.rsplit("-v", 1)[0]
     inference = default_inference(config.patch_size, config.spacing)
     inference["normalization"] = config.normalization  # the Predictor normalises inputs the same way
